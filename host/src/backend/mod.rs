@@ -1,0 +1,54 @@
+//! What the pipeline needs from a runtime, and the ONNX Runtime implementation of it.
+//!
+//! The pipeline (tokenizer, noise, scheduler, guidance, chunk loop) is runtime-independent and
+//! talks to the model only through [`Backend`]; `ort.rs` runs the exported graphs.
+
+mod ort_backend;
+pub mod runtime;
+
+pub use ort_backend::{Device, OrtBackend};
+
+use ndarray::{Array3, Array5, ArrayView5};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+    #[error("cannot load {graph}: {reason}")]
+    Load { graph: String, reason: String },
+    #[error("{graph} failed: {reason}")]
+    Run { graph: &'static str, reason: String },
+    #[error("{graph} returned an unexpected output: {reason}")]
+    Output { graph: &'static str, reason: String },
+}
+
+/// The VAE decoder's causal cache between chunks, opaque to the pipeline.
+pub struct VaeCache(pub(crate) Vec<ort::value::DynValue>);
+
+pub trait Backend: Send + Sync {
+    /// UMT5 encoder: `[batch, len]` ids and mask → `[batch, len, dim]` hidden states.
+    fn encode_text(
+        &self,
+        input_ids: &[i64],
+        attention_mask: &[i64],
+        batch: usize,
+    ) -> Result<Array3<f32>, BackendError>;
+    /// DiT: latents `[1, C, F, H, W]`, timestep, text context `[1, L, D]` → prediction like latents.
+    fn predict(
+        &self,
+        latents: ArrayView5<f32>,
+        timestep: i64,
+        context: &Array3<f32>,
+    ) -> Result<Array5<f32>, BackendError>;
+    /// First latent frame `[1, Z, 1, h, w]` → one video frame `[1, 3, 1, H, W]` and the cache.
+    fn decode_first(
+        &self,
+        latent: ArrayView5<f32>,
+    ) -> Result<(Array5<f32>, VaeCache), BackendError>;
+    /// Next latent frame and the cache → `[1, 3, T, H, W]` frames (T = temporal scale) and the cache.
+    fn decode_next(
+        &self,
+        latent: ArrayView5<f32>,
+        cache: VaeCache,
+    ) -> Result<(Array5<f32>, VaeCache), BackendError>;
+}

@@ -1,0 +1,275 @@
+//! [`Backend`] over ONNX Runtime: one session per exported graph, shared by every job.
+//!
+//! `ort::Session::run` takes `&mut self`, so each session sits behind a mutex and concurrent jobs
+//! interleave call by call (a denoising step of one job, then of the other); the sessions and
+//! their weights exist once.
+
+use super::{Backend, BackendError, VaeCache, runtime};
+use crate::model::ModelDir;
+use half::bf16;
+use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};
+use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use std::borrow::Cow;
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+struct Graph {
+    name: &'static str,
+    session: Mutex<Session>,
+    /// Whether the graph's float inputs are bfloat16 (converted at the boundary).
+    bf16: bool,
+}
+
+pub struct OrtBackend {
+    text_encoder: Graph,
+    transformer: Graph,
+    vae_init: Graph,
+    vae_step: Graph,
+    cache_slots: usize,
+}
+
+fn load(
+    model: &ModelDir,
+    file: &str,
+    name: &'static str,
+    device: Device,
+    threads: usize,
+) -> Result<Graph, BackendError> {
+    let env = runtime::environment()?;
+    let path = model.file(file);
+    let fail = |e: ort::Error| BackendError::Load {
+        graph: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut builder = Session::builder(env)
+        .map_err(fail)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| fail(e.into()))?;
+    if threads > 0 {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(|e| fail(e.into()))?;
+    }
+    if device == Device::Cuda {
+        // A node the GPU cannot run must be a load error, never a silent CPU slowdown.
+        builder = builder
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .map_err(|e| fail(e.into()))?
+            .with_disable_cpu_fallback()
+            .map_err(|e| fail(e.into()))?;
+    }
+    let session = builder.commit_from_file(&path).map_err(fail)?;
+    let bf16 = session.inputs().iter().any(|input| {
+        matches!(
+            input.dtype(),
+            ValueType::Tensor {
+                ty: TensorElementType::Bfloat16,
+                ..
+            }
+        )
+    });
+    Ok(Graph {
+        name,
+        session: Mutex::new(session),
+        bf16,
+    })
+}
+
+impl OrtBackend {
+    /// Builds the four sessions. `threads` = 0 lets ORT choose (one per core).
+    pub fn load(model: &ModelDir, device: Device, threads: usize) -> Result<Self, BackendError> {
+        let m = &model.manifest;
+        Ok(Self {
+            text_encoder: load(model, &m.text_encoder.file, "text encoder", device, threads)?,
+            transformer: load(model, &m.transformer.file, "transformer", device, threads)?,
+            vae_init: load(
+                model,
+                &m.vae.init_file,
+                "VAE decoder (first chunk)",
+                device,
+                threads,
+            )?,
+            vae_step: load(model, &m.vae.step_file, "VAE decoder", device, threads)?,
+            cache_slots: m.vae.cache_slots.len(),
+        })
+    }
+}
+
+fn float_input(graph: &Graph, shape: &[usize], data: Vec<f32>) -> Result<DynValue, BackendError> {
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let value = if graph.bf16 {
+        let data: Vec<bf16> = data.into_iter().map(bf16::from_f32).collect();
+        Tensor::from_array((shape, data)).map(|t| t.into_dyn())
+    } else {
+        Tensor::from_array((shape, data)).map(|t| t.into_dyn())
+    };
+    value.map_err(|e| BackendError::Run {
+        graph: graph.name,
+        reason: e.to_string(),
+    })
+}
+
+fn float_output(graph: &Graph, value: &DynValue) -> Result<ndarray::ArrayD<f32>, BackendError> {
+    let bad = |e: ort::Error| BackendError::Output {
+        graph: graph.name,
+        reason: e.to_string(),
+    };
+    if graph.bf16 {
+        Ok(value
+            .try_extract_array::<bf16>()
+            .map_err(bad)?
+            .mapv(f32::from))
+    } else {
+        Ok(value.try_extract_array::<f32>().map_err(bad)?.to_owned())
+    }
+}
+
+fn run(
+    graph: &Graph,
+    inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)>,
+) -> Result<Vec<DynValue>, BackendError> {
+    let mut session = graph
+        .session
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let outputs = session.run(inputs).map_err(|e| BackendError::Run {
+        graph: graph.name,
+        reason: e.to_string(),
+    })?;
+    Ok(outputs.into_iter().map(|(_, v)| v).collect())
+}
+
+fn dims5(graph: &Graph, a: ndarray::ArrayD<f32>) -> Result<Array5<f32>, BackendError> {
+    a.into_dimensionality::<Ix5>()
+        .map_err(|e| BackendError::Output {
+            graph: graph.name,
+            reason: e.to_string(),
+        })
+}
+
+fn owned_input(graph: &Graph, view: ArrayView5<f32>) -> Result<DynValue, BackendError> {
+    let shape = view.shape().to_vec();
+    float_input(graph, &shape, view.iter().copied().collect())
+}
+
+impl OrtBackend {
+    fn decode(
+        &self,
+        graph: &Graph,
+        latent: ArrayView5<f32>,
+        cache: Option<VaeCache>,
+    ) -> Result<(Array5<f32>, VaeCache), BackendError> {
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> =
+            vec![("latent".into(), owned_input(graph, latent)?.into())];
+        if let Some(VaeCache(values)) = cache {
+            for (i, value) in values.into_iter().enumerate() {
+                inputs.push((format!("cache_{i}").into(), value.into()));
+            }
+        }
+        let mut outputs = run(graph, inputs)?.into_iter();
+        let video = outputs.next().ok_or(BackendError::Output {
+            graph: graph.name,
+            reason: "no video output".into(),
+        })?;
+        let video = dims5(graph, float_output(graph, &video)?)?;
+        let cache: Vec<DynValue> = outputs.collect();
+        if cache.len() != self.cache_slots {
+            return Err(BackendError::Output {
+                graph: graph.name,
+                reason: format!(
+                    "{} cache outputs, the manifest says {}",
+                    cache.len(),
+                    self.cache_slots
+                ),
+            });
+        }
+        Ok((video, VaeCache(cache)))
+    }
+}
+
+impl Backend for OrtBackend {
+    fn encode_text(
+        &self,
+        input_ids: &[i64],
+        attention_mask: &[i64],
+        batch: usize,
+    ) -> Result<Array3<f32>, BackendError> {
+        let graph = &self.text_encoder;
+        let len = input_ids.len() / batch.max(1);
+        let tensor = |data: &[i64]| {
+            Tensor::from_array((vec![batch as i64, len as i64], data.to_vec()))
+                .map(|t| t.into_dyn())
+                .map_err(|e| BackendError::Run {
+                    graph: graph.name,
+                    reason: e.to_string(),
+                })
+        };
+        let outputs = run(
+            graph,
+            vec![
+                ("input_ids".into(), tensor(input_ids)?.into()),
+                ("attention_mask".into(), tensor(attention_mask)?.into()),
+            ],
+        )?;
+        let hidden = outputs.first().ok_or(BackendError::Output {
+            graph: graph.name,
+            reason: "no output".into(),
+        })?;
+        float_output(graph, hidden)?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| BackendError::Output {
+                graph: graph.name,
+                reason: e.to_string(),
+            })
+    }
+
+    fn predict(
+        &self,
+        latents: ArrayView5<f32>,
+        timestep: i64,
+        context: &Array3<f32>,
+    ) -> Result<Array5<f32>, BackendError> {
+        let graph = &self.transformer;
+        let timestep = Tensor::from_array((vec![1i64], vec![timestep]))
+            .map(|t| t.into_dyn())
+            .map_err(|e| BackendError::Run {
+                graph: graph.name,
+                reason: e.to_string(),
+            })?;
+        let context = float_input(graph, context.shape(), context.iter().copied().collect())?;
+        let outputs = run(
+            graph,
+            vec![
+                ("hidden_states".into(), owned_input(graph, latents)?.into()),
+                ("timestep".into(), timestep.into()),
+                ("encoder_hidden_states".into(), context.into()),
+            ],
+        )?;
+        let out = outputs.first().ok_or(BackendError::Output {
+            graph: graph.name,
+            reason: "no output".into(),
+        })?;
+        dims5(graph, float_output(graph, out)?)
+    }
+
+    fn decode_first(
+        &self,
+        latent: ArrayView5<f32>,
+    ) -> Result<(Array5<f32>, VaeCache), BackendError> {
+        self.decode(&self.vae_init, latent, None)
+    }
+
+    fn decode_next(
+        &self,
+        latent: ArrayView5<f32>,
+        cache: VaeCache,
+    ) -> Result<(Array5<f32>, VaeCache), BackendError> {
+        self.decode(&self.vae_step, latent, Some(cache))
+    }
+}

@@ -1,0 +1,182 @@
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use wanserve::backend::{Device, OrtBackend};
+use wanserve::model::{ModelDir, bundled_model_dir};
+use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
+use wanserve::video::{EncoderSettings, Mp4Writer};
+
+#[derive(Parser)]
+#[command(
+    name = "wanserve",
+    version,
+    about = "Text-to-video with Wan2.1 over ONNX Runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate one video from a prompt and write it as an H.264 mp4.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// What the video shows.
+    #[arg(long)]
+    prompt: String,
+    /// What the video should not show (classifier-free guidance's negative prompt).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// WIDTHxHEIGHT, e.g. 832x480 (landscape) or 480x832 (portrait).
+    #[arg(long, value_parser = parse_size)]
+    image_size: (usize, usize),
+    /// Frames in the output video (the model generates the next 4k+1 and the rest are dropped).
+    #[arg(long)]
+    num_frames: usize,
+    /// Denoising steps.
+    #[arg(long)]
+    infer_steps: usize,
+    /// Classifier-free guidance strength; 1.0 or less turns guidance off.
+    #[arg(long)]
+    guidance_scale: f32,
+    /// Random seed; the same seed gives the same video (drawn at random when absent, and printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where to write the mp4.
+    #[arg(long)]
+    output: PathBuf,
+    /// A wanserve model directory (from models/export.py); default: the bundled tiny model.
+    #[arg(long, env = "WANSERVE_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu", env = "WANSERVE_DEVICE")]
+    device: Device,
+    /// Intra-op threads per ONNX session (0: one per core).
+    #[arg(long, default_value_t = 0, env = "WANSERVE_THREADS")]
+    threads: usize,
+    /// Also write the final latents (before VAE decoding) as a float32 .npy file.
+    #[arg(long)]
+    dump_latents: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT"))?;
+    let parse = |v: &str, what: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?}: {what} {v:?} is not a whole number"))
+    };
+    Ok((parse(w, "width")?, parse(h, "height")?))
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) % (1 << 31)
+}
+
+fn generate(args: GenerateArgs) -> Result<(), String> {
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let request = GenerateRequest {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        width: args.image_size.0,
+        height: args.image_size.1,
+        num_frames: args.num_frames,
+        infer_steps: args.infer_steps,
+        guidance_scale: args.guidance_scale,
+        seed,
+    };
+    let model_dir = args.model_dir.unwrap_or_else(bundled_model_dir);
+    let model = ModelDir::open(&model_dir).map_err(|e| e.to_string())?;
+    let backend = OrtBackend::load(&model, args.device, args.threads).map_err(|e| e.to_string())?;
+    let pipeline = Pipeline::new(backend, &model).map_err(|e| e.to_string())?;
+    pipeline.plan(&request).map_err(|e| e.to_string())?;
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(format!(
+            "output directory {} does not exist",
+            parent.display()
+        ));
+    }
+    let settings = EncoderSettings {
+        fps: pipeline.manifest().fps,
+        ..EncoderSettings::default()
+    };
+    let mut writer = Mp4Writer::create(&args.output, request.width, request.height, &settings)
+        .map_err(|e| e.to_string())?;
+
+    let bar = ProgressBar::new(request.infer_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut on_progress = |p: Progress| {
+        let label = match p.stage {
+            Stage::EncodingText => "text",
+            Stage::Denoising => "denoise",
+            Stage::Decoding => "decode",
+        };
+        if bar.message() != label {
+            bar.set_message(label);
+            bar.set_length(p.total as u64);
+            bar.reset_eta();
+        }
+        bar.set_position(p.step as u64);
+    };
+    let mut on_frames = |chunk: wanserve::pipeline::FrameChunk<'_>| {
+        writer
+            .write_rgb(chunk.rgb, chunk.count)
+            .map_err(|e| e.to_string())
+    };
+    let generated = pipeline
+        .generate(
+            &request,
+            &CancelToken::default(),
+            &mut on_progress,
+            &mut on_frames,
+        )
+        .map_err(|e| e.to_string());
+    bar.finish_and_clear();
+    let generated = generated?;
+    if let Some(path) = &args.dump_latents {
+        ndarray_npy::write_npy(path, &generated.latents)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    let path = writer.finish().map_err(|e| e.to_string())?;
+    eprintln!(
+        "wrote {} ({} frames, {}x{}, seed {seed})",
+        path.display(),
+        generated.frames,
+        request.width,
+        request.height
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

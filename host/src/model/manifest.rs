@@ -1,0 +1,210 @@
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// `wanserve-model.json`, as `models/export.py` writes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub dtype: String,
+    pub text_encoder: TextEncoderSpec,
+    pub tokenizer: TokenizerSpec,
+    pub transformer: TransformerSpec,
+    pub vae: VaeSpec,
+    pub scheduler: SchedulerConfig,
+    pub fps: u32,
+    /// File name → SHA-256 (hex) of every file in the directory.
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextEncoderSpec {
+    pub file: String,
+    pub dim: usize,
+    pub max_length: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizerSpec {
+    pub file: String,
+    pub pad_id: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TransformerSpec {
+    pub file: String,
+    pub dtype: String,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub patch_size: [usize; 3],
+    pub text_dim: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeSpec {
+    pub init_file: String,
+    pub step_file: String,
+    pub z_dim: usize,
+    pub latents_mean: Vec<f32>,
+    pub latents_std: Vec<f32>,
+    pub scale_factor_spatial: usize,
+    pub scale_factor_temporal: usize,
+    pub cache_slots: Vec<CacheSlot>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CacheSlot {
+    pub channels: usize,
+    pub scale: usize,
+}
+
+/// diffusers' `UniPCMultistepScheduler` config (the fields wanserve's port honours; the rest are
+/// checked to hold their only supported value in [`Manifest::validate`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: String,
+    #[serde(default = "default_train_timesteps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_solver_order")]
+    pub solver_order: usize,
+    #[serde(default = "default_solver_type")]
+    pub solver_type: String,
+    #[serde(default = "default_true")]
+    pub predict_x0: bool,
+    #[serde(default = "default_true")]
+    pub lower_order_final: bool,
+    #[serde(default)]
+    pub disable_corrector: Vec<usize>,
+    #[serde(default = "default_prediction_type")]
+    pub prediction_type: String,
+    #[serde(default)]
+    pub use_flow_sigmas: bool,
+    #[serde(default = "default_flow_shift")]
+    pub flow_shift: f64,
+    #[serde(default = "default_final_sigmas_type")]
+    pub final_sigmas_type: String,
+    #[serde(default)]
+    pub use_dynamic_shifting: bool,
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub use_exponential_sigmas: bool,
+    #[serde(default)]
+    pub use_beta_sigmas: bool,
+    #[serde(default)]
+    pub thresholding: bool,
+    #[serde(default)]
+    pub shift_terminal: Option<f64>,
+    #[serde(default)]
+    pub solver_p: Option<serde_json::Value>,
+}
+
+fn default_train_timesteps() -> usize {
+    1000
+}
+fn default_solver_order() -> usize {
+    2
+}
+fn default_solver_type() -> String {
+    "bh2".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_prediction_type() -> String {
+    "epsilon".into()
+}
+fn default_flow_shift() -> f64 {
+    1.0
+}
+fn default_final_sigmas_type() -> String {
+    "zero".into()
+}
+
+impl SchedulerConfig {
+    /// Everything outside the flow-matching UniPC path that Wan uses is refused rather than
+    /// silently run differently from diffusers.
+    pub fn validate(&self) -> Result<(), String> {
+        let unsupported = |what: &str| Err(format!("scheduler: {what} is not supported"));
+        if self.class_name != "UniPCMultistepScheduler" {
+            return unsupported(&format!("class {:?}", self.class_name));
+        }
+        if !self.use_flow_sigmas || self.prediction_type != "flow_prediction" {
+            return unsupported("anything but flow sigmas with flow_prediction");
+        }
+        if !self.predict_x0 {
+            return unsupported("predict_x0 = false");
+        }
+        if !matches!(self.solver_type.as_str(), "bh1" | "bh2") {
+            return unsupported(&format!("solver_type {:?}", self.solver_type));
+        }
+        if !(1..=3).contains(&self.solver_order) {
+            return unsupported(&format!("solver_order {}", self.solver_order));
+        }
+        if !matches!(self.final_sigmas_type.as_str(), "zero" | "sigma_min") {
+            return unsupported(&format!("final_sigmas_type {:?}", self.final_sigmas_type));
+        }
+        if self.use_dynamic_shifting
+            || self.use_karras_sigmas
+            || self.use_exponential_sigmas
+            || self.use_beta_sigmas
+            || self.thresholding
+            || self.shift_terminal.is_some()
+            || self.solver_p.as_ref().is_some_and(|v| !v.is_null())
+        {
+            return unsupported(
+                "dynamic shifting, karras/exponential/beta sigmas, thresholding, shift_terminal or solver_p",
+            );
+        }
+        if self.num_train_timesteps == 0 || self.flow_shift <= 0.0 {
+            return unsupported("num_train_timesteps = 0 or flow_shift <= 0");
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != "wanserve-model" || self.version != 1 {
+            return Err(format!(
+                "format {:?} version {} (expected wanserve-model version 1)",
+                self.format, self.version
+            ));
+        }
+        let vae = &self.vae;
+        if vae.latents_mean.len() != vae.z_dim || vae.latents_std.len() != vae.z_dim {
+            return Err("vae latents_mean/latents_std do not have z_dim entries".into());
+        }
+        if vae.latents_std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+            return Err("vae latents_std has a zero or non-finite entry".into());
+        }
+        if vae.scale_factor_spatial == 0 || vae.scale_factor_temporal == 0 {
+            return Err("vae scale factors must be positive".into());
+        }
+        if self.transformer.in_channels != vae.z_dim || self.transformer.out_channels != vae.z_dim {
+            return Err("transformer channels do not match the VAE's z_dim".into());
+        }
+        if self.transformer.patch_size.contains(&0) {
+            return Err("transformer patch_size has a zero".into());
+        }
+        if self.transformer.text_dim != self.text_encoder.dim {
+            return Err("transformer text_dim does not match the text encoder".into());
+        }
+        if self.text_encoder.max_length == 0 || self.fps == 0 {
+            return Err("text_encoder.max_length and fps must be positive".into());
+        }
+        self.scheduler.validate()
+    }
+
+    /// Files the runtime opens (each must carry a checksum).
+    pub fn referenced_files(&self) -> [&str; 5] {
+        [
+            &self.text_encoder.file,
+            &self.tokenizer.file,
+            &self.transformer.file,
+            &self.vae.init_file,
+            &self.vae.step_file,
+        ]
+    }
+}

@@ -1,0 +1,336 @@
+//! Text → frames: tokenize, encode text, seeded noise, denoise with classifier-free guidance and
+//! UniPC, de-normalise, decode chunk by chunk, and hand uint8 RGB frames to a sink as they come.
+//!
+//! Mirrors diffusers' `WanPipeline.__call__` step for step so a seed gives the same video in both
+//! (see `tests/parity.rs`). One difference by design: a frame count that is not `4k+1` is rounded
+//! *up* to the next one and the extra frames are dropped, where diffusers rounds down.
+
+pub mod noise;
+pub mod prompt;
+pub mod scheduler;
+
+use crate::backend::{Backend, BackendError};
+use crate::model::{Manifest, ModelDir};
+use ndarray::{Array3, Array5, ArrayView5, Axis, s};
+use prompt::{PromptError, PromptTokenizer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// Empty means diffusers' default (`""`).
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub num_frames: usize,
+    pub infer_steps: usize,
+    pub guidance_scale: f32,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    EncodingText,
+    Denoising,
+    Decoding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub stage: Stage,
+    /// Steps (or decoded chunks) finished so far.
+    pub step: usize,
+    pub total: usize,
+}
+
+/// Decoded frames, packed RGB24, `count` frames of `width × height`.
+pub struct FrameChunk<'a> {
+    pub rgb: &'a [u8],
+    pub count: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// Cancels a running job between steps; clones share the flag.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{field}: {reason}")]
+    InvalidRequest { field: &'static str, reason: String },
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Scheduler(#[from] scheduler::SchedulerError),
+    #[error(transparent)]
+    Noise(#[from] noise::NoiseError),
+    #[error("{0}")]
+    Sink(String),
+}
+
+/// Shapes derived from a request and the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Frames the model generates (`4k+1 >= num_frames`).
+    pub generated_frames: usize,
+    /// `[1, z_dim, latent_frames, latent_height, latent_width]`
+    pub latent_shape: [usize; 5],
+}
+
+/// What a finished run leaves besides the frames it streamed.
+pub struct Generated {
+    /// Final latents, before de-normalisation (what diffusers' `output_type="latent"` returns).
+    pub latents: Array5<f32>,
+    pub frames: usize,
+}
+
+pub struct Pipeline<B> {
+    backend: B,
+    tokenizer: PromptTokenizer,
+    manifest: Manifest,
+}
+
+impl<B: Backend> Pipeline<B> {
+    pub fn new(backend: B, model: &ModelDir) -> Result<Self, PipelineError> {
+        let m = &model.manifest;
+        let tokenizer = PromptTokenizer::load(
+            &model.file(&m.tokenizer.file),
+            m.text_encoder.max_length,
+            m.tokenizer.pad_id,
+        )?;
+        Ok(Self {
+            backend,
+            tokenizer,
+            manifest: m.clone(),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Width and height must be multiples of this (VAE scale × patch size).
+    pub fn size_multiple(&self) -> usize {
+        let p = self.manifest.transformer.patch_size;
+        self.manifest.vae.scale_factor_spatial * p[1].max(p[2])
+    }
+
+    pub fn plan(&self, req: &GenerateRequest) -> Result<Plan, PipelineError> {
+        let invalid = |field, reason: String| Err(PipelineError::InvalidRequest { field, reason });
+        let multiple = self.size_multiple();
+        for (field, value) in [("width", req.width), ("height", req.height)] {
+            if value == 0 || value % multiple != 0 {
+                return invalid(
+                    field,
+                    format!("{value} is not a positive multiple of {multiple}"),
+                );
+            }
+        }
+        if req.num_frames == 0 {
+            return invalid("num_frames", "must be at least 1".into());
+        }
+        if req.infer_steps == 0 {
+            return invalid("infer_steps", "must be at least 1".into());
+        }
+        if !req.guidance_scale.is_finite() {
+            return invalid("guidance_scale", "must be a finite number".into());
+        }
+        let vae = &self.manifest.vae;
+        let ts = vae.scale_factor_temporal;
+        let generated_frames = (req.num_frames - 1).div_ceil(ts) * ts + 1;
+        let latent_frames = (generated_frames - 1) / ts + 1;
+        let pt = self.manifest.transformer.patch_size[0];
+        if !latent_frames.is_multiple_of(pt) {
+            return invalid(
+                "num_frames",
+                format!(
+                    "{latent_frames} latent frames are not a multiple of the temporal patch {pt}"
+                ),
+            );
+        }
+        Ok(Plan {
+            generated_frames,
+            latent_shape: [
+                1,
+                vae.z_dim,
+                latent_frames,
+                req.height / vae.scale_factor_spatial,
+                req.width / vae.scale_factor_spatial,
+            ],
+        })
+    }
+
+    /// The initial latents: `torch.randn(latent_shape, generator=Generator().manual_seed(seed))`.
+    pub fn initial_noise(&self, plan: &Plan, seed: u64) -> Result<Array5<f32>, PipelineError> {
+        let count = plan.latent_shape.iter().product();
+        let values = noise::torch_randn(seed, count)?;
+        Array5::from_shape_vec(plan.latent_shape, values)
+            .map_err(|e| PipelineError::Sink(e.to_string()))
+    }
+
+    /// Prompt embeddings `[1, max_length, dim]`, zero past the prompt's tokens (as diffusers).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Array3<f32>, PipelineError> {
+        let tokens = self.tokenizer.encode(prompt)?;
+        let mut hidden = self
+            .backend
+            .encode_text(&tokens.input_ids, &tokens.attention_mask, 1)?;
+        hidden.slice_mut(s![.., tokens.len.., ..]).fill(0.0);
+        Ok(hidden)
+    }
+
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        cancel: &CancelToken,
+        on_progress: &mut dyn FnMut(Progress),
+        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
+    ) -> Result<Generated, PipelineError> {
+        let plan = self.plan(req)?;
+        let guided = req.guidance_scale > 1.0;
+        let mut scheduler =
+            scheduler::UniPcScheduler::new(&self.manifest.scheduler, req.infer_steps)?;
+
+        on_progress(Progress {
+            stage: Stage::EncodingText,
+            step: 0,
+            total: 1 + usize::from(guided),
+        });
+        let context = self.encode_prompt(&req.prompt)?;
+        let negative = if guided {
+            Some(self.encode_prompt(&req.negative_prompt)?)
+        } else {
+            None
+        };
+        check(cancel)?;
+
+        let mut latents = self.initial_noise(&plan, req.seed)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        on_progress(Progress {
+            stage: Stage::Denoising,
+            step: 0,
+            total: timesteps.len(),
+        });
+        for (i, &t) in timesteps.iter().enumerate() {
+            check(cancel)?;
+            let cond = self.backend.predict(latents.view(), t, &context)?;
+            let prediction = match &negative {
+                Some(negative) => {
+                    let uncond = self.backend.predict(latents.view(), t, negative)?;
+                    let g = req.guidance_scale;
+                    &uncond + &((&cond - &uncond) * g)
+                }
+                None => cond,
+            };
+            let prediction = prediction.as_standard_layout();
+            let current = latents.as_standard_layout();
+            let next = scheduler.step(
+                prediction.as_slice().unwrap_or_default(),
+                current.as_slice().unwrap_or_default(),
+            )?;
+            latents = Array5::from_shape_vec(plan.latent_shape, next)
+                .map_err(|e| PipelineError::Sink(e.to_string()))?;
+            on_progress(Progress {
+                stage: Stage::Denoising,
+                step: i + 1,
+                total: timesteps.len(),
+            });
+        }
+
+        let frames = self.decode(&latents, &plan, req, cancel, on_progress, on_frames)?;
+        Ok(Generated { latents, frames })
+    }
+
+    fn decode(
+        &self,
+        latents: &Array5<f32>,
+        plan: &Plan,
+        req: &GenerateRequest,
+        cancel: &CancelToken,
+        on_progress: &mut dyn FnMut(Progress),
+        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
+    ) -> Result<usize, PipelineError> {
+        let vae = &self.manifest.vae;
+        // diffusers: latents / (1 / std) + mean, in float32.
+        let mut scaled = latents.clone();
+        for (c, mut channel) in scaled.axis_iter_mut(Axis(1)).enumerate() {
+            let inv_std = 1.0f32 / vae.latents_std[c];
+            let mean = vae.latents_mean[c];
+            channel.mapv_inplace(|x| x / inv_std + mean);
+        }
+        let chunks = plan.latent_shape[2];
+        let mut cache = None;
+        let mut emitted = 0usize;
+        let mut rgb = Vec::new();
+        on_progress(Progress {
+            stage: Stage::Decoding,
+            step: 0,
+            total: chunks,
+        });
+        for i in 0..chunks {
+            check(cancel)?;
+            let latent: ArrayView5<f32> = scaled.slice(s![.., .., i..i + 1, .., ..]);
+            let (video, next) = match cache.take() {
+                None => self.backend.decode_first(latent)?,
+                Some(c) => self.backend.decode_next(latent, c)?,
+            };
+            cache = Some(next);
+            let wanted = (req.num_frames - emitted).min(video.shape()[2]);
+            to_rgb24(&video, wanted, &mut rgb);
+            on_frames(FrameChunk {
+                rgb: &rgb,
+                count: wanted,
+                width: video.shape()[4],
+                height: video.shape()[3],
+            })
+            .map_err(PipelineError::Sink)?;
+            emitted += wanted;
+            on_progress(Progress {
+                stage: Stage::Decoding,
+                step: i + 1,
+                total: chunks,
+            });
+        }
+        Ok(emitted)
+    }
+}
+
+fn check(cancel: &CancelToken) -> Result<(), PipelineError> {
+    if cancel.is_cancelled() {
+        Err(PipelineError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// `[1, 3, T, H, W]` in [-1, 1] → the first `count` frames as packed RGB24, rounding
+/// `(x / 2 + 0.5).clamp(0, 1) * 255` to the nearest integer.
+pub fn to_rgb24(video: &Array5<f32>, count: usize, out: &mut Vec<u8>) {
+    let (h, w) = (video.shape()[3], video.shape()[4]);
+    out.clear();
+    out.reserve(count * h * w * 3);
+    for t in 0..count {
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    let v = (video[[0, c, t, y, x]] / 2.0 + 0.5).clamp(0.0, 1.0);
+                    out.push((v * 255.0).round() as u8);
+                }
+            }
+        }
+    }
+}

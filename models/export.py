@@ -1,0 +1,332 @@
+"""Turn a diffusers-format Wan2.1 T2V directory into a wanserve model directory.
+
+    python models/export.py SRC_DIR OUT_DIR [--dtype fp32|bf16] [--text-encoder-layers N]
+
+SRC_DIR is the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers: the tiny model from make_tiny.py, or
+the real weights. OUT_DIR receives:
+
+  text_encoder.onnx    UMT5 encoder: input_ids, attention_mask [B, L] int64 -> last_hidden_state
+  transformer.onnx     DiT: hidden_states [B, C, F, H, W], timestep [B] int64,
+                       encoder_hidden_states [B, L, D] -> noise prediction [B, C, F, H, W]
+  vae_decode_init.onnx first latent frame [B, Z, 1, h, w] -> video [B, 3, 1, 8h, 8w] + cache_*
+  vae_decode_step.onnx next latent frame + cache_* -> video [B, 3, 4, 8h, 8w] + cache_out_*
+  tokenizer.json       the model's own tokenizer, unchanged
+  wanserve-model.json  the manifest wanserve reads (dimensions, scheduler, VAE statistics, cache
+                       slots, dtypes, and the SHA-256 of every file)
+
+Why the VAE is two graphs: diffusers decodes one latent frame at a time with a causal cache of
+per-convolution tensors (some "Rep" markers or None after the first frame). A traced export of the
+whole loop freezes the frame count. Here every cache slot becomes an explicit tensor input/output of
+a steady shape (2 frames, channels x a fixed multiple of the latent size), the first frame gets its
+own graph, and wanserve runs the loop. `--check` (on by default) decodes random latents both ways.
+
+Graphs over 2 GB are saved with external data (`<name>.onnx.data` beside them). The full UMT5-XXL
+text encoder (5.7 B parameters) needs ~23 GB in fp32: export it on a machine with >= 64 GB of RAM,
+or with --dtype bf16 (which loads it in bf16). `--text-encoder-layers N` keeps only the first N
+blocks (used to prove the real widths export on a small machine; never for serving).
+"""
+
+import argparse
+import hashlib
+import json
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5EncoderModel
+
+OPSET = 23
+TWO_GB = 2 * 1024**3
+MAX_TEXT_LEN = 512  # diffusers pads every prompt to 512 tokens for Wan
+
+
+def save(model_proto_path: pathlib.Path) -> None:
+    """Re-save a graph, moving weights to external data when the graph is over 2 GB."""
+    proto = onnx.load(str(model_proto_path), load_external_data=True)
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    for extra in model_proto_path.parent.glob(model_proto_path.name + "*.data"):
+        extra.unlink()
+    if size > TWO_GB:
+        onnx.save(proto, str(model_proto_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=model_proto_path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(proto, str(model_proto_path))
+
+
+def export(module, args, path, input_names, output_names, dynamic_shapes):
+    program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+                                output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=True,
+                                optimize=True, verbose=False)
+    program.save(str(path), external_data=True)
+    save(path)
+
+
+# ---------------------------------------------------------------- text encoder
+class TextEncoder(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def export_text_encoder(src, out, dtype, layers):
+    encoder = UMT5EncoderModel.from_pretrained(src / "text_encoder", attn_implementation="eager",
+                                               torch_dtype=dtype).eval()
+    if layers is not None:
+        encoder.encoder.block = encoder.encoder.block[:layers]
+        encoder.config.num_layers = layers
+    batch = torch.export.Dim("batch", min=1, max=8)
+    text_len = torch.export.Dim("text_len", min=2, max=MAX_TEXT_LEN)
+    ids = torch.randint(0, encoder.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 40, dtype=torch.int64)
+    mask[1, 7:] = 0
+    export(TextEncoder(encoder).eval(), (ids, mask), out / "text_encoder.onnx", ["input_ids", "attention_mask"],
+           ["last_hidden_state"], {"input_ids": {0: batch, 1: text_len}, "attention_mask": {0: batch, 1: text_len}})
+    return encoder
+
+
+# ---------------------------------------------------------------- transformer
+class Transformer(torch.nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        return self.transformer(hidden_states=hidden_states, timestep=timestep,
+                                encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def export_transformer(src, out, dtype):
+    transformer = WanTransformer3DModel.from_pretrained(src / "transformer", torch_dtype=dtype).eval()
+    cfg = transformer.config
+    pt, ph, pw = cfg.patch_size
+    batch = torch.export.Dim("batch", min=1, max=8)
+    frames = torch.export.Dim("frames", min=1, max=64)
+    h = torch.export.Dim("h_patches", min=1, max=256)
+    w = torch.export.Dim("w_patches", min=1, max=256)
+    text_len = torch.export.Dim("text_len", min=1, max=MAX_TEXT_LEN)
+    x = torch.randn(2, cfg.in_channels, 3 * pt, 4 * ph, 6 * pw, dtype=dtype)
+    t = torch.tensor([999, 500], dtype=torch.int64)
+    ctx = torch.randn(2, 16, cfg.text_dim, dtype=dtype)
+    frames_dim = frames if pt == 1 else frames * pt
+    export(Transformer(transformer).eval(), (x, t, ctx), out / "transformer.onnx",
+           ["hidden_states", "timestep", "encoder_hidden_states"], ["noise_pred"],
+           {"hidden_states": {0: batch, 2: frames_dim, 3: h * ph, 4: w * pw}, "timestep": {0: batch},
+            "encoder_hidden_states": {0: batch, 1: text_len}})
+    return transformer
+
+
+# ---------------------------------------------------------------- VAE decoder as chunk graphs
+def cache_layout(vae: AutoencoderKLWan, z_dim: int):
+    """Which decoder cache slots are used in the steady state, and their shapes relative to the latent."""
+    n = vae._cached_conv_counts["decoder"]
+    lat_h, lat_w = 4, 6
+    z = torch.randn(1, z_dim, 2, lat_h, lat_w)
+    with torch.no_grad():
+        x = vae.post_quant_conv(z)
+        cache = [None] * n
+        vae.decoder(x[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True)
+        vae.decoder(x[:, :, 1:2], feat_cache=cache, feat_idx=[0])
+    slots = []
+    for idx, c in enumerate(cache):
+        if isinstance(c, torch.Tensor):
+            assert c.shape[2] == 2 and c.shape[3] % lat_h == 0 and c.shape[4] % lat_w == 0, (idx, c.shape)
+            assert c.shape[3] // lat_h == c.shape[4] // lat_w
+            slots.append({"index": idx, "channels": int(c.shape[1]), "scale": int(c.shape[3] // lat_h)})
+    return n, slots
+
+
+class VaeDecodeInit(torch.nn.Module):
+    def __init__(self, vae, n, slots):
+        super().__init__()
+        self.vae, self.n, self.slots = vae, n, slots
+
+    def forward(self, z):
+        x = self.vae.post_quant_conv(z)
+        cache = [None] * self.n
+        video = self.vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=True)
+        outs = []
+        for slot in self.slots:
+            c = cache[slot["index"]]
+            if isinstance(c, torch.Tensor):
+                if c.shape[2] < 2:  # a real 1-frame cache: left-pad with the zero frame the conv would add
+                    c = torch.cat([torch.zeros_like(c), c], dim=2)
+            else:  # "Rep" or None: the causal conv would pad zeros, so zeros of the steady shape
+                c = z.new_zeros(z.shape[0], slot["channels"], 2, z.shape[3] * slot["scale"],
+                                z.shape[4] * slot["scale"])
+            outs.append(c)
+        return (video, *outs)
+
+
+class VaeDecodeStep(torch.nn.Module):
+    def __init__(self, vae, n, slots):
+        super().__init__()
+        self.vae, self.n, self.slots = vae, n, slots
+
+    def forward(self, z, *caches):
+        x = self.vae.post_quant_conv(z)
+        cache = [None] * self.n
+        for slot, c in zip(self.slots, caches):
+            cache[slot["index"]] = c
+        video = self.vae.decoder(x, feat_cache=cache, feat_idx=[0])
+        return (video, *[cache[slot["index"]] for slot in self.slots])
+
+
+def export_vae(src, out):
+    vae = AutoencoderKLWan.from_pretrained(src / "vae", torch_dtype=torch.float32).eval()
+    cfg = vae.config
+    n, slots = cache_layout(vae, cfg.z_dim)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    h = torch.export.Dim("latent_h", min=2, max=512)
+    w = torch.export.Dim("latent_w", min=2, max=512)
+    z = torch.randn(1, cfg.z_dim, 1, 4, 6)
+    cache_names = [f"cache_{i}" for i in range(len(slots))]
+    export(VaeDecodeInit(vae, n, slots).eval(), (z,), out / "vae_decode_init.onnx", ["latent"], ["video", *cache_names],
+           {"z": {0: batch, 3: h, 4: w}})
+    caches = tuple(torch.randn(1, s["channels"], 2, 4 * s["scale"], 6 * s["scale"]) for s in slots)
+    cache_dims = [{0: batch, 3: h * s["scale"] if s["scale"] > 1 else h, 4: w * s["scale"] if s["scale"] > 1 else w}
+                  for s in slots]
+    export(VaeDecodeStep(vae, n, slots).eval(), (z, *caches), out / "vae_decode_step.onnx", ["latent", *cache_names],
+           ["video", *[f"cache_out_{i}" for i in range(len(slots))]],
+           {"z": {0: batch, 3: h, 4: w}, "caches": tuple(cache_dims)})
+    return vae, cfg, slots
+
+
+def check_vae(vae, out, z_dim):
+    """Decode random latents with diffusers and with the two graphs in ORT; they must agree."""
+    import onnxruntime as ort
+
+    init = ort.InferenceSession(str(out / "vae_decode_init.onnx"), providers=["CPUExecutionProvider"])
+    step = ort.InferenceSession(str(out / "vae_decode_step.onnx"), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for frames, lat_h, lat_w in [(3, 4, 6), (4, 6, 4)]:
+        z = torch.randn(1, z_dim, frames, lat_h, lat_w, generator=torch.Generator().manual_seed(frames))
+        with torch.no_grad():
+            expected = vae.decode(z, return_dict=False)[0].numpy()
+        outs = init.run(None, {"latent": z[:, :, :1].numpy()})
+        videos, caches = [outs[0]], outs[1:]
+        for i in range(1, frames):
+            outs = step.run(None, {"latent": z[:, :, i:i + 1].numpy(),
+                                   **{f"cache_{k}": c for k, c in enumerate(caches)}})
+            videos.append(outs[0])
+            caches = outs[1:]
+        got = np.clip(np.concatenate(videos, axis=2), -1.0, 1.0)
+        assert got.shape == expected.shape, (got.shape, expected.shape)
+        worst = max(worst, float(np.abs(got - expected).max()))
+    print(f"vae chunk graphs vs diffusers: max |diff| {worst:.2e}")
+    if worst > 1e-4:
+        sys.exit("VAE chunk export does not match diffusers")
+
+
+def check_text_encoder(encoder, out):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, encoder.config.vocab_size, (2, MAX_TEXT_LEN), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, MAX_TEXT_LEN, dtype=torch.int64)
+    mask[0, :30] = 1
+    mask[1, :3] = 1
+    with torch.no_grad():
+        expected = encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float().numpy()
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    worst = float(np.abs(got.astype(np.float32) - expected).max())
+    print(f"text encoder vs transformers: max |diff| {worst:.2e}")
+    if worst > 1e-3:
+        sys.exit("text encoder export does not match transformers")
+
+
+def check_transformer(transformer, out):
+    import onnxruntime as ort
+
+    cfg = transformer.config
+    session = ort.InferenceSession(str(out / "transformer.onnx"), providers=["CPUExecutionProvider"])
+    pt, ph, pw = cfg.patch_size
+    worst = 0.0
+    for shape, text_len in [((1, cfg.in_channels, 2 * pt, 3 * ph, 5 * pw), 512), ((2, cfg.in_channels, 1, 2 * ph, 2 * pw), 9)]:
+        g = torch.Generator().manual_seed(text_len)
+        x = torch.randn(*shape, generator=g)
+        t = torch.full((shape[0],), 731, dtype=torch.int64)
+        ctx = torch.randn(shape[0], text_len, cfg.text_dim, generator=g)
+        with torch.no_grad():
+            expected = transformer(hidden_states=x.to(transformer.dtype), timestep=t,
+                                   encoder_hidden_states=ctx.to(transformer.dtype), return_dict=False)[0]
+        feeds = {"hidden_states": x.to(transformer.dtype), "timestep": t, "encoder_hidden_states": ctx.to(transformer.dtype)}
+        if transformer.dtype == torch.bfloat16:
+            continue  # ORT's CPU provider has no bf16 kernels for this graph; checked on CUDA instead
+        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+        worst = max(worst, float(np.abs(got - expected.float().numpy()).max()))
+    print(f"transformer vs diffusers: max |diff| {worst:.2e}")
+    if worst > 1e-3:
+        sys.exit("transformer export does not match diffusers")
+
+
+def sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=pathlib.Path)
+    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--text-encoder-layers", type=int, default=None)
+    parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["text_encoder", "transformer", "vae"],
+                        help="leave out parts (for proving the export of one part at real size)")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    manifest = {"format": "wanserve-model", "version": 1, "model": json.loads((args.src / "model_index.json").read_text())
+                .get("_name_or_path", "Wan2.1-T2V"), "dtype": args.dtype}
+    files = {}
+    if "text_encoder" not in args.skip:
+        encoder = export_text_encoder(args.src, args.out, dtype, args.text_encoder_layers)
+        te = encoder.config
+        if args.check and args.dtype == "fp32":
+            check_text_encoder(encoder, args.out)
+        manifest["text_encoder"] = {"file": "text_encoder.onnx", "dtype": args.dtype, "dim": te.d_model,
+                                    "max_length": MAX_TEXT_LEN, "layers": te.num_layers}
+        shutil.copy(args.src / "tokenizer" / "tokenizer.json", args.out / "tokenizer.json")
+        manifest["tokenizer"] = {"file": "tokenizer.json", "pad_id": 0}
+    if "transformer" not in args.skip:
+        transformer = export_transformer(args.src, args.out, dtype)
+        tr = transformer.config
+        if args.check and args.dtype == "fp32":
+            check_transformer(transformer, args.out)
+        manifest["transformer"] = {"file": "transformer.onnx", "dtype": args.dtype, "in_channels": tr.in_channels,
+                                   "out_channels": tr.out_channels, "patch_size": list(tr.patch_size),
+                                   "text_dim": tr.text_dim, "num_layers": tr.num_layers,
+                                   "num_attention_heads": tr.num_attention_heads,
+                                   "attention_head_dim": tr.attention_head_dim}
+    if "vae" not in args.skip:
+        vae, va, slots = export_vae(args.src, args.out)
+        manifest["vae"] = {"init_file": "vae_decode_init.onnx", "step_file": "vae_decode_step.onnx", "dtype": "fp32",
+                           "z_dim": va.z_dim, "latents_mean": list(va.latents_mean),
+                           "latents_std": list(va.latents_std), "scale_factor_spatial": 2 ** len(va.temperal_downsample),
+                           "scale_factor_temporal": 2 ** sum(va.temperal_downsample),
+                           "cache_slots": [{"channels": s["channels"], "scale": s["scale"]} for s in slots]}
+        if args.check:
+            check_vae(vae, args.out, va.z_dim)
+    manifest["scheduler"] = json.loads((args.src / "scheduler" / "scheduler_config.json").read_text())
+    manifest["fps"] = 16
+    for path in sorted(args.out.iterdir()):
+        if path.name != "wanserve-model.json" and path.is_file():
+            files[path.name] = sha256(path)
+    manifest["files"] = files
+    (args.out / "wanserve-model.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out}: " + ", ".join(f"{k} ({(args.out / k).stat().st_size // 1024} KiB)" for k in files))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn wanserve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wanserve"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn tiny_model() -> PathBuf {
+    repo_root().join("models").join("tiny")
+}
+
+/// `ffprobe` of the first video stream: (codec, width, height, frame rate, frame count, pix_fmt).
+pub fn probe(path: &Path) -> (String, usize, usize, String, usize, String) {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-count_frames",
+            "-show_entries",
+        ])
+        .arg("stream=codec_name,width,height,r_frame_rate,nb_read_frames,pix_fmt")
+        .args(["-of", "default=noprint_wrappers=1"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "ffprobe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {text}"))
+            .to_string()
+    };
+    (
+        field("codec_name"),
+        field("width").parse().unwrap(),
+        field("height").parse().unwrap(),
+        field("r_frame_rate"),
+        field("nb_read_frames").parse().unwrap(),
+        field("pix_fmt"),
+    )
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
