@@ -157,6 +157,12 @@ impl SchedulerConfig {
                 "dynamic shifting, karras/exponential/beta sigmas, thresholding, shift_terminal or solver_p",
             );
         }
+        if self.solver_type == "bh1" && self.final_sigmas_type == "zero" {
+            // diffusers multiplies B(h) = -inf by 0 on the last step and returns NaN.
+            return unsupported(
+                "solver_type bh1 with final_sigmas_type zero (diffusers yields NaN)",
+            );
+        }
         if self.num_train_timesteps == 0 || self.flow_shift <= 0.0 {
             return unsupported("num_train_timesteps = 0 or flow_shift <= 0");
         }

@@ -183,6 +183,11 @@ impl<B: Backend> Pipeline<B> {
             .map_err(|e| PipelineError::Sink(e.to_string()))
     }
 
+    /// The cleaned prompt's token ids and mask, as the text encoder receives them.
+    pub fn tokenize(&self, prompt: &str) -> Result<prompt::TokenizedPrompt, PipelineError> {
+        Ok(self.tokenizer.encode(prompt)?)
+    }
+
     /// Prompt embeddings `[1, max_length, dim]`, zero past the prompt's tokens (as diffusers).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Array3<f32>, PipelineError> {
         let tokens = self.tokenizer.encode(prompt)?;

@@ -1,0 +1,184 @@
+//! wanserve against diffusers' `WanPipeline` on the bundled tiny model: the references in
+//! `models/references/` were computed by `models/reference.py` (diffusers 0.42.1, fp32, CPU).
+//! Tolerances: noise 1e-6 (torch's vectorised Box–Muller), final latents 1e-4, frames ±1/255.
+
+mod common;
+
+use ndarray::{Array3, Array4, Array5};
+use ndarray_npy::read_npy;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use wanserve::backend::{Device, OrtBackend};
+use wanserve::model::ModelDir;
+use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline};
+
+#[derive(Deserialize)]
+struct Case {
+    prompt: String,
+    negative_prompt: String,
+    width: usize,
+    height: usize,
+    num_frames: usize,
+    infer_steps: usize,
+    guidance_scale: f32,
+    seed: u64,
+    kept_frames: Vec<usize>,
+    prompt_ids: Vec<i64>,
+    negative_prompt_ids: Option<Vec<i64>>,
+}
+
+fn pipeline() -> &'static Pipeline<OrtBackend> {
+    static PIPELINE: OnceLock<Pipeline<OrtBackend>> = OnceLock::new();
+    PIPELINE.get_or_init(|| {
+        let model = ModelDir::open(&common::tiny_model()).expect("bundled model opens");
+        let backend =
+            OrtBackend::load(&model, Device::Cpu, 2).expect("ONNX Runtime loads the bundled model");
+        Pipeline::new(backend, &model).expect("pipeline")
+    })
+}
+
+fn case_dir(name: &str) -> PathBuf {
+    common::repo_root()
+        .join("models")
+        .join("references")
+        .join(name)
+}
+
+fn max_abs_diff<'a>(
+    a: impl IntoIterator<Item = &'a f32>,
+    b: impl IntoIterator<Item = &'a f32>,
+) -> f32 {
+    a.into_iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_case(name: &str) {
+    let dir = case_dir(name);
+    let case: Case =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let pipeline = pipeline();
+    let request = GenerateRequest {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        width: case.width,
+        height: case.height,
+        num_frames: case.num_frames,
+        infer_steps: case.infer_steps,
+        guidance_scale: case.guidance_scale,
+        seed: case.seed,
+    };
+
+    // Tokens, with diffusers' prompt cleaning.
+    let tokens = pipeline.tokenize(&case.prompt).unwrap();
+    assert_eq!(
+        tokens.input_ids[..tokens.len],
+        case.prompt_ids[..],
+        "{name}: prompt tokens"
+    );
+    assert_eq!(tokens.input_ids.len(), 512);
+    if let Some(negative_ids) = &case.negative_prompt_ids {
+        let negative = pipeline.tokenize(&case.negative_prompt).unwrap();
+        assert_eq!(
+            negative.input_ids[..negative.len],
+            negative_ids[..],
+            "{name}: negative tokens"
+        );
+    }
+
+    // Text embeddings, zero past the prompt.
+    let expected_embeds: Array3<f32> = read_npy(dir.join("prompt_embeds.npy")).unwrap();
+    let embeds = pipeline.encode_prompt(&case.prompt).unwrap();
+    assert_eq!(embeds.shape(), expected_embeds.shape());
+    let d_embeds = max_abs_diff(&embeds, &expected_embeds);
+    assert!(d_embeds <= 1e-5, "{name}: prompt embeddings differ by {d_embeds}");
+
+    // Seeded noise.
+    let plan = pipeline.plan(&request).unwrap();
+    let expected_noise: Array5<f32> = read_npy(dir.join("noise.npy")).unwrap();
+    let noise = pipeline.initial_noise(&plan, case.seed).unwrap();
+    assert_eq!(
+        noise.shape(),
+        expected_noise.shape(),
+        "{name}: latent shape"
+    );
+    let d_noise = max_abs_diff(&noise, &expected_noise);
+    assert!(d_noise <= 1e-6, "{name}: noise differs from torch by {d_noise}");
+
+    // The whole run: final latents and decoded frames.
+    let mut frames = Vec::new();
+    let mut frame_size = (0, 0);
+    let generated = pipeline
+        .generate(
+            &request,
+            &CancelToken::default(),
+            &mut |_| {},
+            &mut |chunk| {
+                frames.extend_from_slice(chunk.rgb);
+                frame_size = (chunk.width, chunk.height);
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(generated.frames, case.num_frames, "{name}: frame count");
+    assert_eq!(frame_size, (case.width, case.height), "{name}: frame size");
+    let expected_latents: Array5<f32> = read_npy(dir.join("latents.npy")).unwrap();
+    let d_latents = max_abs_diff(&generated.latents, &expected_latents);
+    assert!(d_latents <= 1e-4, "{name}: final latents differ by {d_latents}");
+
+    let expected_frames: Array4<u8> = read_npy(dir.join("frames.npy")).unwrap();
+    let frame_bytes = case.width * case.height * 3;
+    assert_eq!(frames.len(), frame_bytes * case.num_frames);
+    let mut worst = 0u8;
+    for (k, &index) in case.kept_frames.iter().enumerate() {
+        let ours = &frames[index * frame_bytes..(index + 1) * frame_bytes];
+        let theirs = expected_frames.index_axis(ndarray::Axis(0), k);
+        for (a, b) in ours.iter().zip(theirs.iter()) {
+            worst = worst.max(a.abs_diff(*b));
+        }
+    }
+    assert!(worst <= 1, "{name}: frames differ by {worst}/255");
+    eprintln!("{name}: max |Δ| embeddings {d_embeds:.1e}, noise {d_noise:.1e}, latents {d_latents:.1e}, frames {worst}/255");
+}
+
+#[test]
+fn english_prompt_landscape() {
+    check_case("en_landscape");
+}
+
+#[test]
+fn cjk_prompt_portrait_with_frame_rounding() {
+    check_case("cjk_portrait_rounded");
+}
+
+#[test]
+fn emoji_prompt_without_guidance() {
+    check_case("emoji_no_guidance");
+}
+
+#[test]
+fn negative_prompt_and_largest_seed() {
+    check_case("negative_prompt");
+}
+
+#[test]
+fn prompt_longer_than_512_tokens_is_truncated() {
+    check_case("long_prompt_truncated");
+}
+
+#[test]
+fn html_entities_and_whitespace_single_frame() {
+    check_case("html_whitespace_one_frame");
+}
+
+#[test]
+fn twenty_steps() {
+    check_case("twenty_steps");
+}
+
+#[test]
+fn api_size_832x480_24_frames() {
+    check_case("api_size_832x480");
+}
