@@ -13,7 +13,10 @@ appended, `<pad>` = 0, `</s>` = 1, `<unk>` = 2, saved as `tokenizer.json`.
 
 import argparse
 import json
+import os
 import pathlib
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -63,6 +66,16 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         shrinking_factor=0.9,
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    # The trainer's scores vary in their last bits from run to run and tied pieces come out in
+    # hash order; rounding the scores and sorting the pieces makes the tokenizer (and so every
+    # token id in the references) reproducible.
+    specials = ["<pad>", "</s>", "<unk>"]
+    trained = json.loads(tokenizer.to_str())["model"]["vocab"]
+    pieces = sorted(((p, round(s, 6)) for p, s in trained if p not in specials), key=lambda ps: (-ps[1], ps[0]))
+    vocab = [(p, 0.0) for p in specials] + pieces
+    normalizer, pre_tokenizer, decoder = tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoder
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )

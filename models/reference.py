@@ -108,7 +108,7 @@ def scheduler_references():
         trajectory = []
         for i, t in enumerate(scheduler.timesteps):
             # A deterministic stand-in for the model, reproduced in the Rust test.
-            model_output = torch.cos(sample * (i + 1)) + 0.1 * i
+            model_output = 0.5 * torch.cos(sample + 0.3 * i) + 0.05 * i
             sample = scheduler.step(model_output, t, sample, return_dict=False)[0]
             trajectory.append(sample.flatten().tolist())
         out.append({"config": {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",

@@ -93,7 +93,10 @@ fn check_case(name: &str) {
     let embeds = pipeline.encode_prompt(&case.prompt).unwrap();
     assert_eq!(embeds.shape(), expected_embeds.shape());
     let d_embeds = max_abs_diff(&embeds, &expected_embeds);
-    assert!(d_embeds <= 1e-5, "{name}: prompt embeddings differ by {d_embeds}");
+    assert!(
+        d_embeds <= 1e-5,
+        "{name}: prompt embeddings differ by {d_embeds}"
+    );
 
     // Seeded noise.
     let plan = pipeline.plan(&request).unwrap();
@@ -105,7 +108,10 @@ fn check_case(name: &str) {
         "{name}: latent shape"
     );
     let d_noise = max_abs_diff(&noise, &expected_noise);
-    assert!(d_noise <= 1e-6, "{name}: noise differs from torch by {d_noise}");
+    assert!(
+        d_noise <= 1e-6,
+        "{name}: noise differs from torch by {d_noise}"
+    );
 
     // The whole run: final latents and decoded frames.
     let mut frames = Vec::new();
@@ -126,7 +132,10 @@ fn check_case(name: &str) {
     assert_eq!(frame_size, (case.width, case.height), "{name}: frame size");
     let expected_latents: Array5<f32> = read_npy(dir.join("latents.npy")).unwrap();
     let d_latents = max_abs_diff(&generated.latents, &expected_latents);
-    assert!(d_latents <= 1e-4, "{name}: final latents differ by {d_latents}");
+    assert!(
+        d_latents <= 1e-4,
+        "{name}: final latents differ by {d_latents}"
+    );
 
     let expected_frames: Array4<u8> = read_npy(dir.join("frames.npy")).unwrap();
     let frame_bytes = case.width * case.height * 3;
@@ -140,7 +149,9 @@ fn check_case(name: &str) {
         }
     }
     assert!(worst <= 1, "{name}: frames differ by {worst}/255");
-    eprintln!("{name}: max |Δ| embeddings {d_embeds:.1e}, noise {d_noise:.1e}, latents {d_latents:.1e}, frames {worst}/255");
+    eprintln!(
+        "{name}: max |Δ| embeddings {d_embeds:.1e}, noise {d_noise:.1e}, latents {d_latents:.1e}, frames {worst}/255"
+    );
 }
 
 #[test]

@@ -25,6 +25,7 @@ fn references() -> Vec<Reference> {
 fn timesteps_sigmas_and_trajectories_match_diffusers() {
     let refs = references();
     assert!(refs.len() >= 7);
+    let mut overall = 0.0f32;
     for r in refs {
         let config: SchedulerConfig = serde_json::from_value(r.config.clone()).unwrap();
         config.validate().unwrap();
@@ -34,12 +35,13 @@ fn timesteps_sigmas_and_trajectories_match_diffusers() {
             assert!((a - b).abs() <= 1e-7, "{}: sigma {a} vs {b}", r.config);
         }
         assert_eq!(scheduler.sigmas().len(), r.sigmas.len());
-        // The same stand-in model as reference.py: cos(sample · (i+1)) + 0.1·i.
+        // The same stand-in model as reference.py: 0.5·cos(sample + 0.3·i) + 0.05·i (gentle, so
+        // float rounding is not amplified from step to step).
         let mut sample: Vec<f32> = (0..16).map(|i| (i as f32).sin()).collect();
         for (i, expected) in r.trajectory.iter().enumerate() {
             let output: Vec<f32> = sample
                 .iter()
-                .map(|x| (x * (i + 1) as f32).cos() + 0.1 * i as f32)
+                .map(|x| 0.5 * (x + 0.3 * i as f32).cos() + 0.05 * i as f32)
                 .collect();
             sample = scheduler.step(&output, &sample).unwrap();
             let worst = sample
@@ -47,13 +49,15 @@ fn timesteps_sigmas_and_trajectories_match_diffusers() {
                 .zip(expected)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
-            assert!(worst <= 2e-5, "{} step {i}: differs by {worst}", r.config);
+            assert!(worst <= 1e-5, "{} step {i}: differs by {worst}", r.config);
+            overall = overall.max(worst);
         }
         assert!(
             scheduler.step(&sample, &sample).is_err(),
             "a step past the last must fail"
         );
     }
+    eprintln!("UniPC vs diffusers: worst |Δ| over all configs and steps {overall:.1e}");
 }
 
 #[test]

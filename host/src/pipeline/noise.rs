@@ -87,7 +87,7 @@ fn cephes_log(x: f32) -> f32 {
         -1.666_805_8e-1,
         2.000_071_4e-1,
         -2.499_999_4e-1,
-        3.333_333_1e-1,
+        3.333_333e-1,
     ];
     let x = x.max(f32::MIN_POSITIVE);
     let bits = x.to_bits();
