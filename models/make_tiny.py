@@ -92,7 +92,7 @@ def build(config: dict) -> WanPipeline:
     te = config["text_encoder"]
     text_encoder = UMT5EncoderModel(
         UMT5Config(
-            vocab_size=tok.get_vocab_size(),
+            vocab_size=te.get("vocab_size", tok.get_vocab_size()),
             d_model=te["d_model"],
             d_kv=te["d_kv"],
             d_ff=te["d_ff"],

@@ -120,6 +120,10 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }

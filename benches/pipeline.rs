@@ -1,0 +1,159 @@
+//! Hot paths of one generation, on the bundled tiny model at the API's 832x480 size:
+//! a denoising step (two DiT calls with guidance + the scheduler), the scheduler alone at the
+//! real 480p/81-frame latent size, one VAE chunk, the seeded noise, and H.264 encoding of 81
+//! frames. `cargo bench -p wanserve --bench pipeline`.
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use ndarray::{Array5, s};
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Duration;
+use wanserve::backend::{Backend, Device, OrtBackend};
+use wanserve::model::{ModelDir, bundled_model_dir};
+use wanserve::pipeline::scheduler::UniPcScheduler;
+use wanserve::pipeline::{GenerateRequest, Pipeline, noise};
+use wanserve::video::{EncoderSettings, Mp4Writer};
+
+const WIDTH: usize = 832;
+const HEIGHT: usize = 480;
+
+fn request(num_frames: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "A beautiful sunset over the mountains".into(),
+        negative_prompt: String::new(),
+        width: WIDTH,
+        height: HEIGHT,
+        num_frames,
+        infer_steps: 20,
+        guidance_scale: 5.0,
+        seed: 1,
+    }
+}
+
+fn tiny_pipeline() -> Pipeline<OrtBackend> {
+    let model = ModelDir::open(&bundled_model_dir()).expect("bundled model");
+    let backend =
+        OrtBackend::load(&model, Device::Cpu, 0).expect("ONNX Runtime (run scripts/setup)");
+    Pipeline::new(backend, &model).expect("pipeline")
+}
+
+fn denoise_and_decode(c: &mut Criterion) {
+    let pipeline = tiny_pipeline();
+    let req = request(24);
+    let plan = pipeline.plan(&req).unwrap();
+    let latents = pipeline.initial_noise(&plan, 1).unwrap();
+    let context = pipeline.encode_prompt(&req.prompt).unwrap();
+    let negative = pipeline.encode_prompt("").unwrap();
+    let mut group = c.benchmark_group("tiny_832x480_24f");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8));
+    group.bench_function("denoise_step_cfg", |b| {
+        b.iter_batched(
+            || UniPcScheduler::new(&pipeline.manifest().scheduler, 20).unwrap(),
+            |mut scheduler| {
+                let t = scheduler.timesteps()[0];
+                let cond = pipeline
+                    .backend()
+                    .predict(latents.view(), t, &context)
+                    .unwrap();
+                let uncond = pipeline
+                    .backend()
+                    .predict(latents.view(), t, &negative)
+                    .unwrap();
+                let guided = &uncond + &((&cond - &uncond) * 5.0);
+                let next = scheduler
+                    .step(guided.as_slice().unwrap(), latents.as_slice().unwrap())
+                    .unwrap();
+                black_box(next)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // A steady-state chunk: first chunk once for its cache, then time the next chunk.
+    let first: Array5<f32> = latents.slice(s![.., .., 0..1, .., ..]).to_owned();
+    let second: Array5<f32> = latents.slice(s![.., .., 1..2, .., ..]).to_owned();
+    group.bench_function("vae_decode_chunk", |b| {
+        b.iter_batched(
+            || pipeline.backend().decode_first(first.view()).unwrap().1,
+            |cache| {
+                black_box(
+                    pipeline
+                        .backend()
+                        .decode_next(second.view(), cache)
+                        .unwrap(),
+                )
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn scheduler_and_noise(c: &mut Criterion) {
+    // Wan2.1 at 480x832, 81 frames: latents [1, 16, 21, 60, 104].
+    let count = 16 * 21 * 60 * 104;
+    let config = serde_json::from_value(serde_json::json!({
+        "_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
+        "use_flow_sigmas": true, "flow_shift": 3.0, "solver_order": 2}))
+    .unwrap();
+    let sample = noise::torch_randn(1, count).unwrap();
+    let output = noise::torch_randn(2, count).unwrap();
+    let mut group = c.benchmark_group("latents_480p_81f");
+    group.sample_size(20);
+    group.bench_function("unipc_step_order2", |b| {
+        b.iter_batched(
+            || {
+                // Warm the multistep history so the timed step is a full predictor + corrector.
+                let mut scheduler = UniPcScheduler::new(&config, 50).unwrap();
+                let x = scheduler.step(&output, &sample).unwrap();
+                (scheduler, x)
+            },
+            |(mut scheduler, x)| black_box(scheduler.step(&output, &x).unwrap()),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("torch_randn", |b| {
+        b.iter(|| black_box(noise::torch_randn(1, count).unwrap()))
+    });
+    group.finish();
+}
+
+fn encode_81_frames(c: &mut Criterion) {
+    // Smooth moving gradients plus texture: something between flat colour and pure noise.
+    let frame_bytes = WIDTH * HEIGHT * 3;
+    let mut rgb = vec![0u8; frame_bytes * 81];
+    for (i, v) in rgb.iter_mut().enumerate() {
+        let t = i / frame_bytes;
+        let p = i % frame_bytes;
+        let (x, y, ch) = ((p / 3) % WIDTH, (p / 3) / WIDTH, p % 3);
+        *v = ((x + 2 * t) as u32 * (ch as u32 + 1) + y as u32 + ((x * 7 + y * 13) % 17) as u32)
+            as u8;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.mp4");
+    let mut group = c.benchmark_group("encode");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
+    group.bench_function("h264_81f_832x480", |b| {
+        b.iter(|| {
+            let mut writer =
+                Mp4Writer::create(Path::new(&out), WIDTH, HEIGHT, &EncoderSettings::default())
+                    .unwrap();
+            for chunk in rgb.chunks(frame_bytes * 4) {
+                writer.write_rgb(chunk, chunk.len() / frame_bytes).unwrap();
+            }
+            black_box(writer.finish().unwrap())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    denoise_and_decode,
+    scheduler_and_noise,
+    encode_81_frames
+);
+criterion_main!(benches);

@@ -1,0 +1,174 @@
+//! The pipeline as the server will drive it: progress, cancellation, and two jobs at once on one
+//! shared set of sessions.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use wanserve::backend::{Device, OrtBackend};
+use wanserve::model::ModelDir;
+use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, PipelineError, Progress, Stage};
+
+fn pipeline() -> Arc<Pipeline<OrtBackend>> {
+    static PIPELINE: OnceLock<Arc<Pipeline<OrtBackend>>> = OnceLock::new();
+    PIPELINE
+        .get_or_init(|| {
+            let model = ModelDir::open(&common::tiny_model()).unwrap();
+            let backend = OrtBackend::load(&model, Device::Cpu, 1).unwrap();
+            Arc::new(Pipeline::new(backend, &model).unwrap())
+        })
+        .clone()
+}
+
+fn request(seed: u64, steps: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "Two dogs running through a field of sunflowers".into(),
+        negative_prompt: String::new(),
+        width: 96,
+        height: 64,
+        num_frames: 9,
+        infer_steps: steps,
+        guidance_scale: 5.0,
+        seed,
+    }
+}
+
+/// Runs one job and returns (all RGB bytes, final latents).
+fn run(pipeline: &Pipeline<OrtBackend>, req: &GenerateRequest) -> (Vec<u8>, Vec<f32>) {
+    let mut rgb = Vec::new();
+    let generated = pipeline
+        .generate(req, &CancelToken::default(), &mut |_| {}, &mut |chunk| {
+            rgb.extend_from_slice(chunk.rgb);
+            Ok(())
+        })
+        .unwrap();
+    (rgb, generated.latents.iter().copied().collect())
+}
+
+#[test]
+fn progress_reports_every_stage_and_step_in_order() {
+    let mut events: Vec<Progress> = Vec::new();
+    let mut chunk_sizes = Vec::new();
+    pipeline()
+        .generate(
+            &request(1, 4),
+            &CancelToken::default(),
+            &mut |p| events.push(p),
+            &mut |c| {
+                chunk_sizes.push(c.count);
+                Ok(())
+            },
+        )
+        .unwrap();
+    let denoise: Vec<usize> = events
+        .iter()
+        .filter(|p| p.stage == Stage::Denoising)
+        .map(|p| p.step)
+        .collect();
+    assert_eq!(denoise, [0, 1, 2, 3, 4]);
+    assert!(
+        events
+            .iter()
+            .filter(|p| p.stage == Stage::Denoising)
+            .all(|p| p.total == 4)
+    );
+    let decode: Vec<(usize, usize)> = events
+        .iter()
+        .filter(|p| p.stage == Stage::Decoding)
+        .map(|p| (p.step, p.total))
+        .collect();
+    assert_eq!(decode, [(0, 3), (1, 3), (2, 3), (3, 3)]);
+    assert_eq!(events.first().map(|p| p.stage), Some(Stage::EncodingText));
+    // 9 frames = 1 + 4 + 4, streamed chunk by chunk as the VAE produces them.
+    assert_eq!(chunk_sizes, [1, 4, 4]);
+}
+
+#[test]
+fn cancelling_stops_between_steps_and_emits_nothing_more() {
+    let cancel = CancelToken::default();
+    let mut steps_seen = 0;
+    let mut frames = 0;
+    let result = pipeline().generate(
+        &request(2, 20),
+        &cancel,
+        &mut |p| {
+            if p.stage == Stage::Denoising && p.step == 3 {
+                cancel.cancel();
+            }
+            if p.stage == Stage::Denoising {
+                steps_seen = p.step;
+            }
+        },
+        &mut |c| {
+            frames += c.count;
+            Ok(())
+        },
+    );
+    assert!(
+        matches!(result, Err(PipelineError::Cancelled)),
+        "{:?}",
+        result.err()
+    );
+    assert_eq!(steps_seen, 3, "no step runs after the cancel");
+    assert_eq!(frames, 0, "no frames after a cancel during denoising");
+}
+
+#[test]
+fn a_sink_error_stops_the_job_with_that_error() {
+    let result = pipeline().generate(
+        &request(3, 2),
+        &CancelToken::default(),
+        &mut |_| {},
+        &mut |_| Err("disk full".to_string()),
+    );
+    match result {
+        Err(PipelineError::Sink(message)) => assert_eq!(message, "disk full"),
+        other => panic!("expected the sink's error, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn two_concurrent_jobs_share_the_sessions_and_match_their_solo_runs() {
+    let pipeline = pipeline();
+    let (a, b) = (request(10, 3), request(11, 3));
+    let solo_a = run(&pipeline, &a);
+    let solo_b = run(&pipeline, &b);
+    let (together_a, together_b) = std::thread::scope(|s| {
+        let ta = s.spawn(|| run(&pipeline, &a));
+        let tb = s.spawn(|| run(&pipeline, &b));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    assert_eq!(together_a, solo_a);
+    assert_eq!(together_b, solo_b);
+    assert_ne!(solo_a.0, solo_b.0);
+}
+
+#[test]
+fn invalid_requests_name_the_field() {
+    let p = pipeline();
+    for (mutate, field) in [
+        (
+            Box::new(|r: &mut GenerateRequest| r.width = 90) as Box<dyn Fn(&mut GenerateRequest)>,
+            "width",
+        ),
+        (Box::new(|r: &mut GenerateRequest| r.height = 0), "height"),
+        (
+            Box::new(|r: &mut GenerateRequest| r.num_frames = 0),
+            "num_frames",
+        ),
+        (
+            Box::new(|r: &mut GenerateRequest| r.infer_steps = 0),
+            "infer_steps",
+        ),
+        (
+            Box::new(|r: &mut GenerateRequest| r.guidance_scale = f32::NAN),
+            "guidance_scale",
+        ),
+    ] {
+        let mut r = request(1, 2);
+        mutate(&mut r);
+        match p.plan(&r) {
+            Err(PipelineError::InvalidRequest { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: expected InvalidRequest, got {other:?}"),
+        }
+    }
+}
