@@ -44,17 +44,15 @@ TWO_GB = 2 * 1024**3
 MAX_TEXT_LEN = 512  # diffusers pads every prompt to 512 tokens for Wan
 
 
-def save(model_proto_path: pathlib.Path) -> None:
-    """Re-save a graph, moving weights to external data when the graph is over 2 GB."""
-    proto = onnx.load(str(model_proto_path), load_external_data=True)
-    size = sum(t.ByteSize() for t in proto.graph.initializer)
-    for extra in model_proto_path.parent.glob(model_proto_path.name + "*.data"):
-        extra.unlink()
-    if size > TWO_GB:
-        onnx.save(proto, str(model_proto_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=model_proto_path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save(proto, str(model_proto_path))
+def save(path: pathlib.Path) -> None:
+    """torch writes weights as external data (`<name>.data`); fold them back into one file unless
+    they are over protobuf's 2 GB limit."""
+    data = path.with_name(path.name + ".data")
+    if not data.exists() or data.stat().st_size > TWO_GB:
+        return
+    proto = onnx.load(str(path), load_external_data=True)
+    data.unlink()
+    onnx.save(proto, str(path))
 
 
 def export(module, args, path, input_names, output_names, dynamic_shapes):

@@ -214,6 +214,7 @@ impl<B: Backend> Pipeline<B> {
         let mut scheduler =
             scheduler::UniPcScheduler::new(&self.manifest.scheduler, req.infer_steps)?;
 
+        let started = std::time::Instant::now();
         on_progress(Progress {
             stage: Stage::EncodingText,
             step: 0,
@@ -227,6 +228,7 @@ impl<B: Backend> Pipeline<B> {
         };
         check(cancel)?;
 
+        let text_done = std::time::Instant::now();
         let mut latents = self.initial_noise(&plan, req.seed)?;
         let timesteps = scheduler.timesteps().to_vec();
         on_progress(Progress {
@@ -260,7 +262,16 @@ impl<B: Backend> Pipeline<B> {
             });
         }
 
+        let denoise_done = std::time::Instant::now();
         let frames = self.decode(&latents, &plan, req, cancel, on_progress, on_frames)?;
+        tracing::info!(
+            text_s = (text_done - started).as_secs_f32(),
+            denoise_s = (denoise_done - text_done).as_secs_f32(),
+            decode_and_sink_s = denoise_done.elapsed().as_secs_f32(),
+            steps = timesteps.len(),
+            latent_shape = ?plan.latent_shape,
+            "generated"
+        );
         Ok(Generated { latents, frames })
     }
 
