@@ -3,4 +3,5 @@
 pub mod backend;
 pub mod model;
 pub mod pipeline;
+pub mod plugins;
 pub mod video;

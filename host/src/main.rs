@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use wanserve::backend::{Device, OrtBackend};
 use wanserve::model::{ModelDir, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
+use wanserve::plugins::{PluginHost, PluginLimits, Slot};
 use wanserve::video::{EncoderSettings, Mp4Writer};
 
 #[derive(Parser)]
@@ -22,6 +23,40 @@ struct Cli {
 enum Command {
     /// Generate one video from a prompt and write it as an H.264 mp4.
     Generate(GenerateArgs),
+    /// Policy plugins (WebAssembly components).
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check that a component fits a slot and passes its self-test (installs nothing).
+    Check {
+        /// The slot the component is meant for.
+        #[arg(long, value_enum)]
+        slot: Slot,
+        /// The component (.wasm).
+        file: PathBuf,
+    },
+}
+
+fn plugin(command: PluginCommand) -> Result<(), String> {
+    match command {
+        PluginCommand::Check { slot, file } => {
+            let bytes =
+                std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let host = PluginHost::new(PluginLimits::default()).map_err(|e| e.to_string())?;
+            let info = host
+                .check(slot, &bytes, Default::default())
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            println!("slot:    {}", info.slot);
+            println!("world:   {}", info.world);
+            println!("sha256:  {}", info.sha256);
+            println!("size:    {} bytes", info.size);
+            println!("self-test: passed");
+            Ok(())
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -171,6 +206,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Plugin(command) => plugin(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,31 @@
+//! Bindings generated once from `wit/` (one module per world; the shared `types` and `host`
+//! interfaces are generated in `validate` and reused by the others).
+
+pub mod validate {
+    wasmtime::component::bindgen!({ path: "../wit", world: "validate-plugin" });
+}
+
+pub mod auth {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "auth-plugin",
+        with: {
+            "wanserve:policy/types": super::validate::wanserve::policy::types,
+            "wanserve:policy/host": super::validate::wanserve::policy::host,
+        },
+    });
+}
+
+pub mod postprocess {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "postprocess-plugin",
+        with: {
+            "wanserve:policy/types": super::validate::wanserve::policy::types,
+            "wanserve:policy/host": super::validate::wanserve::policy::host,
+        },
+    });
+}
+
+pub use validate::wanserve::policy::host as host_api;
+pub use validate::wanserve::policy::types;

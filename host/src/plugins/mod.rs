@@ -1,0 +1,369 @@
+//! Policy plugins: WebAssembly components (worlds in `wit/policy.wit`) run by wasmtime.
+//!
+//! - One `Engine` per host, epoch interruption ticking every millisecond on a background thread,
+//!   the pooling instance allocator.
+//! - Per slot, the component is compiled and type-checked once into an `InstancePre`; every call
+//!   gets a fresh `Store` with `StoreLimits` (memory cap) and an epoch deadline.
+//! - A call that traps, overruns its deadline or its memory fails *closed*: the caller gets a
+//!   [`PluginError`] and must refuse the request (the retention slot keeps the video). Failures
+//!   are logged and counted per slot; the next call starts from a fresh instance.
+//! - [`PluginHost::replace`] compiles, type-checks and self-tests a new component off the request
+//!   path, then swaps it in atomically; calls in flight finish on the old one; the previous
+//!   version is kept for [`PluginHost::rollback`].
+
+mod bindings;
+mod state;
+
+pub use bindings::types::{FieldError, GenerationRequest, JsonValue, Principal};
+
+use arc_swap::ArcSwapOption;
+use sha2::{Digest, Sha256};
+use state::PluginState;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+/// The package every plugin is built against.
+pub const WIT_PACKAGE: &str = "wanserve:policy@0.1.0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Slot {
+    Auth,
+    Validate,
+    Postprocess,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 3] = [Slot::Auth, Slot::Validate, Slot::Postprocess];
+
+    pub fn world(self) -> &'static str {
+        match self {
+            Slot::Auth => "auth-plugin",
+            Slot::Validate => "validate-plugin",
+            Slot::Postprocess => "postprocess-plugin",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Slot::Auth => "auth",
+            Slot::Validate => "validate",
+            Slot::Postprocess => "postprocess",
+        })
+    }
+}
+
+/// Resource limits for one plugin call.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginLimits {
+    /// Linear-memory cap per instance.
+    pub memory_bytes: usize,
+    /// Wall-clock budget per call.
+    pub deadline: Duration,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            deadline: Duration::from_millis(50),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("not a WebAssembly component: {0}")]
+    NotAComponent(String),
+    #[error("does not fit the {slot} slot (world {WIT_PACKAGE}/{world}): {reason}", world = slot.world())]
+    WrongWorld { slot: Slot, reason: String },
+    #[error("self-test failed: {0}")]
+    SelfTest(String),
+    #[error("no {0} plugin is installed")]
+    NotInstalled(Slot),
+    #[error("{slot} plugin ran past its {ms} ms deadline")]
+    Deadline { slot: Slot, ms: u128 },
+    #[error("{slot} plugin exceeded its memory limit")]
+    OutOfMemory { slot: Slot },
+    #[error("{slot} plugin failed: {reason}")]
+    Trapped { slot: Slot, reason: String },
+    #[error("no previous {0} plugin to roll back to")]
+    NoPrevious(Slot),
+    #[error("cannot set up the plugin engine: {0}")]
+    Engine(String),
+}
+
+/// What `replace` and `plugin check` report about a component.
+#[derive(Debug, Clone)]
+pub struct PluginInfo {
+    pub slot: Slot,
+    pub world: String,
+    pub sha256: String,
+    pub size: usize,
+}
+
+struct Loaded {
+    info: PluginInfo,
+    pre: InstancePre<PluginState>,
+    config: Arc<BTreeMap<String, String>>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    current: ArcSwapOption<Loaded>,
+    previous: Mutex<Option<Arc<Loaded>>>,
+    failures: AtomicU64,
+}
+
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    limits: PluginLimits,
+    slots: [SlotState; 3],
+}
+
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+impl PluginHost {
+    pub fn new(limits: PluginLimits) -> Result<Self, PluginError> {
+        let engine_err = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(512)
+            .total_core_instances(2048)
+            .total_memories(1024)
+            .total_tables(2048)
+            .max_memory_size(limits.memory_bytes);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(engine_err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        bindings::types::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+        bindings::host_api::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+            slots: Default::default(),
+        })
+    }
+
+    /// Compiles and type-checks `bytes` against `slot`'s world and runs its self-test; nothing
+    /// is installed.
+    pub fn check(
+        &self,
+        slot: Slot,
+        bytes: &[u8],
+        config: BTreeMap<String, String>,
+    ) -> Result<PluginInfo, PluginError> {
+        self.prepare(slot, bytes, config).map(|loaded| loaded.info)
+    }
+
+    fn prepare(
+        &self,
+        slot: Slot,
+        bytes: &[u8],
+        config: BTreeMap<String, String>,
+    ) -> Result<Loaded, PluginError> {
+        let component = Component::from_binary(&self.engine, bytes)
+            .map_err(|e| PluginError::NotAComponent(root_cause(&e)))?;
+        let wrong = |e: wasmtime::Error| PluginError::WrongWorld {
+            slot,
+            reason: root_cause(&e),
+        };
+        let pre = self.linker.instantiate_pre(&component).map_err(wrong)?;
+        // The typed pre-instances check that the slot's exports exist with the right types.
+        match slot {
+            Slot::Auth => drop(bindings::auth::AuthPluginPre::new(pre.clone()).map_err(wrong)?),
+            Slot::Validate => {
+                drop(bindings::validate::ValidatePluginPre::new(pre.clone()).map_err(wrong)?)
+            }
+            Slot::Postprocess => {
+                drop(bindings::postprocess::PostprocessPluginPre::new(pre.clone()).map_err(wrong)?)
+            }
+        }
+        let loaded = Loaded {
+            info: PluginInfo {
+                slot,
+                world: format!("{WIT_PACKAGE}/{}", slot.world()),
+                sha256: hex::encode(Sha256::digest(bytes)),
+                size: bytes.len(),
+            },
+            pre,
+            config: Arc::new(config),
+        };
+        let result = self.with_store(&loaded, |store, pre| match slot {
+            Slot::Auth => bindings::auth::AuthPluginPre::new(pre)?
+                .instantiate(&mut *store)?
+                .call_self_test(&mut *store),
+            Slot::Validate => bindings::validate::ValidatePluginPre::new(pre)?
+                .instantiate(&mut *store)?
+                .call_self_test(&mut *store),
+            Slot::Postprocess => bindings::postprocess::PostprocessPluginPre::new(pre)?
+                .instantiate(&mut *store)?
+                .call_self_test(&mut *store),
+        });
+        match result {
+            Ok(Ok(())) => Ok(loaded),
+            Ok(Err(message)) => Err(PluginError::SelfTest(message)),
+            Err(e) => Err(PluginError::SelfTest(e.to_string())),
+        }
+    }
+
+    /// Checks the new component (off the request path), then swaps it in atomically. The
+    /// component it replaces is kept for [`PluginHost::rollback`].
+    pub fn replace(
+        &self,
+        slot: Slot,
+        bytes: &[u8],
+        config: BTreeMap<String, String>,
+    ) -> Result<PluginInfo, PluginError> {
+        let loaded = Arc::new(self.prepare(slot, bytes, config)?);
+        let info = loaded.info.clone();
+        let state = &self.slots[slot.index()];
+        let old = state.current.swap(Some(loaded));
+        if let Some(old) = old {
+            *state.previous.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
+        }
+        tracing::info!(slot = %slot, sha256 = %info.sha256, size = info.size, "plugin installed");
+        Ok(info)
+    }
+
+    /// Puts the previous component of `slot` back (and keeps the current one as the new previous).
+    pub fn rollback(&self, slot: Slot) -> Result<PluginInfo, PluginError> {
+        let state = &self.slots[slot.index()];
+        let mut previous = state.previous.lock().unwrap_or_else(|p| p.into_inner());
+        let back = previous.take().ok_or(PluginError::NoPrevious(slot))?;
+        let info = back.info.clone();
+        *previous = state.current.swap(Some(back));
+        tracing::info!(slot = %slot, sha256 = %info.sha256, "plugin rolled back");
+        Ok(info)
+    }
+
+    pub fn installed(&self, slot: Slot) -> Option<PluginInfo> {
+        self.slots[slot.index()]
+            .current
+            .load()
+            .as_ref()
+            .map(|l| l.info.clone())
+    }
+
+    /// Calls that failed closed in `slot` since start.
+    pub fn failures(&self, slot: Slot) -> u64 {
+        self.slots[slot.index()].failures.load(Ordering::Relaxed)
+    }
+
+    /// Runs `body` against a fresh store for `loaded`, with the memory cap and deadline set.
+    fn with_store<R>(
+        &self,
+        loaded: &Loaded,
+        body: impl FnOnce(&mut Store<PluginState>, InstancePre<PluginState>) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        let slot = loaded.info.slot;
+        let mut store = Store::new(
+            &self.engine,
+            PluginState::new(
+                slot,
+                self.limits.memory_bytes,
+                loaded.config.clone(),
+                &loaded.info.sha256,
+            ),
+        );
+        store.limiter(|s| &mut s.limits);
+        let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        body(&mut store, loaded.pre.clone()).map_err(|e| {
+            let error = if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                PluginError::Deadline {
+                    slot,
+                    ms: self.limits.deadline.as_millis(),
+                }
+            } else if store.data().memory_exhausted() {
+                PluginError::OutOfMemory { slot }
+            } else {
+                PluginError::Trapped {
+                    slot,
+                    reason: root_cause(&e),
+                }
+            };
+            self.slots[slot.index()].failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(slot = %slot, sha256 = %loaded.info.sha256, error = %error, "plugin call failed closed");
+            error
+        })
+    }
+
+    fn current(&self, slot: Slot) -> Result<Arc<Loaded>, PluginError> {
+        self.slots[slot.index()]
+            .current
+            .load_full()
+            .ok_or(PluginError::NotInstalled(slot))
+    }
+
+    /// Validates a submitted body. `Ok(Err(errors))` is the plugin refusing the request;
+    /// `Err(_)` is the plugin failing, which the caller must treat as a refusal too.
+    pub fn validate(
+        &self,
+        caller: &Principal,
+        body: &[(String, JsonValue)],
+    ) -> Result<Result<GenerationRequest, Vec<FieldError>>, PluginError> {
+        let loaded = self.current(Slot::Validate)?;
+        self.with_store(&loaded, |store, pre| {
+            let plugin =
+                bindings::validate::ValidatePluginPre::new(pre)?.instantiate(&mut *store)?;
+            plugin
+                .wanserve_policy_validate()
+                .call_validate(&mut *store, caller, body)
+        })
+    }
+}
+
+/// The innermost message of an error chain: what went wrong, without the wrapping context.
+fn root_cause(e: &wasmtime::Error) -> String {
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    chain.join(": ")
+}
+
+/// Parses a JSON object into the top-level fields a validate plugin receives.
+pub fn json_fields(body: &serde_json::Map<String, serde_json::Value>) -> Vec<(String, JsonValue)> {
+    body.iter()
+        .map(|(k, v)| {
+            let value = match v {
+                serde_json::Value::Null => JsonValue::Null,
+                serde_json::Value::Bool(b) => JsonValue::Boolean(*b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => JsonValue::Integer(i),
+                    None => JsonValue::Number(n.as_f64().unwrap_or(f64::NAN)),
+                },
+                serde_json::Value::String(s) => JsonValue::Text(s.clone()),
+                _ => JsonValue::Other,
+            };
+            (k.clone(), value)
+        })
+        .collect()
+}

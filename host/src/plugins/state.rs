@@ -1,0 +1,137 @@
+//! What each plugin call's `Store` holds, and the host imports plugins may call.
+
+use super::Slot;
+use super::bindings::{host_api, types};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Memory limits that remember whether a grow was refused, to tell "out of memory" from other traps.
+pub struct Limits {
+    inner: StoreLimits,
+    refused: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.inner.memory_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.refused = true;
+        }
+        allowed
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+}
+
+pub struct PluginState {
+    pub limits: Limits,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    config: Arc<BTreeMap<String, String>>,
+    slot: Slot,
+    sha256_prefix: String,
+}
+
+impl PluginState {
+    pub fn new(
+        slot: Slot,
+        memory_bytes: usize,
+        config: Arc<BTreeMap<String, String>>,
+        sha256: &str,
+    ) -> Self {
+        Self {
+            limits: Limits {
+                inner: StoreLimitsBuilder::new()
+                    .memory_size(memory_bytes)
+                    .trap_on_grow_failure(true)
+                    .build(),
+                refused: false,
+            },
+            // No preopened directories, no environment, no arguments, no network: WASI is only
+            // there because Rust's std for wasm32-wasip2 imports it.
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            config,
+            slot,
+            sha256_prefix: sha256.chars().take(12).collect(),
+        }
+    }
+
+    pub fn memory_exhausted(&self) -> bool {
+        self.limits.refused
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for PluginState {}
+
+impl host_api::Host for PluginState {
+    fn log(&mut self, level: host_api::LogLevel, message: String, fields: Vec<(String, String)>) {
+        let fields = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let (slot, plugin) = (self.slot, &self.sha256_prefix);
+        match level {
+            host_api::LogLevel::Debug => tracing::debug!(%slot, %plugin, %fields, "{message}"),
+            host_api::LogLevel::Info => tracing::info!(%slot, %plugin, %fields, "{message}"),
+            host_api::LogLevel::Warn => tracing::warn!(%slot, %plugin, %fields, "{message}"),
+            host_api::LogLevel::Error => tracing::error!(%slot, %plugin, %fields, "{message}"),
+        }
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+
+    fn now_unix_ms(&mut self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn random_u64(&mut self) -> u64 {
+        let mut bytes = [0u8; 8];
+        // The OS generator; on the vanishingly rare failure, the clock still varies the value.
+        if getrandom::fill(&mut bytes).is_err() {
+            return self.now_unix_ms().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        u64::from_le_bytes(bytes)
+    }
+
+    fn sha256(&mut self, data: Vec<u8>) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(&data).to_vec()
+    }
+
+    fn constant_time_eq(&mut self, a: Vec<u8>, b: Vec<u8>) -> bool {
+        use subtle::ConstantTimeEq;
+        // Lengths are not secret (hashes have fixed length); contents are compared without an
+        // early exit.
+        a.len() == b.len() && bool::from(a.ct_eq(&b))
+    }
+}

@@ -1,0 +1,369 @@
+//! The plugin host with real components built from plugins/: the default validator's rules at
+//! every boundary, hostile components failing closed, hot swap and rollback, `plugin check`.
+
+mod common;
+
+use common::{plugin_wasm, stderr, wanserve};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wanserve::plugins::{
+    JsonValue, PluginError, PluginHost, PluginLimits, Principal, Slot, json_fields,
+};
+
+fn caller() -> Principal {
+    Principal {
+        id: "test".into(),
+        display_name: "Test".into(),
+        attributes: vec![],
+    }
+}
+
+fn host_with(slot: Slot, name: &str) -> PluginHost {
+    let host = PluginHost::new(PluginLimits::default()).unwrap();
+    host.replace(
+        slot,
+        &std::fs::read(plugin_wasm(name)).unwrap(),
+        BTreeMap::new(),
+    )
+    .unwrap();
+    host
+}
+
+fn good_body() -> serde_json::Map<String, serde_json::Value> {
+    serde_json::json!({
+        "model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",
+        "image_size": "480x832", "num_frames": 81, "guidance_scale": 5.0, "infer_steps": 50, "seed": 42
+    })
+    .as_object()
+    .unwrap()
+    .clone()
+}
+
+/// Field names the validator complained about for `body` with `changes` applied.
+fn errors_for(host: &PluginHost, changes: serde_json::Value) -> Vec<String> {
+    let mut body = good_body();
+    for (k, v) in changes.as_object().unwrap() {
+        if v == "<absent>" {
+            body.remove(k);
+        } else {
+            body.insert(k.clone(), v.clone());
+        }
+    }
+    match host
+        .validate(&caller(), &json_fields(&body))
+        .expect("the plugin runs")
+    {
+        Ok(_) => vec![],
+        Err(errors) => errors.into_iter().map(|e| e.field).collect(),
+    }
+}
+
+#[test]
+fn validate_seed_accepts_the_documented_example_and_normalises_it() {
+    let host = host_with(Slot::Validate, "validate-seed");
+    let ok = host
+        .validate(&caller(), &json_fields(&good_body()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ok.width, ok.height),
+        (480, 832),
+        "image_size is WIDTHxHEIGHT"
+    );
+    assert_eq!((ok.num_frames, ok.infer_steps, ok.seed), (81, 50, 42));
+    assert_eq!(ok.guidance_scale, 5.0);
+    assert_eq!(ok.negative_prompt, "");
+}
+
+#[test]
+fn validate_seed_boundaries() {
+    let host = host_with(Slot::Validate, "validate-seed");
+    let cases: Vec<(serde_json::Value, &[&str])> = vec![
+        (serde_json::json!({"prompt": "123456789"}), &["prompt"]), // 9 characters
+        (serde_json::json!({"prompt": "1234567890"}), &[]),        // 10
+        (serde_json::json!({"prompt": "x".repeat(500)}), &[]),
+        (serde_json::json!({"prompt": "x".repeat(501)}), &["prompt"]),
+        (serde_json::json!({"prompt": "夕阳下的山脉金色光芒"}), &[]), // 10 characters, 30 bytes
+        (
+            serde_json::json!({"prompt": "夕阳下的山脉金色光"}),
+            &["prompt"],
+        ), // 9 characters, 27 bytes
+        (serde_json::json!({"prompt": "🌅".repeat(500)}), &[]),       // 500 characters, 2000 bytes
+        (serde_json::json!({"image_size": "832x480"}), &[]),
+        (
+            serde_json::json!({"image_size": "480X832"}),
+            &["image_size"],
+        ),
+        (
+            serde_json::json!({"image_size": "1280x720"}),
+            &["image_size"],
+        ),
+        (serde_json::json!({"num_frames": 23}), &["num_frames"]),
+        (serde_json::json!({"num_frames": 24}), &[]),
+        (serde_json::json!({"num_frames": 120}), &[]),
+        (serde_json::json!({"num_frames": 121}), &["num_frames"]),
+        (serde_json::json!({"num_frames": 24.5}), &["num_frames"]),
+        (serde_json::json!({"num_frames": 24.0}), &[]),
+        (serde_json::json!({"num_frames": "24"}), &["num_frames"]),
+        (
+            serde_json::json!({"guidance_scale": 0.99}),
+            &["guidance_scale"],
+        ),
+        (serde_json::json!({"guidance_scale": 1}), &[]),
+        (serde_json::json!({"guidance_scale": 20.0}), &[]),
+        (
+            serde_json::json!({"guidance_scale": 20.01}),
+            &["guidance_scale"],
+        ),
+        (
+            serde_json::json!({"guidance_scale": "5"}),
+            &["guidance_scale"],
+        ),
+        (serde_json::json!({"infer_steps": 19}), &["infer_steps"]),
+        (serde_json::json!({"infer_steps": 20}), &[]),
+        (serde_json::json!({"infer_steps": 100}), &[]),
+        (serde_json::json!({"infer_steps": 101}), &["infer_steps"]),
+        (serde_json::json!({"seed": -1}), &["seed"]),
+        (serde_json::json!({"seed": 0}), &[]),
+        (serde_json::json!({"seed": 2147483647}), &[]),
+        (serde_json::json!({"seed": 2147483648u64}), &["seed"]),
+        (serde_json::json!({"seed": "<absent>"}), &[]),
+        (serde_json::json!({"seed": null}), &[]),
+        (serde_json::json!({"negative_prompt": "x".repeat(500)}), &[]),
+        (
+            serde_json::json!({"negative_prompt": "x".repeat(501)}),
+            &["negative_prompt"],
+        ),
+        (serde_json::json!({"negative_prompt": ""}), &[]),
+        (serde_json::json!({"model": "Wan2.1-T2V-14B"}), &["model"]),
+        (serde_json::json!({"model": "<absent>"}), &["model"]),
+        (serde_json::json!({"num_frame": 24}), &["num_frame"]), // a typo is not ignored
+        (serde_json::json!({"prompt": ["a list"]}), &["prompt"]),
+    ];
+    for (changes, expected) in cases {
+        assert_eq!(errors_for(&host, changes.clone()), expected, "{changes}");
+    }
+}
+
+#[test]
+fn validate_seed_reports_every_bad_field_and_draws_a_seed() {
+    let host = host_with(Slot::Validate, "validate-seed");
+    let body = serde_json::json!({"model": "x", "prompt": "short", "image_size": "1x1", "num_frames": 0,
+        "guidance_scale": 99, "infer_steps": 0, "seed": -5, "negative_prompt": 7});
+    let errors = host
+        .validate(&caller(), &json_fields(body.as_object().unwrap()))
+        .unwrap()
+        .unwrap_err();
+    let mut fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "guidance_scale",
+            "image_size",
+            "infer_steps",
+            "model",
+            "negative_prompt",
+            "num_frames",
+            "prompt",
+            "seed"
+        ]
+    );
+    assert!(errors.iter().all(|e| !e.reason.is_empty()));
+    let empty = host.validate(&caller(), &[]).unwrap().unwrap_err();
+    assert_eq!(empty.len(), 6, "six required fields: {empty:?}");
+
+    let mut body = good_body();
+    body.remove("seed");
+    let seeds: Vec<u32> = (0..8)
+        .map(|_| {
+            host.validate(&caller(), &json_fields(&body))
+                .unwrap()
+                .unwrap()
+                .seed
+        })
+        .collect();
+    assert!(seeds.iter().all(|s| *s <= 2_147_483_647));
+    assert!(
+        seeds.windows(2).any(|w| w[0] != w[1]),
+        "drawn seeds vary: {seeds:?}"
+    );
+}
+
+fn assert_fails_closed_then_recovers(
+    name: &str,
+    body: Vec<(String, JsonValue)>,
+    expect: fn(&PluginError) -> bool,
+) {
+    let host = PluginHost::new(PluginLimits {
+        memory_bytes: 16 << 20,
+        deadline: Duration::from_millis(50),
+    })
+    .unwrap();
+    host.replace(
+        Slot::Validate,
+        &std::fs::read(plugin_wasm(name)).unwrap(),
+        BTreeMap::new(),
+    )
+    .unwrap();
+    for round in 0..2 {
+        let started = Instant::now();
+        let result = host.validate(&caller(), &body);
+        let elapsed = started.elapsed();
+        match &result {
+            Err(e) => assert!(expect(e), "{name}: unexpected error {e}"),
+            Ok(r) => panic!("{name}: must fail closed, got {r:?}"),
+        }
+        assert!(elapsed < Duration::from_secs(2), "{name}: took {elapsed:?}");
+        assert_eq!(host.failures(Slot::Validate), round + 1);
+    }
+    // A good plugin swapped in works at once.
+    host.replace(
+        Slot::Validate,
+        &std::fs::read(plugin_wasm("validate-seed")).unwrap(),
+        BTreeMap::new(),
+    )
+    .unwrap();
+    assert!(
+        host.validate(&caller(), &json_fields(&good_body()))
+            .unwrap()
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_plugin_that_loops_forever_is_stopped_at_its_deadline() {
+    assert_fails_closed_then_recovers("test-loop", vec![], |e| {
+        matches!(e, PluginError::Deadline { ms: 50, .. })
+    });
+}
+
+#[test]
+fn a_plugin_that_traps_fails_closed() {
+    assert_fails_closed_then_recovers("test-trap", vec![], |e| {
+        matches!(e, PluginError::Trapped { .. })
+    });
+}
+
+#[test]
+fn a_plugin_that_exhausts_memory_fails_closed() {
+    let body = vec![("prompt".to_string(), JsonValue::Text("grow".into()))];
+    assert_fails_closed_then_recovers("test-trap", body, |e| {
+        matches!(e, PluginError::OutOfMemory { .. })
+    });
+}
+
+#[test]
+fn wrong_world_and_garbage_are_refused_and_leave_the_old_plugin_serving() {
+    let host = host_with(Slot::Validate, "validate-seed");
+    let before = host.installed(Slot::Validate).unwrap().sha256;
+    let validator = std::fs::read(plugin_wasm("validate-seed")).unwrap();
+    match host.replace(Slot::Auth, &validator, BTreeMap::new()) {
+        Err(PluginError::WrongWorld {
+            slot: Slot::Auth,
+            reason,
+        }) => assert!(!reason.is_empty()),
+        other => panic!("expected WrongWorld, got {other:?}"),
+    }
+    assert!(matches!(
+        host.replace(Slot::Validate, b"not wasm at all", BTreeMap::new()),
+        Err(PluginError::NotAComponent(_))
+    ));
+    assert_eq!(host.installed(Slot::Validate).unwrap().sha256, before);
+    assert!(host.installed(Slot::Auth).is_none());
+}
+
+#[test]
+fn hot_swap_under_concurrent_calls_loses_none_and_rollback_restores() {
+    let host = Arc::new(host_with(Slot::Validate, "validate-seed"));
+    let seed_validator = std::fs::read(plugin_wasm("validate-seed")).unwrap();
+    let trap = std::fs::read(plugin_wasm("test-trap")).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (host, stop) = (host.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut calls = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && calls < 2000 {
+                    // Every call gets an answer from one complete plugin, old or new.
+                    let result = host.validate(&caller(), &json_fields(&good_body()));
+                    assert!(
+                        matches!(result, Ok(Ok(_)) | Err(PluginError::Trapped { .. })),
+                        "{result:?}"
+                    );
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    host.replace(Slot::Validate, &seed_validator, BTreeMap::new())
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let calls: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(calls > 0);
+
+    // After a swap every call sees the new behaviour; rollback brings the old one back.
+    host.replace(Slot::Validate, &trap, BTreeMap::new())
+        .unwrap();
+    assert!(matches!(
+        host.validate(&caller(), &json_fields(&good_body())),
+        Err(PluginError::Trapped { .. })
+    ));
+    host.rollback(Slot::Validate).unwrap();
+    assert!(
+        host.validate(&caller(), &json_fields(&good_body()))
+            .unwrap()
+            .is_ok()
+    );
+    host.rollback(Slot::Validate).unwrap();
+    assert!(
+        host.validate(&caller(), &json_fields(&good_body()))
+            .is_err()
+    );
+}
+
+#[test]
+fn plugin_check_cli() {
+    let ok = wanserve()
+        .args(["plugin", "check", "--slot", "validate"])
+        .arg(plugin_wasm("validate-seed"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        out.contains("wanserve:policy@0.1.0/validate-plugin") && out.contains("sha256:"),
+        "{out}"
+    );
+
+    let wrong = wanserve()
+        .args(["plugin", "check", "--slot", "auth"])
+        .arg(plugin_wasm("validate-seed"))
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let err = stderr(&wrong);
+    assert!(
+        err.contains("does not fit the auth slot")
+            && err.lines().count() == 1
+            && !err.contains("panicked"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("x.wasm");
+    std::fs::write(&garbage, b"\0asm garbage").unwrap();
+    let bad = wanserve()
+        .args(["plugin", "check", "--slot", "validate"])
+        .arg(&garbage)
+        .output()
+        .unwrap();
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("not a WebAssembly component"),
+        "{}",
+        stderr(&bad)
+    );
+}
