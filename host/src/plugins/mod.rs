@@ -111,9 +111,16 @@ pub struct PluginInfo {
     pub size: usize,
 }
 
+/// A component's pre-instantiation, typed by its slot's world (export lookups done once).
+enum SlotPre {
+    Auth(bindings::auth::AuthPluginPre<PluginState>),
+    Validate(bindings::validate::ValidatePluginPre<PluginState>),
+    Postprocess(bindings::postprocess::PostprocessPluginPre<PluginState>),
+}
+
 struct Loaded {
     info: PluginInfo,
-    pre: InstancePre<PluginState>,
+    pre: SlotPre,
     config: Arc<BTreeMap<String, String>>,
 }
 
@@ -196,17 +203,18 @@ impl PluginHost {
             slot,
             reason: root_cause(&e),
         };
-        let pre = self.linker.instantiate_pre(&component).map_err(wrong)?;
+        let pre: InstancePre<PluginState> =
+            self.linker.instantiate_pre(&component).map_err(wrong)?;
         // The typed pre-instances check that the slot's exports exist with the right types.
-        match slot {
-            Slot::Auth => drop(bindings::auth::AuthPluginPre::new(pre.clone()).map_err(wrong)?),
+        let pre = match slot {
+            Slot::Auth => SlotPre::Auth(bindings::auth::AuthPluginPre::new(pre).map_err(wrong)?),
             Slot::Validate => {
-                drop(bindings::validate::ValidatePluginPre::new(pre.clone()).map_err(wrong)?)
+                SlotPre::Validate(bindings::validate::ValidatePluginPre::new(pre).map_err(wrong)?)
             }
-            Slot::Postprocess => {
-                drop(bindings::postprocess::PostprocessPluginPre::new(pre.clone()).map_err(wrong)?)
-            }
-        }
+            Slot::Postprocess => SlotPre::Postprocess(
+                bindings::postprocess::PostprocessPluginPre::new(pre).map_err(wrong)?,
+            ),
+        };
         let loaded = Loaded {
             info: PluginInfo {
                 slot,
@@ -217,16 +225,10 @@ impl PluginHost {
             pre,
             config: Arc::new(config),
         };
-        let result = self.with_store(&loaded, |store, pre| match slot {
-            Slot::Auth => bindings::auth::AuthPluginPre::new(pre)?
-                .instantiate(&mut *store)?
-                .call_self_test(&mut *store),
-            Slot::Validate => bindings::validate::ValidatePluginPre::new(pre)?
-                .instantiate(&mut *store)?
-                .call_self_test(&mut *store),
-            Slot::Postprocess => bindings::postprocess::PostprocessPluginPre::new(pre)?
-                .instantiate(&mut *store)?
-                .call_self_test(&mut *store),
+        let result = self.with_store(&loaded, |store, pre| match pre {
+            SlotPre::Auth(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
+            SlotPre::Validate(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
+            SlotPre::Postprocess(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
         });
         match result {
             Ok(Ok(())) => Ok(loaded),
@@ -282,7 +284,7 @@ impl PluginHost {
     fn with_store<R>(
         &self,
         loaded: &Loaded,
-        body: impl FnOnce(&mut Store<PluginState>, InstancePre<PluginState>) -> wasmtime::Result<R>,
+        body: impl FnOnce(&mut Store<PluginState>, &SlotPre) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let slot = loaded.info.slot;
         let mut store = Store::new(
@@ -298,7 +300,7 @@ impl PluginHost {
         let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
-        body(&mut store, loaded.pre.clone()).map_err(|e| {
+        body(&mut store, &loaded.pre).map_err(|e| {
             let error = if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                 PluginError::Deadline {
                     slot,
@@ -334,8 +336,12 @@ impl PluginHost {
     ) -> Result<Result<GenerationRequest, Vec<FieldError>>, PluginError> {
         let loaded = self.current(Slot::Validate)?;
         self.with_store(&loaded, |store, pre| {
-            let plugin =
-                bindings::validate::ValidatePluginPre::new(pre)?.instantiate(&mut *store)?;
+            let SlotPre::Validate(pre) = pre else {
+                return Err(wasmtime::format_err!(
+                    "the validate slot holds another world"
+                ));
+            };
+            let plugin = pre.instantiate(&mut *store)?;
             plugin
                 .wanserve_policy_validate()
                 .call_validate(&mut *store, caller, body)
