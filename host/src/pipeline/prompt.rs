@@ -35,7 +35,6 @@ pub struct TokenizedPrompt {
 
 pub struct PromptTokenizer {
     tokenizer: Tokenizer,
-    max_length: usize,
 }
 
 impl PromptTokenizer {
@@ -63,14 +62,7 @@ impl PromptTokenizer {
             pad_token,
             ..Default::default()
         }));
-        Ok(Self {
-            tokenizer,
-            max_length,
-        })
-    }
-
-    pub fn max_length(&self) -> usize {
-        self.max_length
+        Ok(Self { tokenizer })
     }
 
     /// Cleans and tokenizes one prompt (with `</s>` appended).

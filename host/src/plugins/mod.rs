@@ -301,7 +301,7 @@ impl PluginHost {
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
         body(&mut store, &loaded.pre).map_err(|e| {
-            let error = if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                 PluginError::Deadline {
                     slot,
                     ms: self.limits.deadline.as_millis(),
@@ -313,11 +313,18 @@ impl PluginHost {
                     slot,
                     reason: root_cause(&e),
                 }
-            };
-            self.slots[slot.index()].failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(slot = %slot, sha256 = %loaded.info.sha256, error = %error, "plugin call failed closed");
-            error
+            }
         })
+    }
+
+    /// Counts and logs a request-path call that failed closed (self-tests of candidate
+    /// components are not counted: they say nothing about the plugin that is serving).
+    fn record_failure(&self, loaded: &Loaded, error: &PluginError) {
+        let slot = loaded.info.slot;
+        self.slots[slot.index()]
+            .failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(slot = %slot, sha256 = %loaded.info.sha256, error = %error, "plugin call failed closed");
     }
 
     fn current(&self, slot: Slot) -> Result<Arc<Loaded>, PluginError> {
@@ -346,6 +353,7 @@ impl PluginHost {
                 .wanserve_policy_validate()
                 .call_validate(&mut *store, caller, body)
         })
+        .inspect_err(|e| self.record_failure(&loaded, e))
     }
 }
 

@@ -161,10 +161,6 @@ impl Mp4Writer {
         })
     }
 
-    pub fn frames_written(&self) -> usize {
-        self.next_pts as usize
-    }
-
     /// Appends `count` packed RGB24 frames.
     pub fn write_rgb(&mut self, rgb: &[u8], count: usize) -> Result<(), EncodeError> {
         let row = self.width * 3;
