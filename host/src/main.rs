@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use wanserve::backend::{Device, OrtBackend};
 use wanserve::model::{ModelDir, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
+use wanserve::plugins::api_keys::hash_key;
+use wanserve::plugins::config::start_plugins;
 use wanserve::plugins::{PluginHost, PluginLimits, Slot};
 use wanserve::video::{EncoderSettings, Mp4Writer};
 
@@ -37,23 +39,78 @@ enum PluginCommand {
         slot: Slot,
         /// The component (.wasm).
         file: PathBuf,
+        /// A config entry the plugin's self-test sees, as KEY=VALUE (repeatable).
+        #[arg(long = "config", value_parser = parse_config_entry)]
+        config: Vec<(String, String)>,
     },
+    /// Load every slot as the server would (config file, environment, plugin directory), print
+    /// what is installed, and print a generated API key when none is configured.
+    Load {
+        /// The server's TOML config file (its [plugins] table).
+        #[arg(long, env = "WANSERVE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Where the server keeps its state (the generated API key's hash goes here).
+        #[arg(long, env = "WANSERVE_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Print the SHA-256 of an API key read from standard input, for the auth plugin's
+    /// `api_keys` config (`name=<hash>`); the key itself is never stored.
+    HashKey,
+}
+
+fn parse_config_entry(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn plugin(command: PluginCommand) -> Result<(), String> {
     match command {
-        PluginCommand::Check { slot, file } => {
+        PluginCommand::Check { slot, file, config } => {
             let bytes =
                 std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let host = PluginHost::new(PluginLimits::default()).map_err(|e| e.to_string())?;
             let info = host
-                .check(slot, &bytes, Default::default())
+                .check(slot, &bytes, config.into_iter().collect())
                 .map_err(|e| format!("{}: {e}", file.display()))?;
             println!("slot:    {}", info.slot);
             println!("world:   {}", info.world);
             println!("sha256:  {}", info.sha256);
             println!("size:    {} bytes", info.size);
             println!("self-test: passed");
+            Ok(())
+        }
+        PluginCommand::Load { config, data_dir } => {
+            let started =
+                start_plugins(config.as_deref(), &data_dir, |var| std::env::var(var).ok())
+                    .map_err(|e| e.to_string())?;
+            for info in &started.installed {
+                println!(
+                    "{:<12} {}  {}",
+                    info.slot.to_string(),
+                    info.sha256,
+                    info.world
+                );
+            }
+            if let Some(key) = started.generated_key {
+                println!(
+                    "No API key was configured; generated one (shown only now, stored hashed in {}):",
+                    data_dir.display()
+                );
+                println!("{key}");
+            }
+            Ok(())
+        }
+        PluginCommand::HashKey => {
+            let mut key = String::new();
+            std::io::stdin()
+                .read_line(&mut key)
+                .map_err(|e| format!("cannot read the key: {e}"))?;
+            let key = key.trim_end_matches(['\n', '\r']);
+            if key.is_empty() {
+                return Err("no key on standard input".into());
+            }
+            println!("{}", hash_key(key));
             Ok(())
         }
     }

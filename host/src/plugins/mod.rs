@@ -11,14 +11,22 @@
 //!   path, then swaps it in atomically; calls in flight finish on the old one; the previous
 //!   version is kept for [`PluginHost::rollback`].
 
+pub mod api_keys;
 mod bindings;
+pub mod config;
+mod jwt;
 mod state;
+pub mod watch;
 
+pub use bindings::auth::exports::wanserve::policy::auth::{Denial, HttpRequest};
+pub use bindings::postprocess::exports::wanserve::policy::postprocess::{
+    FinishedJob, OutputPolicy, RetentionDecision, StoredVideo,
+};
 pub use bindings::types::{FieldError, GenerationRequest, JsonValue, Principal};
 
 use arc_swap::ArcSwapOption;
 use sha2::{Digest, Sha256};
-use state::PluginState;
+use state::{PluginContext, PluginState};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,6 +106,10 @@ pub enum PluginError {
     Trapped { slot: Slot, reason: String },
     #[error("no previous {0} plugin to roll back to")]
     NoPrevious(Slot),
+    #[error("{slot} plugin returned an unusable result: {reason}")]
+    BadResult { slot: Slot, reason: String },
+    #[error("bad configuration for the {slot} plugin: {reason}")]
+    Config { slot: Slot, reason: String },
     #[error("cannot set up the plugin engine: {0}")]
     Engine(String),
 }
@@ -121,7 +133,7 @@ enum SlotPre {
 struct Loaded {
     info: PluginInfo,
     pre: SlotPre,
-    config: Arc<BTreeMap<String, String>>,
+    context: Arc<PluginContext>,
 }
 
 #[derive(Default)]
@@ -129,6 +141,9 @@ struct SlotState {
     current: ArcSwapOption<Loaded>,
     previous: Mutex<Option<Arc<Loaded>>>,
     failures: AtomicU64,
+    constant_time_compares: AtomicU64,
+    /// Per-slot call budget in milliseconds (0: the host's default).
+    deadline_ms: AtomicU64,
 }
 
 pub struct PluginHost {
@@ -215,15 +230,23 @@ impl PluginHost {
                 bindings::postprocess::PostprocessPluginPre::new(pre).map_err(wrong)?,
             ),
         };
+        let jwt = jwt::JwtVerifier::from_config(&config)
+            .map_err(|reason| PluginError::Config { slot, reason })?;
+        let sha256 = hex::encode(Sha256::digest(bytes));
         let loaded = Loaded {
+            context: Arc::new(PluginContext {
+                slot,
+                config,
+                jwt,
+                sha256_prefix: sha256.chars().take(12).collect(),
+            }),
             info: PluginInfo {
                 slot,
                 world: format!("{WIT_PACKAGE}/{}", slot.world()),
-                sha256: hex::encode(Sha256::digest(bytes)),
+                sha256,
                 size: bytes.len(),
             },
             pre,
-            config: Arc::new(config),
         };
         let result = self.with_store(&loaded, |store, pre| match pre {
             SlotPre::Auth(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
@@ -280,6 +303,29 @@ impl PluginHost {
         self.slots[slot.index()].failures.load(Ordering::Relaxed)
     }
 
+    /// `constant-time-eq` host calls made by `slot`'s plugins on the request path since start.
+    pub fn constant_time_compares(&self, slot: Slot) -> u64 {
+        self.slots[slot.index()]
+            .constant_time_compares
+            .load(Ordering::Relaxed)
+    }
+
+    /// Sets `slot`'s per-call budget (the host's default applies until this is called).
+    pub fn set_deadline(&self, slot: Slot, deadline: Duration) {
+        let ms = deadline.as_millis().clamp(1, u64::MAX as u128) as u64;
+        self.slots[slot.index()]
+            .deadline_ms
+            .store(ms, Ordering::Relaxed);
+    }
+
+    /// The per-call budget of `slot`.
+    pub fn deadline(&self, slot: Slot) -> Duration {
+        match self.slots[slot.index()].deadline_ms.load(Ordering::Relaxed) {
+            0 => self.limits.deadline,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
     /// Runs `body` against a fresh store for `loaded`, with the memory cap and deadline set.
     fn with_store<R>(
         &self,
@@ -289,22 +335,24 @@ impl PluginHost {
         let slot = loaded.info.slot;
         let mut store = Store::new(
             &self.engine,
-            PluginState::new(
-                slot,
-                self.limits.memory_bytes,
-                loaded.config.clone(),
-                &loaded.info.sha256,
-            ),
+            PluginState::new(self.limits.memory_bytes, loaded.context.clone()),
         );
         store.limiter(|s| &mut s.limits);
-        let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        let deadline = self.deadline(slot);
+        // The ticker may advance the epoch right after the store starts: one extra tick keeps a
+        // call from getting less than its budget.
+        let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
-        body(&mut store, &loaded.pre).map_err(|e| {
+        let result = body(&mut store, &loaded.pre);
+        self.slots[slot.index()]
+            .constant_time_compares
+            .fetch_add(store.data().constant_time_compares, Ordering::Relaxed);
+        result.map_err(|e| {
             if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                 PluginError::Deadline {
                     slot,
-                    ms: self.limits.deadline.as_millis(),
+                    ms: deadline.as_millis(),
                 }
             } else if store.data().memory_exhausted() {
                 PluginError::OutOfMemory { slot }
@@ -324,6 +372,8 @@ impl PluginHost {
         self.slots[slot.index()]
             .failures
             .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("wanserve_plugin_failures_total", "slot" => slot.to_string())
+            .increment(1);
         tracing::warn!(slot = %slot, sha256 = %loaded.info.sha256, error = %error, "plugin call failed closed");
     }
 
@@ -332,6 +382,40 @@ impl PluginHost {
             .current
             .load_full()
             .ok_or(PluginError::NotInstalled(slot))
+    }
+
+    /// Authenticates a request. `Ok(Err(denial))` is the plugin refusing it; `Err(_)` is the
+    /// plugin failing, which the caller must treat as a refusal too (fail closed).
+    pub fn authenticate(
+        &self,
+        request: &HttpRequest,
+    ) -> Result<Result<Principal, Denial>, PluginError> {
+        let loaded = self.current(Slot::Auth)?;
+        self.with_store(&loaded, |store, pre| {
+            let SlotPre::Auth(pre) = pre else {
+                return Err(wasmtime::format_err!("the auth slot holds another world"));
+            };
+            let plugin = pre.instantiate(&mut *store)?;
+            plugin
+                .wanserve_policy_auth()
+                .call_authenticate(&mut *store, request)
+        })
+        .and_then(|answer| {
+            match &answer {
+                Ok(principal) => check_principal(principal),
+                Err(denial) => check_text("reason", &denial.reason, MAX_TEXT).and(check_text(
+                    "challenge",
+                    denial.challenge.as_deref().unwrap_or(""),
+                    MAX_TEXT,
+                )),
+            }
+            .map_err(|reason| PluginError::BadResult {
+                slot: Slot::Auth,
+                reason,
+            })?;
+            Ok(answer)
+        })
+        .inspect_err(|e| self.record_failure(&loaded, e))
     }
 
     /// Validates a submitted body. `Ok(Err(errors))` is the plugin refusing the request;
@@ -353,8 +437,146 @@ impl PluginHost {
                 .wanserve_policy_validate()
                 .call_validate(&mut *store, caller, body)
         })
+        .and_then(|answer| {
+            match &answer {
+                Ok(request) => check_request(request),
+                Err(errors) => check_field_errors(errors),
+            }
+            .map_err(|reason| PluginError::BadResult {
+                slot: Slot::Validate,
+                reason,
+            })?;
+            Ok(answer)
+        })
         .inspect_err(|e| self.record_failure(&loaded, e))
     }
+
+    /// The output policy for a finished job. On `Err`, the caller falls back to its own default
+    /// (the plugin must not be able to lose a finished video).
+    pub fn decide(&self, job: &FinishedJob) -> Result<OutputPolicy, PluginError> {
+        let loaded = self.current(Slot::Postprocess)?;
+        self.with_store(&loaded, |store, pre| {
+            let SlotPre::Postprocess(pre) = pre else {
+                return Err(wasmtime::format_err!(
+                    "the postprocess slot holds another world"
+                ));
+            };
+            let plugin = pre.instantiate(&mut *store)?;
+            plugin
+                .wanserve_policy_postprocess()
+                .call_decide(&mut *store, job)
+        })
+        .and_then(|policy| {
+            check_output_policy(&policy).map_err(|reason| PluginError::BadResult {
+                slot: Slot::Postprocess,
+                reason,
+            })?;
+            Ok(policy)
+        })
+        .inspect_err(|e| self.record_failure(&loaded, e))
+    }
+
+    /// Whether the sweeper may delete `video` now. Fails closed: when no plugin is installed
+    /// or it fails, the video is kept (and the failure logged and counted).
+    pub fn retain(&self, video: &StoredVideo, now_unix_ms: u64) -> RetentionDecision {
+        let Ok(loaded) = self.current(Slot::Postprocess) else {
+            return RetentionDecision::Keep;
+        };
+        self.with_store(&loaded, |store, pre| {
+            let SlotPre::Postprocess(pre) = pre else {
+                return Err(wasmtime::format_err!(
+                    "the postprocess slot holds another world"
+                ));
+            };
+            let plugin = pre.instantiate(&mut *store)?;
+            plugin
+                .wanserve_policy_postprocess()
+                .call_retain(&mut *store, video, now_unix_ms)
+        })
+        .inspect_err(|e| self.record_failure(&loaded, e))
+        .unwrap_or(RetentionDecision::Keep)
+    }
+}
+
+/// Bounds on what a plugin may hand back: a component's answer is copied out of its memory
+/// before the host can look at it, so these keep one bad plugin from flooding logs, responses
+/// and the job store.
+const MAX_TEXT: usize = 4096;
+const MAX_PROMPT: usize = 64 << 10;
+const MAX_ENTRIES: usize = 256;
+
+fn check_text(what: &str, text: &str, max: usize) -> Result<(), String> {
+    if text.len() > max {
+        return Err(format!("{what} is {} bytes (at most {max})", text.len()));
+    }
+    Ok(())
+}
+
+fn check_pairs(what: &str, pairs: &[(String, String)]) -> Result<(), String> {
+    if pairs.len() > MAX_ENTRIES {
+        return Err(format!("{} {what} (at most {MAX_ENTRIES})", pairs.len()));
+    }
+    pairs.iter().try_for_each(|(k, v)| {
+        check_text(what, k, MAX_TEXT)?;
+        check_text(what, v, MAX_TEXT)
+    })
+}
+
+fn check_principal(principal: &Principal) -> Result<(), String> {
+    if principal.id.is_empty() {
+        return Err("the principal has no id".into());
+    }
+    check_text("principal id", &principal.id, MAX_TEXT)?;
+    check_text("display name", &principal.display_name, MAX_TEXT)?;
+    check_pairs("attributes", &principal.attributes)
+}
+
+fn check_request(request: &GenerationRequest) -> Result<(), String> {
+    check_text("model", &request.model, MAX_TEXT)?;
+    check_text("prompt", &request.prompt, MAX_PROMPT)?;
+    check_text("negative prompt", &request.negative_prompt, MAX_PROMPT)
+}
+
+fn check_field_errors(errors: &[FieldError]) -> Result<(), String> {
+    if errors.is_empty() {
+        return Err("a refusal without any field error".into());
+    }
+    if errors.len() > MAX_ENTRIES {
+        return Err(format!(
+            "{} field errors (at most {MAX_ENTRIES})",
+            errors.len()
+        ));
+    }
+    errors.iter().try_for_each(|e| {
+        check_text("field name", &e.field, MAX_TEXT)?;
+        check_text("reason", &e.reason, MAX_TEXT)
+    })
+}
+
+fn check_output_policy(policy: &OutputPolicy) -> Result<(), String> {
+    check_object_key(&policy.object_key)?;
+    check_pairs("metadata", &policy.metadata)
+}
+
+/// Object keys stay inside the store: relative, no `..` segment, a conservative alphabet.
+fn check_object_key(key: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/');
+    if key.is_empty() || key.len() > 512 {
+        return Err(format!(
+            "object key must be 1 to 512 bytes, not {}",
+            key.len()
+        ));
+    }
+    if !key.chars().all(allowed)
+        || key.starts_with('/')
+        || key.ends_with('/')
+        || key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(format!("object key {key:?} is not a safe relative path"));
+    }
+    Ok(())
 }
 
 /// The innermost message of an error chain: what went wrong, without the wrapping context.

@@ -2,6 +2,7 @@
 
 use super::Slot;
 use super::bindings::{host_api, types};
+use super::jwt::JwtVerifier;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
@@ -37,22 +38,27 @@ impl ResourceLimiter for Limits {
     }
 }
 
+/// What the host knows about an installed component, shared by all its calls.
+pub struct PluginContext {
+    pub slot: Slot,
+    pub config: BTreeMap<String, String>,
+    pub jwt: Option<JwtVerifier>,
+    /// Enough of the component's SHA-256 to tell versions apart in logs.
+    pub sha256_prefix: String,
+}
+
 pub struct PluginState {
     pub limits: Limits,
     wasi: WasiCtx,
     table: ResourceTable,
-    config: Arc<BTreeMap<String, String>>,
-    slot: Slot,
-    sha256_prefix: String,
+    context: Arc<PluginContext>,
+    /// `constant-time-eq` calls made during this call (a metric, and the tests' proof that a
+    /// plugin compares against every key).
+    pub constant_time_compares: u64,
 }
 
 impl PluginState {
-    pub fn new(
-        slot: Slot,
-        memory_bytes: usize,
-        config: Arc<BTreeMap<String, String>>,
-        sha256: &str,
-    ) -> Self {
+    pub fn new(memory_bytes: usize, context: Arc<PluginContext>) -> Self {
         Self {
             limits: Limits {
                 inner: StoreLimitsBuilder::new()
@@ -65,9 +71,8 @@ impl PluginState {
             // there because Rust's std for wasm32-wasip2 imports it.
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
-            config,
-            slot,
-            sha256_prefix: sha256.chars().take(12).collect(),
+            context,
+            constant_time_compares: 0,
         }
     }
 
@@ -94,7 +99,7 @@ impl host_api::Host for PluginState {
             .map(|(k, v)| format!("{k}={v:?}"))
             .collect::<Vec<_>>()
             .join(" ");
-        let (slot, plugin) = (self.slot, &self.sha256_prefix);
+        let (slot, plugin) = (self.context.slot, &self.context.sha256_prefix);
         match level {
             host_api::LogLevel::Debug => tracing::debug!(%slot, %plugin, %fields, "{message}"),
             host_api::LogLevel::Info => tracing::info!(%slot, %plugin, %fields, "{message}"),
@@ -104,7 +109,7 @@ impl host_api::Host for PluginState {
     }
 
     fn config_get(&mut self, key: String) -> Option<String> {
-        self.config.get(&key).cloned()
+        self.context.config.get(&key).cloned()
     }
 
     fn now_unix_ms(&mut self) -> u64 {
@@ -130,8 +135,16 @@ impl host_api::Host for PluginState {
 
     fn constant_time_eq(&mut self, a: Vec<u8>, b: Vec<u8>) -> bool {
         use subtle::ConstantTimeEq;
+        self.constant_time_compares += 1;
         // Lengths are not secret (hashes have fixed length); contents are compared without an
         // early exit.
         a.len() == b.len() && bool::from(a.ct_eq(&b))
+    }
+
+    fn verify_jwt(&mut self, token: String) -> Result<host_api::JwtClaims, String> {
+        match &self.context.jwt {
+            Some(verifier) => verifier.verify(&token),
+            None => Err("JSON Web Tokens are not accepted here".into()),
+        }
     }
 }

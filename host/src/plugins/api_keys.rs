@@ -1,0 +1,106 @@
+//! The key list handed to the auth plugin (`api_keys` in its config, `name=<sha256 hex>` entries):
+//! the operator's hashed keys, the plain keys of `WANSERVE_API_KEYS` (hashed here, never stored
+//! or logged), and the key file in the data directory. With no key and no JWT configured the
+//! server would be closed to everyone or, worse, tempt an operator to open it: so a key is
+//! generated, only its hash is stored, and the key itself is returned to be printed once.
+
+use super::config::ConfigError;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The key file, in the data directory: `name=<sha256 hex>` per line.
+pub const KEY_FILE: &str = "api-keys";
+/// Prefix of generated keys, so a leaked one is recognisable in a secret scanner.
+pub const GENERATED_PREFIX: &str = "wsk_";
+
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Completes `auth_config["api_keys"]` from the environment's keys and the key file, generating
+/// a key when there is none at all. Returns the generated key (to print once), if any.
+pub fn seed_api_keys(
+    auth_config: &mut BTreeMap<String, String>,
+    env_keys: Option<&str>,
+    data_dir: &Path,
+) -> Result<Option<String>, ConfigError> {
+    let path = data_dir.join(KEY_FILE);
+    let keys_error = |reason: String| ConfigError::Keys {
+        path: path.clone(),
+        reason,
+    };
+    let mut entries: Vec<String> = auth_config
+        .get("api_keys")
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    for (i, key) in env_keys
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .enumerate()
+    {
+        if key.chars().any(char::is_whitespace) {
+            return Err(ConfigError::Env {
+                var: "WANSERVE_API_KEYS".into(),
+                reason: format!("key {} contains whitespace", i + 1),
+            });
+        }
+        entries.push(format!("env-{}={}", i + 1, hash_key(key)));
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(text) => entries.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(keys_error(e.to_string())),
+    }
+    let mut generated = None;
+    if entries.is_empty() && !auth_config.contains_key(super::jwt::ALGORITHM) {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| keys_error(format!("no randomness: {e}")))?;
+        let key = format!("{GENERATED_PREFIX}{}", hex::encode(secret));
+        let entry = format!("generated={}", hash_key(&key));
+        write_key_file(data_dir, &path, &entry).map_err(|e| keys_error(e.to_string()))?;
+        tracing::warn!(file = %path.display(), "no API key configured: generated one (printed once on stdout; only its hash is stored)");
+        entries.push(entry);
+        generated = Some(key);
+    }
+    auth_config.insert("api_keys".into(), entries.join(","));
+    Ok(generated)
+}
+
+/// Writes the key file whole or not at all (temporary file, then rename), readable by the owner only.
+fn write_key_file(dir: &Path, path: &Path, entry: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let partial = path.with_extension("partial");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let result = (|| {
+        let mut file = options.open(&partial)?;
+        writeln!(
+            file,
+            "# wanserve API keys: name=<sha256 of the key>. Add lines to add keys."
+        )?;
+        writeln!(file, "{entry}")?;
+        file.sync_all()?;
+        std::fs::rename(&partial, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}

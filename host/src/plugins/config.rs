@@ -1,0 +1,268 @@
+//! Which component serves each slot, with what config: a `[plugins]` table in the server's
+//! TOML file, overridden by environment variables, resolved against a plugin directory.
+//!
+//! ```toml
+//! [plugins]
+//! dir = "/var/lib/wanserve/plugins"   # WANSERVE_PLUGIN_DIR
+//! memory_mib = 64                      # per-instance memory cap
+//!
+//! [plugins.auth]                       # file: WANSERVE_AUTH_PLUGIN
+//! file = "auth_apikey.wasm"            # relative to dir
+//! deadline_ms = 50                     # WANSERVE_AUTH_DEADLINE_MS
+//! [plugins.auth.config]                # the plugin's own key/value config
+//! jwt_algorithm = "RS256"
+//! ```
+
+use super::{PluginHost, PluginInfo, PluginLimits, Slot};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("{slot} plugin {path}: {reason}")]
+    Plugin {
+        slot: Slot,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("API keys in {path}: {reason}")]
+    Keys { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Engine(String),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotFile {
+    pub file: Option<String>,
+    pub deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsFile {
+    pub dir: Option<PathBuf>,
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub auth: SlotFile,
+    #[serde(default)]
+    pub validate: SlotFile,
+    #[serde(default)]
+    pub postprocess: SlotFile,
+}
+
+/// The server's config file; other sections belong to other parts of the server.
+#[derive(Debug, Default, Deserialize)]
+struct ServerFile {
+    #[serde(default)]
+    plugins: PluginsFile,
+}
+
+/// One slot, resolved: the file to load and watch, its budget and its config.
+#[derive(Debug, Clone)]
+pub struct SlotSpec {
+    pub slot: Slot,
+    pub path: PathBuf,
+    pub deadline: Duration,
+    pub config: BTreeMap<String, String>,
+}
+
+/// Every slot, resolved.
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+    pub limits: PluginLimits,
+    pub slots: Vec<SlotSpec>,
+}
+
+impl Slot {
+    /// The component a slot loads unless configured otherwise (the default plugins' names).
+    pub fn default_file(self) -> &'static str {
+        match self {
+            Slot::Auth => "auth_apikey.wasm",
+            Slot::Validate => "validate_seed.wasm",
+            Slot::Postprocess => "postprocess_retention.wasm",
+        }
+    }
+
+    fn env_prefix(self) -> &'static str {
+        match self {
+            Slot::Auth => "WANSERVE_AUTH",
+            Slot::Validate => "WANSERVE_VALIDATE",
+            Slot::Postprocess => "WANSERVE_POSTPROCESS",
+        }
+    }
+}
+
+impl PluginsConfig {
+    /// Reads the `[plugins]` table of `file` (when given), then applies the environment as
+    /// `env` reports it (a function, so tests need not touch the process environment).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let parsed = match file {
+            None => PluginsFile::default(),
+            Some(path) => {
+                let file_error = |reason: String| ConfigError::File {
+                    path: path.to_path_buf(),
+                    reason,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+                toml::from_str::<ServerFile>(&text)
+                    .map_err(|e| file_error(e.to_string()))?
+                    .plugins
+            }
+        };
+        Self::resolve(parsed, env)
+    }
+
+    fn resolve(
+        parsed: PluginsFile,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let env_number = |var: String| -> Result<Option<u64>, ConfigError> {
+            env(&var)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| ConfigError::Env {
+                        var: var.clone(),
+                        reason: format!("not a whole number: {v:?}"),
+                    })
+                })
+                .transpose()
+        };
+        let dir = env("WANSERVE_PLUGIN_DIR")
+            .map(PathBuf::from)
+            .or(parsed.dir)
+            .unwrap_or_else(|| PathBuf::from("plugins"));
+        let defaults = PluginLimits::default();
+        let memory_bytes =
+            match env_number("WANSERVE_PLUGIN_MEMORY_MIB".into())?.or(parsed.memory_mib) {
+                Some(0) => {
+                    return Err(ConfigError::Env {
+                        var: "memory_mib".into(),
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                Some(mib) => usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+                None => defaults.memory_bytes,
+            };
+        let mut slots = Vec::new();
+        for (slot, spec) in [
+            (Slot::Auth, parsed.auth),
+            (Slot::Validate, parsed.validate),
+            (Slot::Postprocess, parsed.postprocess),
+        ] {
+            let prefix = slot.env_prefix();
+            let file = env(&format!("{prefix}_PLUGIN"))
+                .or(spec.file)
+                .unwrap_or_else(|| slot.default_file().to_string());
+            let deadline_ms = env_number(format!("{prefix}_DEADLINE_MS"))?.or(spec.deadline_ms);
+            let deadline = match deadline_ms {
+                Some(0) => {
+                    return Err(ConfigError::Env {
+                        var: format!("{slot}.deadline_ms"),
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                Some(ms) => Duration::from_millis(ms),
+                None => defaults.deadline,
+            };
+            slots.push(SlotSpec {
+                slot,
+                path: dir.join(file),
+                deadline,
+                config: spec.config,
+            });
+        }
+        Ok(Self {
+            dir,
+            limits: PluginLimits {
+                memory_bytes,
+                deadline: defaults.deadline,
+            },
+            slots,
+        })
+    }
+
+    pub fn slot(&self, slot: Slot) -> Option<&SlotSpec> {
+        self.slots.iter().find(|s| s.slot == slot)
+    }
+
+    pub fn slot_mut(&mut self, slot: Slot) -> Option<&mut SlotSpec> {
+        self.slots.iter_mut().find(|s| s.slot == slot)
+    }
+}
+
+impl PluginHost {
+    /// Installs every configured slot from its file (with its deadline and config).
+    pub fn install_all(&self, config: &PluginsConfig) -> Result<Vec<PluginInfo>, ConfigError> {
+        config.slots.iter().map(|spec| self.install(spec)).collect()
+    }
+
+    /// Installs one slot from its file.
+    pub fn install(&self, spec: &SlotSpec) -> Result<PluginInfo, ConfigError> {
+        let bytes = std::fs::read(&spec.path).map_err(|e| ConfigError::Plugin {
+            slot: spec.slot,
+            path: spec.path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.install_bytes(spec, &bytes)
+    }
+
+    /// Installs `bytes` as `spec`'s slot, with its config and deadline.
+    pub fn install_bytes(&self, spec: &SlotSpec, bytes: &[u8]) -> Result<PluginInfo, ConfigError> {
+        let info = self
+            .replace(spec.slot, bytes, spec.config.clone())
+            .map_err(|e| ConfigError::Plugin {
+                slot: spec.slot,
+                path: spec.path.clone(),
+                reason: e.to_string(),
+            })?;
+        self.set_deadline(spec.slot, spec.deadline);
+        Ok(info)
+    }
+}
+
+/// Everything the server needs from its plugin configuration, loaded and installed.
+pub struct StartedPlugins {
+    pub host: std::sync::Arc<PluginHost>,
+    pub config: PluginsConfig,
+    pub installed: Vec<PluginInfo>,
+    /// A key generated because none was configured: print it once, then forget it.
+    pub generated_key: Option<String>,
+}
+
+/// Reads the config (`file`, then the environment), completes the auth plugin's key list
+/// (see [`super::api_keys`]), and installs every slot.
+pub fn start_plugins(
+    file: Option<&Path>,
+    data_dir: &Path,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<StartedPlugins, ConfigError> {
+    let mut config = PluginsConfig::load(file, &env)?;
+    let mut generated_key = None;
+    if let Some(auth) = config.slot_mut(Slot::Auth) {
+        generated_key = super::api_keys::seed_api_keys(
+            &mut auth.config,
+            env("WANSERVE_API_KEYS").as_deref(),
+            data_dir,
+        )?;
+    }
+    let host = PluginHost::new(config.limits).map_err(|e| ConfigError::Engine(e.to_string()))?;
+    let installed = host.install_all(&config)?;
+    Ok(StartedPlugins {
+        host: std::sync::Arc::new(host),
+        config,
+        installed,
+        generated_key,
+    })
+}

@@ -1,0 +1,63 @@
+//! A minimal plugin to start from: an auth plugin that admits callers connecting from the
+//! machine itself (loopback peers) and refuses everyone else.
+//!
+//! To make your own: copy this directory, rename the package in Cargo.toml, add it to the
+//! workspace's `members`, pick the world for your slot below (`auth-plugin`, `validate-plugin`
+//! or `postprocess-plugin`) and implement its exports. See plugins/README.md for building,
+//! checking and deploying.
+
+wit_bindgen::generate!({ path: "../../wit", world: "auth-plugin" });
+
+use exports::wanserve::policy::auth::{Denial, Guest as Auth, HttpRequest};
+use wanserve::policy::host;
+use wanserve::policy::types::Principal;
+
+struct Component;
+
+/// Whether `peer` ("ip:port" or "[ipv6]:port") is a loopback address.
+fn is_loopback(peer: &str) -> bool {
+    let ip = match peer.rsplit_once(':') {
+        Some((ip, _port)) => ip.trim_start_matches('[').trim_end_matches(']'),
+        None => peer,
+    };
+    ip.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Auth for Component {
+    fn authenticate(request: HttpRequest) -> Result<Principal, Denial> {
+        if is_loopback(&request.peer) {
+            Ok(Principal {
+                id: "local".into(),
+                display_name: "local user".into(),
+                attributes: vec![],
+            })
+        } else {
+            host::log(
+                host::LogLevel::Info,
+                "refused a remote caller",
+                &[("peer".into(), request.peer)],
+            );
+            Err(Denial {
+                reason: "this server only accepts local callers".into(),
+                challenge: None,
+            })
+        }
+    }
+}
+
+impl Guest for Component {
+    /// Run before the plugin is swapped in: check the config and a known answer or two.
+    fn self_test() -> Result<(), String> {
+        match (
+            is_loopback("127.0.0.1:5000"),
+            is_loopback("[::1]:80"),
+            is_loopback("10.0.0.1:80"),
+        ) {
+            (true, true, false) => Ok(()),
+            answers => Err(format!("loopback detection is wrong: {answers:?}")),
+        }
+    }
+}
+
+export!(Component);
