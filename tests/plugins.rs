@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wanserve::plugins::{
-    JsonValue, PluginError, PluginHost, PluginLimits, Principal, Slot, json_fields,
+    FinishedJob, GenerationRequest, HttpRequest, JsonValue, PluginError, PluginHost, PluginLimits,
+    Principal, RetentionDecision, Slot, StoredVideo, json_fields,
 };
 
 fn caller() -> Principal {
@@ -274,55 +275,254 @@ fn wrong_world_and_garbage_are_refused_and_leave_the_old_plugin_serving() {
     assert!(host.installed(Slot::Auth).is_none());
 }
 
+fn job(tier: &str) -> FinishedJob {
+    FinishedJob {
+        request_id: "0f8b6c1e-req".into(),
+        caller: Principal {
+            id: "key:alice".into(),
+            display_name: "alice".into(),
+            attributes: vec![("tier".into(), tier.into())],
+        },
+        request: GenerationRequest {
+            model: "Wan2.1-T2V-1.3B".into(),
+            prompt: "A beautiful sunset over the mountains".into(),
+            negative_prompt: String::new(),
+            width: 832,
+            height: 480,
+            num_frames: 81,
+            guidance_scale: 5.0,
+            infer_steps: 50,
+            seed: 42,
+        },
+        finished_at: 1_700_000_000_000,
+        inference_seconds: 12.5,
+    }
+}
+
+fn retention_host(config: &[(&str, &str)]) -> PluginHost {
+    let host = PluginHost::new(PluginLimits::default()).unwrap();
+    let config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    host.replace(
+        Slot::Postprocess,
+        &std::fs::read(plugin_wasm("postprocess-retention")).unwrap(),
+        config,
+    )
+    .unwrap();
+    host
+}
+
 #[test]
-fn hot_swap_under_concurrent_calls_loses_none_and_rollback_restores() {
-    let host = Arc::new(host_with(Slot::Validate, "validate-seed"));
-    let seed_validator = std::fs::read(plugin_wasm("validate-seed")).unwrap();
-    let trap = std::fs::read(plugin_wasm("test-trap")).unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..2)
+fn hot_swap_under_concurrent_calls_loses_none_and_later_calls_see_the_new_plugin() {
+    let retention = std::fs::read(plugin_wasm("postprocess-retention")).unwrap();
+    let host = Arc::new(retention_host(&[]));
+    let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
         .map(|_| {
-            let (host, stop) = (host.clone(), stop.clone());
+            let (host, swapped) = (host.clone(), swapped.clone());
             std::thread::spawn(move || {
-                let mut calls = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && calls < 2000 {
-                    // Every call gets an answer from one complete plugin, old or new.
-                    let result = host.validate(&caller(), &json_fields(&good_body()));
-                    assert!(
-                        matches!(result, Ok(Ok(_)) | Err(PluginError::Trapped { .. })),
-                        "{result:?}"
-                    );
-                    calls += 1;
+                let (mut old, mut new, mut after_swap) = (0, 0, 0);
+                while after_swap < 200 {
+                    let swap_done = swapped.load(std::sync::atomic::Ordering::SeqCst);
+                    // Every call gets an answer from one complete plugin, old or new...
+                    let policy = host.decide(&job("standard")).expect("no call is lost");
+                    match policy.retention_seconds {
+                        3600 => old += 1,
+                        60 => new += 1,
+                        other => panic!("answer from neither plugin: {other}"),
+                    }
+                    // ...and once the swap has returned, only the new one answers.
+                    if swap_done {
+                        assert_eq!(
+                            policy.retention_seconds, 60,
+                            "a call after the swap saw the old plugin"
+                        );
+                        after_swap += 1;
+                    }
                 }
-                calls
+                (old, new)
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
-    host.replace(Slot::Validate, &seed_validator, BTreeMap::new())
-        .unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let calls: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
-    assert!(calls > 0);
+    std::thread::sleep(Duration::from_millis(150));
+    let config = BTreeMap::from([("retention_seconds".to_string(), "60".to_string())]);
+    host.replace(Slot::Postprocess, &retention, config).unwrap();
+    swapped.store(true, std::sync::atomic::Ordering::SeqCst);
+    let counts: Vec<(usize, usize)> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(
+        counts.iter().all(|(old, _)| *old > 0),
+        "calls ran before the swap: {counts:?}"
+    );
+    assert_eq!(host.failures(Slot::Postprocess), 0);
 
-    // After a swap every call sees the new behaviour; rollback brings the old one back.
-    host.replace(Slot::Validate, &trap, BTreeMap::new())
-        .unwrap();
+    // Rollback brings the old one back, and rolling back again returns to the new one.
+    host.rollback(Slot::Postprocess).unwrap();
+    assert_eq!(
+        host.decide(&job("standard")).unwrap().retention_seconds,
+        3600
+    );
+    host.rollback(Slot::Postprocess).unwrap();
+    assert_eq!(host.decide(&job("standard")).unwrap().retention_seconds, 60);
+    let empty = PluginHost::new(PluginLimits::default()).unwrap();
     assert!(matches!(
-        host.validate(&caller(), &json_fields(&good_body())),
-        Err(PluginError::Trapped { .. })
+        empty.rollback(Slot::Validate),
+        Err(PluginError::NoPrevious(Slot::Validate))
     ));
-    host.rollback(Slot::Validate).unwrap();
+}
+
+#[test]
+fn postprocess_retention_policy_and_sweeper_answers() {
+    let host = retention_host(&[]);
+    let policy = host.decide(&job("standard")).unwrap();
+    assert_eq!(policy.object_key, "0f8b6c1e-req.mp4");
+    assert_eq!(policy.retention_seconds, 3600, "one hour by default");
+    assert!(policy.metadata.contains(&("seed".into(), "42".into())));
+    assert!(
+        policy
+            .metadata
+            .contains(&("caller".into(), "key:alice".into()))
+    );
+
+    let host = retention_host(&[
+        ("retention_seconds", "600"),
+        ("retention_seconds.premium", "86400"),
+    ]);
+    assert_eq!(
+        host.decide(&job("standard")).unwrap().retention_seconds,
+        600
+    );
+    assert_eq!(
+        host.decide(&job("premium")).unwrap().retention_seconds,
+        86400
+    );
+
+    let video = StoredVideo {
+        object_key: "0f8b6c1e-req.mp4".into(),
+        caller_id: "key:alice".into(),
+        created_at: 1_000,
+        expires_at: 2_000,
+        metadata: vec![],
+    };
+    assert_eq!(host.retain(&video, 1_999), RetentionDecision::Keep);
+    assert_eq!(host.retain(&video, 2_000), RetentionDecision::Delete);
+    assert_eq!(host.retain(&video, 9_999), RetentionDecision::Delete);
+
+    // A retention period that is not a number is refused at install.
+    let bad = PluginHost::new(PluginLimits::default()).unwrap().replace(
+        Slot::Postprocess,
+        &std::fs::read(plugin_wasm("postprocess-retention")).unwrap(),
+        BTreeMap::from([("retention_seconds".to_string(), "1h".to_string())]),
+    );
+    assert!(
+        matches!(bad, Err(PluginError::SelfTest(ref m)) if m.contains("retention_seconds")),
+        "{bad:?}"
+    );
+}
+
+#[test]
+fn a_failing_postprocess_plugin_keeps_videos_and_cannot_escape_the_store() {
+    let host = PluginHost::new(PluginLimits::default()).unwrap();
+    let video = StoredVideo {
+        object_key: "a.mp4".into(),
+        caller_id: "x".into(),
+        created_at: 0,
+        expires_at: 1,
+        metadata: vec![],
+    };
+    assert_eq!(
+        host.retain(&video, 10),
+        RetentionDecision::Keep,
+        "no plugin: keep"
+    );
+    host.replace(
+        Slot::Postprocess,
+        &std::fs::read(plugin_wasm("test-bad-postprocess")).unwrap(),
+        BTreeMap::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        host.retain(&video, 10),
+        RetentionDecision::Keep,
+        "a trapping plugin: keep"
+    );
+    match host.decide(&job("standard")) {
+        Err(PluginError::BadResult { reason, .. }) => {
+            assert!(reason.contains("safe relative path"), "{reason}")
+        }
+        other => panic!("expected BadResult, got {other:?}"),
+    }
+    assert_eq!(host.failures(Slot::Postprocess), 2);
+}
+
+#[test]
+fn a_plugin_that_answers_too_much_fails_closed() {
+    assert_fails_closed_then_recovers(
+        "test-huge",
+        vec![],
+        |e| matches!(e, PluginError::BadResult { reason, .. } if reason.contains("100000 field errors")),
+    );
+    let body = vec![("prompt".to_string(), JsonValue::Text("long".into()))];
+    assert_fails_closed_then_recovers(
+        "test-huge",
+        body,
+        |e| matches!(e, PluginError::BadResult { reason, .. } if reason.contains("prompt")),
+    );
+}
+
+#[test]
+fn a_component_for_another_world_fits_no_slot() {
+    let host = host_with(Slot::Validate, "validate-seed");
+    let wrong = std::fs::read(plugin_wasm("test-wrong-world")).unwrap();
+    for slot in Slot::ALL {
+        match host.replace(slot, &wrong, BTreeMap::new()) {
+            Err(PluginError::WrongWorld { slot: s, reason }) => {
+                assert_eq!(s, slot);
+                assert!(reason.contains("wanserve:policy"), "{reason}");
+            }
+            other => panic!("{slot}: expected WrongWorld, got {other:?}"),
+        }
+    }
     assert!(
         host.validate(&caller(), &json_fields(&good_body()))
             .unwrap()
             .is_ok()
     );
-    host.rollback(Slot::Validate).unwrap();
+}
+
+#[test]
+fn the_template_plugin_admits_loopback_callers_only() {
+    let host = host_with(Slot::Auth, "plugin-template");
+    let request = |peer: &str| HttpRequest {
+        method: "GET".into(),
+        path: "/".into(),
+        headers: vec![],
+        peer: peer.into(),
+    };
     assert!(
-        host.validate(&caller(), &json_fields(&good_body()))
+        host.authenticate(&request("127.0.0.1:5000"))
+            .unwrap()
+            .is_ok()
+    );
+    assert!(host.authenticate(&request("[::1]:5000")).unwrap().is_ok());
+    assert!(
+        host.authenticate(&request("192.0.2.1:5000"))
+            .unwrap()
             .is_err()
     );
+}
+
+#[test]
+fn a_slot_deadline_applies_per_slot() {
+    let host = host_with(Slot::Validate, "test-loop");
+    host.set_deadline(Slot::Validate, Duration::from_millis(5));
+    assert_eq!(host.deadline(Slot::Validate), Duration::from_millis(5));
+    assert_eq!(host.deadline(Slot::Auth), Duration::from_millis(50));
+    assert!(matches!(
+        host.validate(&caller(), &[]),
+        Err(PluginError::Deadline { ms: 5, .. })
+    ));
 }
 
 #[test]
