@@ -514,6 +514,17 @@ fn the_template_plugin_admits_loopback_callers_only() {
 }
 
 #[test]
+fn every_call_starts_from_a_fresh_instance() {
+    // Slots are reused with their pages kept resident: nothing of one call may reach the next.
+    let host = host_with(Slot::Validate, "test-trap");
+    let body = vec![("prompt".to_string(), JsonValue::Text("count".into()))];
+    for _ in 0..50 {
+        let errors = host.validate(&caller(), &body).unwrap().unwrap_err();
+        assert!(errors[0].reason.starts_with("1 "), "{}", errors[0].reason);
+    }
+}
+
+#[test]
 fn a_slot_deadline_applies_per_slot() {
     let host = host_with(Slot::Validate, "test-loop");
     host.set_deadline(Slot::Validate, Duration::from_millis(5));

@@ -49,7 +49,8 @@ pub struct PluginContext {
 
 pub struct PluginState {
     pub limits: Limits,
-    wasi: WasiCtx,
+    /// Built on first use: most calls never touch WASI, and building a context seeds a CSPRNG.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     context: Arc<PluginContext>,
     /// `constant-time-eq` calls made during this call (a metric, and the tests' proof that a
@@ -67,9 +68,7 @@ impl PluginState {
                     .build(),
                 refused: false,
             },
-            // No preopened directories, no environment, no arguments, no network: WASI is only
-            // there because Rust's std for wasm32-wasip2 imports it.
-            wasi: WasiCtxBuilder::new().build(),
+            wasi: None,
             table: ResourceTable::new(),
             context,
             constant_time_compares: 0,
@@ -84,7 +83,11 @@ impl PluginState {
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            // No preopened directories, no environment, no arguments, no network: WASI is only
+            // there because Rust's std for wasm32-wasip2 imports it.
+            ctx: self
+                .wasi
+                .get_or_insert_with(|| WasiCtxBuilder::new().build()),
             table: &mut self.table,
         }
     }
