@@ -132,6 +132,39 @@ enum SlotPre {
     Postprocess(bindings::postprocess::PostprocessPluginPre<PluginState>),
 }
 
+impl SlotPre {
+    fn auth(&self, store: &mut Store<PluginState>) -> wasmtime::Result<bindings::auth::AuthPlugin> {
+        match self {
+            SlotPre::Auth(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!("the auth slot holds another world")),
+        }
+    }
+
+    fn validate(
+        &self,
+        store: &mut Store<PluginState>,
+    ) -> wasmtime::Result<bindings::validate::ValidatePlugin> {
+        match self {
+            SlotPre::Validate(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!(
+                "the validate slot holds another world"
+            )),
+        }
+    }
+
+    fn postprocess(
+        &self,
+        store: &mut Store<PluginState>,
+    ) -> wasmtime::Result<bindings::postprocess::PostprocessPlugin> {
+        match self {
+            SlotPre::Postprocess(pre) => pre.instantiate(store),
+            _ => Err(wasmtime::format_err!(
+                "the postprocess slot holds another world"
+            )),
+        }
+    }
+}
+
 struct Loaded {
     info: PluginInfo,
     pre: SlotPre,
@@ -405,11 +438,7 @@ impl PluginHost {
     ) -> Result<Result<Principal, Denial>, PluginError> {
         let loaded = self.current(Slot::Auth)?;
         self.with_store(&loaded, |store, pre| {
-            let SlotPre::Auth(pre) = pre else {
-                return Err(wasmtime::format_err!("the auth slot holds another world"));
-            };
-            let plugin = pre.instantiate(&mut *store)?;
-            plugin
+            pre.auth(store)?
                 .wanserve_policy_auth()
                 .call_authenticate(&mut *store, request)
         })
@@ -440,13 +469,7 @@ impl PluginHost {
     ) -> Result<Result<GenerationRequest, Vec<FieldError>>, PluginError> {
         let loaded = self.current(Slot::Validate)?;
         self.with_store(&loaded, |store, pre| {
-            let SlotPre::Validate(pre) = pre else {
-                return Err(wasmtime::format_err!(
-                    "the validate slot holds another world"
-                ));
-            };
-            let plugin = pre.instantiate(&mut *store)?;
-            plugin
+            pre.validate(store)?
                 .wanserve_policy_validate()
                 .call_validate(&mut *store, caller, body)
         })
@@ -469,13 +492,7 @@ impl PluginHost {
     pub fn decide(&self, job: &FinishedJob) -> Result<OutputPolicy, PluginError> {
         let loaded = self.current(Slot::Postprocess)?;
         self.with_store(&loaded, |store, pre| {
-            let SlotPre::Postprocess(pre) = pre else {
-                return Err(wasmtime::format_err!(
-                    "the postprocess slot holds another world"
-                ));
-            };
-            let plugin = pre.instantiate(&mut *store)?;
-            plugin
+            pre.postprocess(store)?
                 .wanserve_policy_postprocess()
                 .call_decide(&mut *store, job)
         })
@@ -496,13 +513,7 @@ impl PluginHost {
             return RetentionDecision::Keep;
         };
         self.with_store(&loaded, |store, pre| {
-            let SlotPre::Postprocess(pre) = pre else {
-                return Err(wasmtime::format_err!(
-                    "the postprocess slot holds another world"
-                ));
-            };
-            let plugin = pre.instantiate(&mut *store)?;
-            plugin
+            pre.postprocess(store)?
                 .wanserve_policy_postprocess()
                 .call_retain(&mut *store, video, now_unix_ms)
         })
