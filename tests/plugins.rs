@@ -546,7 +546,9 @@ fn plugin_check_cli() {
     assert!(ok.status.success(), "{}", stderr(&ok));
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(
-        out.contains("wanserve:policy@0.1.0/validate-plugin") && out.contains("sha256:"),
+        out.contains("wanserve:policy@0.1.0/validate-plugin")
+            && out.contains("version: wanserve:policy 0.1.0")
+            && out.contains("sha256:"),
         "{out}"
     );
 

@@ -7,7 +7,7 @@ use wanserve::model::{ModelDir, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
 use wanserve::plugins::api_keys::hash_key;
 use wanserve::plugins::config::start_plugins;
-use wanserve::plugins::{PluginHost, PluginLimits, Slot};
+use wanserve::plugins::{PluginHost, PluginLimits, Slot, WIT_VERSION};
 use wanserve::video::{EncoderSettings, Mp4Writer};
 
 #[derive(Parser)]
@@ -75,6 +75,9 @@ fn plugin(command: PluginCommand) -> Result<(), String> {
                 .map_err(|e| format!("{}: {e}", file.display()))?;
             println!("slot:    {}", info.slot);
             println!("world:   {}", info.world);
+            // Components carry no version of their own (cargo's is stripped); the version that
+            // matters for compatibility is the WIT package's, which the world check pinned.
+            println!("version: wanserve:policy {WIT_VERSION}");
             println!("sha256:  {}", info.sha256);
             println!("size:    {} bytes", info.size);
             println!("self-test: passed");

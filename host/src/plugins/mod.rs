@@ -38,6 +38,8 @@ use wasmtime::{
 
 /// The package every plugin is built against.
 pub const WIT_PACKAGE: &str = "wanserve:policy@0.1.0";
+/// The version part of [`WIT_PACKAGE`].
+pub const WIT_VERSION: &str = "0.1.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Slot {
