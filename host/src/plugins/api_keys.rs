@@ -93,7 +93,7 @@ fn write_key_file(dir: &Path, path: &Path, entry: &str) -> std::io::Result<()> {
         let mut file = options.open(&partial)?;
         writeln!(
             file,
-            "# wanserve API keys: name=<sha256 of the key>. Add lines to add keys."
+            "# wanserve API keys, read at start-up: name=<sha256 of the key> per line."
         )?;
         writeln!(file, "{entry}")?;
         file.sync_all()?;
