@@ -192,7 +192,7 @@ pub struct PluginHost {
 
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Per memory slot, how much may stay resident between calls (only dirtied pages are reset).
-const KEEP_RESIDENT_BYTES: usize = 1280 << 10;
+const KEEP_RESIDENT_BYTES: usize = 8 << 20;
 
 impl PluginHost {
     pub fn new(limits: PluginLimits) -> Result<Self, PluginError> {
