@@ -115,6 +115,13 @@ retention_seconds = "7200"
         err.contains("WANSERVE_AUTH_DEADLINE_MS") && err.contains("soon"),
         "{err}"
     );
+    let err = PluginsConfig::load(None, env(&[("WANSERVE_VALIDATE_DEADLINE_MS", "0")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("plugins.validate.deadline_ms") && err.contains("at least 1"),
+        "{err}"
+    );
     let err = PluginsConfig::load(Some(&dir.path().join("missing.toml")), env(&[]))
         .unwrap_err()
         .to_string();

@@ -25,6 +25,8 @@ pub enum ConfigError {
     File { path: PathBuf, reason: String },
     #[error("{var}: {reason}")]
     Env { var: String, reason: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
     #[error("{slot} plugin {path}: {reason}")]
     Plugin {
         slot: Slot,
@@ -147,8 +149,8 @@ impl PluginsConfig {
         let memory_bytes =
             match env_number("WANSERVE_PLUGIN_MEMORY_MIB".into())?.or(parsed.memory_mib) {
                 Some(0) => {
-                    return Err(ConfigError::Env {
-                        var: "memory_mib".into(),
+                    return Err(ConfigError::Invalid {
+                        key: "plugins.memory_mib".into(),
                         reason: "must be at least 1".into(),
                     });
                 }
@@ -168,8 +170,8 @@ impl PluginsConfig {
             let deadline_ms = env_number(format!("{prefix}_DEADLINE_MS"))?.or(spec.deadline_ms);
             let deadline = match deadline_ms {
                 Some(0) => {
-                    return Err(ConfigError::Env {
-                        var: format!("{slot}.deadline_ms"),
+                    return Err(ConfigError::Invalid {
+                        key: format!("plugins.{slot}.deadline_ms"),
                         reason: "must be at least 1".into(),
                     });
                 }
