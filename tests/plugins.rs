@@ -461,7 +461,7 @@ fn a_plugin_that_answers_too_much_fails_closed() {
     assert_fails_closed_then_recovers(
         "test-huge",
         vec![],
-        |e| matches!(e, PluginError::BadResult { reason, .. } if reason.contains("100000 field errors")),
+        |e| matches!(e, PluginError::BadResult { reason, .. } if reason.contains("1000 field errors")),
     );
     let body = vec![("prompt".to_string(), JsonValue::Text("long".into()))];
     assert_fails_closed_then_recovers(

@@ -1,4 +1,4 @@
-//! A validate plugin whose answers are too large to use: 100 000 field errors, or (for the
+//! A validate plugin whose answers are too large to use: 1 000 field errors, or (for the
 //! prompt "long") a 1 MiB normalised prompt. The host must refuse them, not pass them on.
 wit_bindgen::generate!({ path: "../../wit", world: "validate-plugin" });
 
@@ -28,7 +28,7 @@ impl Validate for Component {
                 seed: 0,
             });
         }
-        Err((0..100_000)
+        Err((0..1_000)
             .map(|i| FieldError {
                 field: format!("field_{i}"),
                 reason: "is wrong in a way that takes many words to explain".into(),
