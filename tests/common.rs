@@ -84,3 +84,23 @@ pub fn plugin_wasm(crate_name: &str) -> PathBuf {
         .join("plugins/target/wasm32-wasip2/release")
         .join(format!("{}.wasm", crate_name.replace('-', "_")))
 }
+
+/// A caller for plugin calls that do not depend on who calls.
+pub fn plugin_caller() -> wanserve::plugins::Principal {
+    wanserve::plugins::Principal {
+        id: "test".into(),
+        display_name: "Test".into(),
+        attributes: vec![],
+    }
+}
+
+/// The seed document's example submit body: every field valid.
+pub fn valid_submit_body() -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::json!({
+        "model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",
+        "image_size": "480x832", "num_frames": 81, "guidance_scale": 5.0, "infer_steps": 50, "seed": 42
+    }) {
+        serde_json::Value::Object(body) => body,
+        _ => unreachable!("a JSON object literal"),
+    }
+}

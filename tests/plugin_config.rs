@@ -3,14 +3,14 @@
 
 mod common;
 
-use common::{plugin_wasm, stderr, wanserve};
+use common::{plugin_caller, plugin_wasm, stderr, valid_submit_body, wanserve};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wanserve::plugins::config::{PluginsConfig, start_plugins};
 use wanserve::plugins::watch::PluginWatcher;
-use wanserve::plugins::{JsonValue, PluginError, PluginHost, PluginLimits, Principal, Slot};
+use wanserve::plugins::{JsonValue, PluginError, PluginHost, PluginLimits, Slot, json_fields};
 
 fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let vars: HashMap<String, String> = vars
@@ -158,18 +158,8 @@ fn start_installs_every_slot_from_the_directory() {
     );
 }
 
-fn caller() -> Principal {
-    Principal {
-        id: "test".into(),
-        display_name: "Test".into(),
-        attributes: vec![],
-    }
-}
-
 fn good_body() -> Vec<(String, JsonValue)> {
-    let body = serde_json::json!({"model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",
-        "image_size": "480x832", "num_frames": 81, "guidance_scale": 5.0, "infer_steps": 50});
-    wanserve::plugins::json_fields(body.as_object().unwrap())
+    json_fields(&valid_submit_body())
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -216,7 +206,11 @@ fn the_watched_directory_swaps_good_files_and_ignores_broken_ones() {
         "{why}"
     );
     assert_eq!(host.installed(Slot::Validate).unwrap().sha256, original);
-    assert!(host.validate(&caller(), &good_body()).unwrap().is_ok());
+    assert!(
+        host.validate(&plugin_caller(), &good_body())
+            .unwrap()
+            .is_ok()
+    );
     assert_eq!(watcher.swaps(), 0);
 
     // Files of other names are none of the watcher's business.
@@ -230,7 +224,7 @@ fn the_watched_directory_swaps_good_files_and_ignores_broken_ones() {
     wait_for("the new plugin to serve", || watcher.swaps() == 1);
     assert!(watcher.last_error(Slot::Validate).is_none());
     assert!(matches!(
-        host.validate(&caller(), &good_body()),
+        host.validate(&plugin_caller(), &good_body()),
         Err(PluginError::Trapped { .. })
     ));
     assert!(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{plugin_wasm, stderr, wanserve};
+use common::{plugin_caller, plugin_wasm, stderr, valid_submit_body, wanserve};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,14 +11,6 @@ use wanserve::plugins::{
     FinishedJob, GenerationRequest, HttpRequest, JsonValue, PluginError, PluginHost, PluginLimits,
     Principal, RetentionDecision, Slot, StoredVideo, json_fields,
 };
-
-fn caller() -> Principal {
-    Principal {
-        id: "test".into(),
-        display_name: "Test".into(),
-        attributes: vec![],
-    }
-}
 
 fn host_with(slot: Slot, name: &str) -> PluginHost {
     let host = PluginHost::new(PluginLimits::default()).unwrap();
@@ -31,19 +23,9 @@ fn host_with(slot: Slot, name: &str) -> PluginHost {
     host
 }
 
-fn good_body() -> serde_json::Map<String, serde_json::Value> {
-    serde_json::json!({
-        "model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",
-        "image_size": "480x832", "num_frames": 81, "guidance_scale": 5.0, "infer_steps": 50, "seed": 42
-    })
-    .as_object()
-    .unwrap()
-    .clone()
-}
-
 /// Field names the validator complained about for `body` with `changes` applied.
 fn errors_for(host: &PluginHost, changes: serde_json::Value) -> Vec<String> {
-    let mut body = good_body();
+    let mut body = valid_submit_body();
     for (k, v) in changes.as_object().unwrap() {
         if v == "<absent>" {
             body.remove(k);
@@ -52,7 +34,7 @@ fn errors_for(host: &PluginHost, changes: serde_json::Value) -> Vec<String> {
         }
     }
     match host
-        .validate(&caller(), &json_fields(&body))
+        .validate(&plugin_caller(), &json_fields(&body))
         .expect("the plugin runs")
     {
         Ok(_) => vec![],
@@ -64,7 +46,7 @@ fn errors_for(host: &PluginHost, changes: serde_json::Value) -> Vec<String> {
 fn validate_seed_accepts_the_documented_example_and_normalises_it() {
     let host = host_with(Slot::Validate, "validate-seed");
     let ok = host
-        .validate(&caller(), &json_fields(&good_body()))
+        .validate(&plugin_caller(), &json_fields(&valid_submit_body()))
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -153,7 +135,7 @@ fn validate_seed_reports_every_bad_field_and_draws_a_seed() {
     let body = serde_json::json!({"model": "x", "prompt": "short", "image_size": "1x1", "num_frames": 0,
         "guidance_scale": 99, "infer_steps": 0, "seed": -5, "negative_prompt": 7});
     let errors = host
-        .validate(&caller(), &json_fields(body.as_object().unwrap()))
+        .validate(&plugin_caller(), &json_fields(body.as_object().unwrap()))
         .unwrap()
         .unwrap_err();
     let mut fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
@@ -172,14 +154,14 @@ fn validate_seed_reports_every_bad_field_and_draws_a_seed() {
         ]
     );
     assert!(errors.iter().all(|e| !e.reason.is_empty()));
-    let empty = host.validate(&caller(), &[]).unwrap().unwrap_err();
+    let empty = host.validate(&plugin_caller(), &[]).unwrap().unwrap_err();
     assert_eq!(empty.len(), 6, "six required fields: {empty:?}");
 
-    let mut body = good_body();
+    let mut body = valid_submit_body();
     body.remove("seed");
     let seeds: Vec<u32> = (0..8)
         .map(|_| {
-            host.validate(&caller(), &json_fields(&body))
+            host.validate(&plugin_caller(), &json_fields(&body))
                 .unwrap()
                 .unwrap()
                 .seed
@@ -210,7 +192,7 @@ fn assert_fails_closed_then_recovers(
     .unwrap();
     for round in 0..2 {
         let started = Instant::now();
-        let result = host.validate(&caller(), &body);
+        let result = host.validate(&plugin_caller(), &body);
         let elapsed = started.elapsed();
         match &result {
             Err(e) => assert!(expect(e), "{name}: unexpected error {e}"),
@@ -227,7 +209,7 @@ fn assert_fails_closed_then_recovers(
     )
     .unwrap();
     assert!(
-        host.validate(&caller(), &json_fields(&good_body()))
+        host.validate(&plugin_caller(), &json_fields(&valid_submit_body()))
             .unwrap()
             .is_ok()
     );
@@ -485,7 +467,7 @@ fn a_component_for_another_world_fits_no_slot() {
         }
     }
     assert!(
-        host.validate(&caller(), &json_fields(&good_body()))
+        host.validate(&plugin_caller(), &json_fields(&valid_submit_body()))
             .unwrap()
             .is_ok()
     );
@@ -519,7 +501,7 @@ fn every_call_starts_from_a_fresh_instance() {
     let host = host_with(Slot::Validate, "test-trap");
     let body = vec![("prompt".to_string(), JsonValue::Text("count".into()))];
     for _ in 0..50 {
-        let errors = host.validate(&caller(), &body).unwrap().unwrap_err();
+        let errors = host.validate(&plugin_caller(), &body).unwrap().unwrap_err();
         assert!(errors[0].reason.starts_with("1 "), "{}", errors[0].reason);
     }
 }
@@ -531,7 +513,7 @@ fn a_slot_deadline_applies_per_slot() {
     assert_eq!(host.deadline(Slot::Validate), Duration::from_millis(5));
     assert_eq!(host.deadline(Slot::Auth), Duration::from_millis(50));
     assert!(matches!(
-        host.validate(&caller(), &[]),
+        host.validate(&plugin_caller(), &[]),
         Err(PluginError::Deadline { ms: 5, .. })
     ));
 }
