@@ -2,7 +2,11 @@
 //! every submitted job (each: fresh store + instance from the pre-instantiated component, the
 //! call, teardown), with the default `auth-apikey` (three keys) and `validate-seed` components.
 //! Target: p50 (criterion's median) of `auth_then_validate` at most 20 µs.
-//! Build the components first: cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release
+//! Build the components first: (cd plugins && cargo build --release)
+
+// The server's allocator (host/src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::collections::BTreeMap;
@@ -13,7 +17,7 @@ use wanserve::plugins::{HttpRequest, PluginHost, PluginLimits, Slot, json_fields
 
 fn component(name: &str) -> Vec<u8> {
     let wasm = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/target/wasm32-wasip2/release")
+        .join("../plugins/target/wasm32-unknown-unknown/release")
         .join(name);
     std::fs::read(&wasm)
         .unwrap_or_else(|e| panic!("{}: {e} (build plugins/ first)", wasm.display()))

@@ -59,30 +59,36 @@ pub fn stderr(out: &Output) -> String {
 }
 
 /// Builds the components in plugins/ (once per test binary) and returns the path of one.
+/// The build runs in plugins/ so that plugins/.cargo/config.toml (target, linker) applies.
 pub fn plugin_wasm(crate_name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(repo_root().join("plugins").join("Cargo.toml"))
-            .status()
-            .expect("cargo runs");
-        assert!(
-            status.success(),
-            "building plugins/ for wasm32-wasip2 failed (scripts/setup adds the target)"
-        );
-    });
+    BUILT.get_or_init(|| build_plugins(&[]));
+    repo_root()
+        .join("plugins/target/wasm32-unknown-unknown/release")
+        .join(format!("{}.wasm", crate_name.replace('-', "_")))
+}
+
+/// Builds one plugin crate for wasm32-wasip2 (where Rust's std imports WASI interfaces) and
+/// returns its path: the host must accept such components too.
+pub fn plugin_wasm_wasip2(crate_name: &str) -> PathBuf {
+    build_plugins(&["--target", "wasm32-wasip2", "--package", crate_name]);
     repo_root()
         .join("plugins/target/wasm32-wasip2/release")
         .join(format!("{}.wasm", crate_name.replace('-', "_")))
+}
+
+fn build_plugins(extra: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(repo_root().join("plugins"))
+        .args(["build", "--quiet", "--release", "--locked"])
+        .args(extra)
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "building plugins/ {extra:?} failed (scripts/setup adds the wasm32 targets)"
+    );
 }
 
 /// A caller for plugin calls that do not depend on who calls.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{plugin_caller, plugin_wasm, stderr, valid_submit_body, wanserve};
+use common::{plugin_caller, plugin_wasm, plugin_wasm_wasip2, stderr, valid_submit_body, wanserve};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,6 +67,11 @@ fn validate_seed_boundaries() {
         (serde_json::json!({"prompt": "1234567890"}), &[]),        // 10
         (serde_json::json!({"prompt": "x".repeat(500)}), &[]),
         (serde_json::json!({"prompt": "x".repeat(501)}), &["prompt"]),
+        // Past the plugin's initial heap (guest-alloc): memory grows, the answer is the same.
+        (
+            serde_json::json!({"prompt": "x".repeat(1 << 20)}),
+            &["prompt"],
+        ),
         (serde_json::json!({"prompt": "夕阳下的山脉金色光芒"}), &[]), // 10 characters, 30 bytes
         (
             serde_json::json!({"prompt": "夕阳下的山脉金色光"}),
@@ -473,9 +478,7 @@ fn a_component_for_another_world_fits_no_slot() {
     );
 }
 
-#[test]
-fn the_template_plugin_admits_loopback_callers_only() {
-    let host = host_with(Slot::Auth, "plugin-template");
+fn assert_admits_loopback_callers_only(host: &PluginHost) {
     let request = |peer: &str| HttpRequest {
         method: "GET".into(),
         path: "/".into(),
@@ -493,6 +496,26 @@ fn the_template_plugin_admits_loopback_callers_only() {
             .unwrap()
             .is_err()
     );
+}
+
+fn imports_wasi(wasm: &[u8]) -> bool {
+    wasm.windows(5).any(|w| w == b"wasi:")
+}
+
+#[test]
+fn the_template_plugin_admits_loopback_callers_only() {
+    // The default build (wasm32-unknown-unknown) imports nothing but the policy host.
+    let lean = std::fs::read(plugin_wasm("plugin-template")).unwrap();
+    assert!(!imports_wasi(&lean));
+    assert_admits_loopback_callers_only(&host_with(Slot::Auth, "plugin-template"));
+
+    // Built for wasm32-wasip2, Rust's std imports WASI (stdio, environment, exit): the host
+    // links WASI p2, so such a component is accepted and behaves the same.
+    let wasip2 = std::fs::read(plugin_wasm_wasip2("plugin-template")).unwrap();
+    assert!(imports_wasi(&wasip2));
+    let host = PluginHost::new(PluginLimits::default()).unwrap();
+    host.replace(Slot::Auth, &wasip2, BTreeMap::new()).unwrap();
+    assert_admits_loopback_callers_only(&host);
 }
 
 #[test]

@@ -1,4 +1,10 @@
 use clap::{Parser, Subcommand};
+
+// Every plugin call allocates and frees a store and its instance on the host; mimalloc makes
+// that ~1 µs cheaper per auth + validate pair than glibc (benches/plugins.rs uses it too).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;

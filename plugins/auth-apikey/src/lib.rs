@@ -12,6 +12,9 @@
 //!
 //! Denials never echo the credential.
 
+// Heap inside the initial memory: no memory.grow in an ordinary call (see guest-alloc).
+use guest_alloc as _;
+
 wit_bindgen::generate!({ path: "../../wit", world: "auth-plugin" });
 
 use exports::wanserve::policy::auth::{Denial, Guest as Auth, HttpRequest};

@@ -3,6 +3,9 @@
 //! `tier` attribute matches (e.g. `retention_seconds.premium = 86400`). The sweeper's question
 //! is answered by the video's recorded expiry: delete once it has passed, keep before.
 
+// Heap inside the initial memory: no memory.grow in an ordinary call (see guest-alloc).
+use guest_alloc as _;
+
 wit_bindgen::generate!({ path: "../../wit", world: "postprocess-plugin" });
 
 use exports::wanserve::policy::postprocess::{

@@ -6,6 +6,9 @@
 //! or `postprocess-plugin`) and implement its exports. See plugins/README.md for building,
 //! checking and deploying.
 
+// Heap inside the initial memory: no memory.grow in an ordinary call (see guest-alloc).
+use guest_alloc as _;
+
 wit_bindgen::generate!({ path: "../../wit", world: "auth-plugin" });
 
 use exports::wanserve::policy::auth::{Denial, Guest as Auth, HttpRequest};

@@ -6,6 +6,9 @@
 //! Unknown and repeated fields are errors too (a typo like `num_frame` should not silently fall
 //! back to nothing). Every bad field is reported, not just the first.
 
+// Heap inside the initial memory: no memory.grow in an ordinary call (see guest-alloc).
+use guest_alloc as _;
+
 wit_bindgen::generate!({ path: "../../wit", world: "validate-plugin" });
 
 use exports::wanserve::policy::validate::Guest as Validate;
