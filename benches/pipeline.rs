@@ -63,7 +63,10 @@ fn denoise_and_decode(c: &mut Criterion) {
                     .unwrap();
                 let guided = &uncond + &((&cond - &uncond) * 5.0);
                 let next = scheduler
-                    .step(guided.as_slice().unwrap(), latents.as_slice().unwrap())
+                    .step(
+                        guided.into_raw_vec_and_offset().0,
+                        latents.as_slice().unwrap().to_vec(),
+                    )
                     .unwrap();
                 black_box(next)
             },
@@ -106,10 +109,10 @@ fn scheduler_and_noise(c: &mut Criterion) {
             || {
                 // Warm the multistep history so the timed step is a full predictor + corrector.
                 let mut scheduler = UniPcScheduler::new(&config, 50).unwrap();
-                let x = scheduler.step(&output, &sample).unwrap();
-                (scheduler, x)
+                let x = scheduler.step(output.clone(), sample.clone()).unwrap();
+                (scheduler, x, output.clone())
             },
-            |(mut scheduler, x)| black_box(scheduler.step(&output, &x).unwrap()),
+            |(mut scheduler, x, output)| black_box(scheduler.step(output, x).unwrap()),
             BatchSize::PerIteration,
         )
     });

@@ -4,8 +4,10 @@
 mod common;
 
 use serde::Deserialize;
+use wanserve::backend::Device;
+use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
 use wanserve::model::SchedulerConfig;
-use wanserve::pipeline::scheduler::UniPcScheduler;
+use wanserve::pipeline::scheduler::{TensorArithmetic, UniPcScheduler};
 
 #[derive(Deserialize)]
 struct Reference {
@@ -43,7 +45,7 @@ fn timesteps_sigmas_and_trajectories_match_diffusers() {
                 .iter()
                 .map(|x| 0.5 * (x + 0.3 * i as f32).cos() + 0.05 * i as f32)
                 .collect();
-            sample = scheduler.step(&output, &sample).unwrap();
+            sample = scheduler.step(output, sample).unwrap();
             let worst = sample
                 .iter()
                 .zip(expected)
@@ -53,7 +55,7 @@ fn timesteps_sigmas_and_trajectories_match_diffusers() {
             overall = overall.max(worst);
         }
         assert!(
-            scheduler.step(&sample, &sample).is_err(),
+            scheduler.step(sample.clone(), sample.clone()).is_err(),
             "a step past the last must fail"
         );
     }
@@ -88,5 +90,44 @@ fn zero_steps_is_an_error() {
         serde_json::from_value(serde_json::json!({"_class_name": "UniPCMultistepScheduler",
         "prediction_type": "flow_prediction", "use_flow_sigmas": true}))
         .unwrap();
-    assert!(UniPcScheduler::new(&config, 0).is_err());
+    assert!(UniPcScheduler::<Vec<f32>>::new(&config, 0).is_err());
+}
+
+/// The stand-in model of reference.py at step `i`.
+fn stand_in_model(sample: &[f32], i: usize) -> Vec<f32> {
+    sample
+        .iter()
+        .map(|x| 0.5 * (x + 0.3 * i as f32).cos() + 0.05 * i as f32)
+        .collect()
+}
+
+#[test]
+fn the_scheduler_runs_on_onnx_runtime_tensors_too() {
+    // What a GPU backend does between steps, here on the CPU EP: every update to the sample is
+    // an ORT weighted sum on tensors ORT holds; only the model's output is uploaded.
+    let arithmetic = OrtTensors::new(Device::Cpu, 1);
+    for r in references() {
+        let config: SchedulerConfig = serde_json::from_value(r.config.clone()).unwrap();
+        let mut on_host = UniPcScheduler::new(&config, r.steps).unwrap();
+        let mut on_ort = UniPcScheduler::new(&config, r.steps).unwrap();
+        let mut host_sample: Vec<f32> = (0..16).map(|i| (i as f32).sin()).collect();
+        let mut ort_sample = DeviceTensor::from_host(&[16], host_sample.clone()).unwrap();
+        for (i, expected) in r.trajectory.iter().enumerate() {
+            let (shape, values) = ort_sample.to_host().unwrap();
+            assert_eq!(shape, [16]);
+            let output = DeviceTensor::from_host(&[16], stand_in_model(&values, i)).unwrap();
+            ort_sample = on_ort.step_with(&arithmetic, output, ort_sample).unwrap();
+            host_sample = on_host
+                .step(stand_in_model(&host_sample, i), host_sample)
+                .unwrap();
+            let (_, values) = ort_sample.to_host().unwrap();
+            for ((ort, host), diffusers) in values.iter().zip(&host_sample).zip(expected) {
+                assert!((ort - host).abs() <= 1e-6, "{} step {i}", r.config);
+                assert!((ort - diffusers).abs() <= 1e-5, "{} step {i}", r.config);
+            }
+        }
+    }
+    let a = DeviceTensor::from_host(&[16], vec![1.0; 16]).unwrap();
+    let b = DeviceTensor::from_host(&[1], vec![1.0]).unwrap();
+    assert!(arithmetic.weighted_sum(&[(1.0, &a), (1.0, &b)]).is_err());
 }

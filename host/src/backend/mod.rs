@@ -3,6 +3,7 @@
 //! The pipeline (tokenizer, noise, scheduler, guidance, chunk loop) is runtime-independent and
 //! talks to the model only through [`Backend`]; `ort.rs` runs the exported graphs.
 
+pub mod arithmetic;
 mod ort_backend;
 pub mod runtime;
 

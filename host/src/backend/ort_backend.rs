@@ -8,7 +8,8 @@ use super::{Backend, BackendError, VaeCache, runtime};
 use crate::model::ModelDir;
 use half::bf16;
 use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};
-use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use std::borrow::Cow;
 use std::sync::Mutex;
@@ -34,6 +35,31 @@ pub struct OrtBackend {
     cache_slots: usize,
 }
 
+/// Session options for `device`: CUDA with CPU fallback disabled, so that a node the GPU cannot
+/// run is a load error, never a silent CPU slowdown. `threads` = 0 lets ORT choose.
+pub(crate) fn session_builder(
+    env: &ort::environment::Environment,
+    device: Device,
+    threads: usize,
+) -> ort::Result<SessionBuilder> {
+    let mut builder = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(ort::Error::<()>::from)?;
+    if threads > 0 {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(ort::Error::<()>::from)?;
+    }
+    if device == Device::Cuda {
+        builder = builder
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .map_err(ort::Error::<()>::from)?
+            .with_disable_cpu_fallback()
+            .map_err(ort::Error::<()>::from)?;
+    }
+    Ok(builder)
+}
+
 fn load(
     model: &ModelDir,
     file: &str,
@@ -47,23 +73,7 @@ fn load(
         graph: path.display().to_string(),
         reason: e.to_string(),
     };
-    let mut builder = Session::builder(env)
-        .map_err(fail)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
-        .map_err(|e| fail(e.into()))?;
-    if threads > 0 {
-        builder = builder
-            .with_intra_threads(threads)
-            .map_err(|e| fail(e.into()))?;
-    }
-    if device == Device::Cuda {
-        // A node the GPU cannot run must be a load error, never a silent CPU slowdown.
-        builder = builder
-            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-            .map_err(|e| fail(e.into()))?
-            .with_disable_cpu_fallback()
-            .map_err(|e| fail(e.into()))?;
-    }
+    let mut builder = session_builder(env, device, threads).map_err(fail)?;
     let session = builder.commit_from_file(&path).map_err(fail)?;
     let bf16 = session.inputs().iter().any(|input| {
         matches!(

@@ -247,12 +247,7 @@ impl<B: Backend> Pipeline<B> {
                 }
                 None => cond,
             };
-            let prediction = prediction.as_standard_layout();
-            let current = latents.as_standard_layout();
-            let next = scheduler.step(
-                prediction.as_slice().unwrap_or_default(),
-                current.as_slice().unwrap_or_default(),
-            )?;
+            let next = scheduler.step(into_standard_vec(prediction), into_standard_vec(latents))?;
             latents = Array5::from_shape_vec(plan.latent_shape, next)
                 .map_err(|e| PipelineError::Sink(e.to_string()))?;
             on_progress(Progress {
@@ -352,5 +347,20 @@ pub fn to_rgb24(video: &Array5<f32>, count: usize, out: &mut Vec<u8>) {
                 }
             }
         }
+    }
+}
+
+/// The array's values in row-major order, without a copy when it owns exactly them in that order.
+fn into_standard_vec(array: Array5<f32>) -> Vec<f32> {
+    if !array.is_standard_layout() {
+        return array.iter().copied().collect();
+    }
+    let len = array.len();
+    let (values, offset) = array.into_raw_vec_and_offset();
+    let start = offset.unwrap_or(0);
+    if start == 0 && values.len() == len {
+        values
+    } else {
+        values[start..start + len].to_vec()
     }
 }

@@ -5,6 +5,12 @@
 //! diffusers keeps sigmas in float32 tensors and applies the update with 0-dim float32 tensors,
 //! so the per-step coefficients here are computed in f32 in the same order; only the tiny linear
 //! solve for orders ≥ 3 is done in f64 (torch.linalg.solve in f32 may differ in the last bit).
+//!
+//! Every update UniPC makes to a tensor is a weighted sum of tensors it already has (the sample,
+//! the model output, its history). The scheduler computes the weights and leaves the sums to a
+//! [`TensorArithmetic`], so the same code runs over host memory ([`HostTensors`]) or, in a
+//! backend that keeps latents on the GPU, over device buffers. diffusers forms the differences
+//! `(m_i - m_0) / r_k` first; the expanded sums round differently, by about 1e-7 per step.
 
 use crate::model::SchedulerConfig;
 
@@ -16,9 +22,46 @@ pub enum SchedulerError {
     Finished(usize, usize),
     #[error("model output has {0} values but the sample has {1}")]
     ShapeMismatch(usize, usize),
+    #[error("tensor arithmetic failed: {0}")]
+    Arithmetic(String),
 }
 
-pub struct UniPcScheduler {
+/// Weighted sums of same-shaped tensors: all the tensor math UniPC needs.
+pub trait TensorArithmetic {
+    type Tensor;
+    /// Σ weight · tensor. `terms` is never empty.
+    fn weighted_sum(&self, terms: &[(f32, &Self::Tensor)]) -> Result<Self::Tensor, SchedulerError>;
+}
+
+/// [`TensorArithmetic`] over `Vec<f32>` in host memory.
+pub struct HostTensors;
+
+impl TensorArithmetic for HostTensors {
+    type Tensor = Vec<f32>;
+
+    fn weighted_sum(&self, terms: &[(f32, &Vec<f32>)]) -> Result<Vec<f32>, SchedulerError> {
+        let len = terms.first().map_or(0, |(_, t)| t.len());
+        if let Some((_, t)) = terms.iter().find(|(_, t)| t.len() != len) {
+            return Err(SchedulerError::ShapeMismatch(t.len(), len));
+        }
+        // Block by block so that each block of the output stays in L1 while every term is
+        // added to it: one pass over memory instead of one per term.
+        const BLOCK: usize = 2048;
+        let mut out = vec![0f32; len];
+        for (b, block) in out.chunks_mut(BLOCK).enumerate() {
+            let start = b * BLOCK;
+            for (weight, tensor) in terms {
+                let part = &tensor[start..start + block.len()];
+                for (o, x) in block.iter_mut().zip(part) {
+                    *o += weight * x;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub struct UniPcScheduler<T = Vec<f32>> {
     solver_order: usize,
     bh2: bool,
     lower_order_final: bool,
@@ -26,9 +69,9 @@ pub struct UniPcScheduler {
     timesteps: Vec<i64>,
     sigmas: Vec<f32>,
     /// Converted (x0) model outputs of the last `solver_order` steps, oldest first.
-    model_outputs: Vec<Option<Vec<f32>>>,
+    model_outputs: Vec<Option<T>>,
     lower_order_nums: usize,
-    last_sample: Option<Vec<f32>>,
+    last_sample: Option<T>,
     this_order: usize,
     step_index: usize,
 }
@@ -44,7 +87,7 @@ fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     values
 }
 
-impl UniPcScheduler {
+impl<T> UniPcScheduler<T> {
     /// `UniPCMultistepScheduler.from_config(config).set_timesteps(num_steps)`; the config must
     /// already have passed [`SchedulerConfig::validate`].
     pub fn new(config: &SchedulerConfig, num_steps: usize) -> Result<Self, SchedulerError> {
@@ -78,7 +121,7 @@ impl UniPcScheduler {
             disable_corrector: config.disable_corrector.clone(),
             timesteps,
             sigmas,
-            model_outputs: vec![None; config.solver_order],
+            model_outputs: (0..config.solver_order).map(|_| None).collect(),
             lower_order_nums: 0,
             last_sample: None,
             this_order: 0,
@@ -96,22 +139,16 @@ impl UniPcScheduler {
         &self.sigmas
     }
 
-    /// One denoising step: the model's (guided) prediction at the current timestep and the current
-    /// sample in, the sample for the next timestep out.
-    pub fn step(
+    /// One denoising step with `arithmetic` doing the tensor math (wherever its tensors live).
+    pub fn step_with<A: TensorArithmetic<Tensor = T>>(
         &mut self,
-        model_output: &[f32],
-        sample: &[f32],
-    ) -> Result<Vec<f32>, SchedulerError> {
+        arithmetic: &A,
+        model_output: T,
+        sample: T,
+    ) -> Result<T, SchedulerError> {
         let steps = self.timesteps.len();
         if self.step_index >= steps {
             return Err(SchedulerError::Finished(self.step_index, steps));
-        }
-        if model_output.len() != sample.len() {
-            return Err(SchedulerError::ShapeMismatch(
-                model_output.len(),
-                sample.len(),
-            ));
         }
         let use_corrector = self.step_index > 0
             && !self.disable_corrector.contains(&(self.step_index - 1))
@@ -119,17 +156,16 @@ impl UniPcScheduler {
 
         // flow_prediction → x0
         let sigma = self.sigmas[self.step_index];
-        let converted: Vec<f32> = sample
-            .iter()
-            .zip(model_output)
-            .map(|(x, v)| x - sigma * v)
-            .collect();
+        let converted = arithmetic.weighted_sum(&[(1.0, &sample), (-sigma, &model_output)])?;
 
-        let corrected;
-        let sample = match (use_corrector, self.last_sample.as_deref()) {
+        let sample = match (use_corrector, self.last_sample.as_ref()) {
             (true, Some(last)) => {
-                corrected = self.corrector(&converted, last, sample, self.this_order);
-                &corrected[..]
+                let terms = self.corrector_terms(self.this_order);
+                let mut operands = vec![(terms.last_sample, last), (terms.model_t, &converted)];
+                for (back, weight) in terms.history.iter().enumerate() {
+                    operands.push((*weight, self.output(back)?));
+                }
+                arithmetic.weighted_sum(&operands)?
             }
             _ => sample,
         };
@@ -144,8 +180,13 @@ impl UniPcScheduler {
             self.solver_order
         };
         self.this_order = this_order.min(self.lower_order_nums + 1);
-        self.last_sample = Some(sample.to_vec());
-        let prev = self.predictor(sample, self.this_order);
+        let (x_weight, history) = self.predictor_terms(self.this_order);
+        let mut operands = vec![(x_weight, &sample)];
+        for (back, weight) in history.iter().enumerate() {
+            operands.push((*weight, self.output(back)?));
+        }
+        let prev = arithmetic.weighted_sum(&operands)?;
+        self.last_sample = Some(sample);
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;
         }
@@ -159,10 +200,12 @@ impl UniPcScheduler {
     }
 
     /// The i-th most recent converted output (0 = newest).
-    fn output(&self, back: usize) -> &[f32] {
-        self.model_outputs[self.model_outputs.len() - 1 - back]
-            .as_deref()
-            .unwrap_or(&[])
+    fn output(&self, back: usize) -> Result<&T, SchedulerError> {
+        self.model_outputs
+            .len()
+            .checked_sub(1 + back)
+            .and_then(|i| self.model_outputs[i].as_ref())
+            .ok_or_else(|| SchedulerError::Arithmetic(format!("no model output {back} steps back")))
     }
 
     /// h·φ and B(h) coefficients shared by predictor and corrector: returns (h_phi_1, B_h, R, b).
@@ -188,97 +231,103 @@ impl UniPcScheduler {
         (h_phi_1, b_h, r, b)
     }
 
-    fn predictor(&self, x: &[f32], order: usize) -> Vec<f32> {
-        let (s0, t) = (self.step_index, self.step_index + 1);
+    /// What both updates share between steps `s0` and `t`: (c_x, c_m0, c_res, r_k, R, b).
+    fn update(&self, s0: usize, t: usize, order: usize) -> Update {
         let sigma_t = self.sigmas[t];
-        let sigma_s0 = self.sigmas[s0];
         let alpha_t = 1.0 - sigma_t;
         let lambda_s0 = self.lambda(s0);
         let h = self.lambda(t) - lambda_s0;
-        let m0 = self.output(0);
-        let mut rks = Vec::with_capacity(order);
-        let mut d1s: Vec<Vec<f32>> = Vec::new();
-        for i in 1..order {
-            let rk = (self.lambda(s0 - i) - lambda_s0) / h;
-            rks.push(rk);
-            d1s.push(
-                self.output(i)
-                    .iter()
-                    .zip(m0)
-                    .map(|(mi, m)| (mi - m) / rk)
-                    .collect(),
-            );
-        }
+        let mut rks: Vec<f32> = (1..order)
+            .map(|i| (self.lambda(s0 - i) - lambda_s0) / h)
+            .collect();
         rks.push(1.0);
         let (h_phi_1, b_h, r, b) = self.coefficients(h, &rks, order);
+        Update {
+            c_x: sigma_t / self.sigmas[s0],
+            c_m0: alpha_t * h_phi_1,
+            c_res: alpha_t * b_h,
+            rks,
+            r,
+            b,
+        }
+    }
+
+    /// UniP: x_t = c_x·x − c_m0·m0 − c_res·Σ ρ_k (m_k − m0) / r_k, as weights of x and of the
+    /// history (newest first).
+    fn predictor_terms(&self, order: usize) -> (f32, Vec<f32>) {
+        let u = self.update(self.step_index, self.step_index + 1, order);
         let rhos: Vec<f32> = match order {
             1 => vec![],
             2 => vec![0.5],
-            _ => solve(&truncate(&r, order - 1), &b[..order - 1]),
+            _ => solve(&truncate(&u.r, order - 1), &u.b[..order - 1]),
         };
-        let c_x = sigma_t / sigma_s0;
-        let c_m0 = alpha_t * h_phi_1;
-        let c_res = alpha_t * b_h;
-        let mut out: Vec<f32> = x.iter().zip(m0).map(|(x, m)| c_x * x - c_m0 * m).collect();
-        if !d1s.is_empty() {
-            for (j, o) in out.iter_mut().enumerate() {
-                let res: f32 = rhos.iter().zip(&d1s).map(|(rho, d)| rho * d[j]).sum();
-                *o -= c_res * res;
-            }
-        }
-        out
+        (u.c_x, u.history_weights(&rhos))
     }
 
-    fn corrector(
-        &self,
-        model_t: &[f32],
-        last_sample: &[f32],
-        this_sample: &[f32],
-        order: usize,
-    ) -> Vec<f32> {
-        let (s0, t) = (self.step_index - 1, self.step_index);
-        let sigma_t = self.sigmas[t];
-        let sigma_s0 = self.sigmas[s0];
-        let alpha_t = 1.0 - sigma_t;
-        let lambda_s0 = self.lambda(s0);
-        let h = self.lambda(t) - lambda_s0;
-        let m0 = self.output(0);
-        let mut rks = Vec::with_capacity(order);
-        let mut d1s: Vec<Vec<f32>> = Vec::new();
-        for i in 1..order {
-            let rk = (self.lambda(s0 - i) - lambda_s0) / h;
-            rks.push(rk);
-            d1s.push(
-                self.output(i)
-                    .iter()
-                    .zip(m0)
-                    .map(|(mi, m)| (mi - m) / rk)
-                    .collect(),
-            );
+    /// UniC: x_t = c_x·x_last − c_m0·m0 − c_res·(Σ ρ_k (m_k − m0) / r_k + ρ_t (model_t − m0)).
+    fn corrector_terms(&self, order: usize) -> CorrectorTerms {
+        let u = self.update(self.step_index - 1, self.step_index, order);
+        let rhos: Vec<f32> = if order == 1 {
+            vec![0.5]
+        } else {
+            solve(&u.r, &u.b)
+        };
+        let (rho_t, rhos) = rhos.split_last().map_or((0.5, &[][..]), |(t, r)| (*t, r));
+        let mut history = u.history_weights(rhos);
+        history[0] += u.c_res * rho_t;
+        CorrectorTerms {
+            last_sample: u.c_x,
+            model_t: -u.c_res * rho_t,
+            history,
         }
-        rks.push(1.0);
-        let (h_phi_1, b_h, r, b) = self.coefficients(h, &rks, order);
-        let rhos: Vec<f32> = if order == 1 { vec![0.5] } else { solve(&r, &b) };
-        let c_x = sigma_t / sigma_s0;
-        let c_m0 = alpha_t * h_phi_1;
-        let c_res = alpha_t * b_h;
-        let rho_t = rhos[rhos.len() - 1];
-        let _ = this_sample; // diffusers only reads its device
-        last_sample
-            .iter()
-            .enumerate()
-            .map(|(j, x)| {
-                let m = m0[j];
-                let x_t = c_x * x - c_m0 * m;
-                let corr: f32 = rhos[..rhos.len() - 1]
-                    .iter()
-                    .zip(&d1s)
-                    .map(|(rho, d)| rho * d[j])
-                    .sum();
-                x_t - c_res * (corr + rho_t * (model_t[j] - m))
-            })
-            .collect()
     }
+}
+
+impl UniPcScheduler<Vec<f32>> {
+    /// One denoising step on host vectors: the model's (guided) prediction at the current
+    /// timestep and the current sample in, the sample for the next timestep out.
+    pub fn step(
+        &mut self,
+        model_output: Vec<f32>,
+        sample: Vec<f32>,
+    ) -> Result<Vec<f32>, SchedulerError> {
+        if model_output.len() != sample.len() {
+            return Err(SchedulerError::ShapeMismatch(
+                model_output.len(),
+                sample.len(),
+            ));
+        }
+        self.step_with(&HostTensors, model_output, sample)
+    }
+}
+
+struct Update {
+    c_x: f32,
+    c_m0: f32,
+    c_res: f32,
+    rks: Vec<f32>,
+    r: Vec<Vec<f32>>,
+    b: Vec<f32>,
+}
+
+impl Update {
+    /// Weights of m0, m1, … in −c_m0·m0 − c_res·Σ ρ_k (m_k − m0) / r_k.
+    fn history_weights(&self, rhos: &[f32]) -> Vec<f32> {
+        let mut weights = vec![-self.c_m0];
+        for (rho, rk) in rhos.iter().zip(&self.rks) {
+            let w = self.c_res * rho / rk;
+            weights[0] += w;
+            weights.push(-w);
+        }
+        weights
+    }
+}
+
+struct CorrectorTerms {
+    last_sample: f32,
+    model_t: f32,
+    /// Weights of the history before this step's output was added (newest first).
+    history: Vec<f32>,
 }
 
 fn truncate(r: &[Vec<f32>], n: usize) -> Vec<Vec<f32>> {
