@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 use wanserve::backend::{Backend, Device, OrtBackend};
 use wanserve::model::{ModelDir, bundled_model_dir};
-use wanserve::pipeline::scheduler::UniPcScheduler;
+use wanserve::pipeline::scheduler::{TensorArithmetic, UniPcScheduler};
 use wanserve::pipeline::{GenerateRequest, Pipeline, noise};
 use wanserve::video::{EncoderSettings, Mp4Writer};
 
@@ -42,33 +42,36 @@ fn denoise_and_decode(c: &mut Criterion) {
     let req = request(24);
     let plan = pipeline.plan(&req).unwrap();
     let latents = pipeline.initial_noise(&plan, 1).unwrap();
-    let context = pipeline.encode_prompt(&req.prompt).unwrap();
-    let negative = pipeline.encode_prompt("").unwrap();
+    let backend = pipeline.backend();
+    let context = backend
+        .prepare_context(&pipeline.encode_prompt(&req.prompt).unwrap())
+        .unwrap();
+    let negative = backend
+        .prepare_context(&pipeline.encode_prompt("").unwrap())
+        .unwrap();
     let mut group = c.benchmark_group("tiny_832x480_24f");
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(8));
     group.bench_function("denoise_step_cfg", |b| {
         b.iter_batched(
-            || UniPcScheduler::new(&pipeline.manifest().scheduler, 20).unwrap(),
-            |mut scheduler| {
+            || {
+                let scheduler = UniPcScheduler::new(&pipeline.manifest().scheduler, 20).unwrap();
+                (scheduler, backend.upload_latents(&latents).unwrap())
+            },
+            |(mut scheduler, x)| {
                 let t = scheduler.timesteps()[0];
-                let cond = pipeline
-                    .backend()
-                    .predict(latents.view(), t, &context)
+                let cond = backend.predict(&x, t, &context).unwrap();
+                let uncond = backend.predict(&x, t, &negative).unwrap();
+                let guided = backend
+                    .arithmetic()
+                    .weighted_sum(&[(-4.0, &uncond), (5.0, &cond)])
                     .unwrap();
-                let uncond = pipeline
-                    .backend()
-                    .predict(latents.view(), t, &negative)
-                    .unwrap();
-                let guided = &uncond + &((&cond - &uncond) * 5.0);
-                let next = scheduler
-                    .step(
-                        guided.into_raw_vec_and_offset().0,
-                        latents.as_slice().unwrap().to_vec(),
-                    )
-                    .unwrap();
-                black_box(next)
+                black_box(
+                    scheduler
+                        .step_with(backend.arithmetic(), guided, x)
+                        .unwrap(),
+                )
             },
             BatchSize::PerIteration,
         )

@@ -3,6 +3,7 @@
 
 mod common;
 
+use ort::value::TensorElementType;
 use serde::Deserialize;
 use wanserve::backend::Device;
 use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
@@ -130,4 +131,26 @@ fn the_scheduler_runs_on_onnx_runtime_tensors_too() {
     let a = DeviceTensor::from_host(&[16], vec![1.0; 16]).unwrap();
     let b = DeviceTensor::from_host(&[1], vec![1.0]).unwrap();
     assert!(arithmetic.weighted_sum(&[(1.0, &a), (1.0, &b)]).is_err());
+}
+
+#[test]
+fn device_casts_to_bf16_round_like_the_host() {
+    // bf16 transformers get their latents cast on the device; the rounding must be the host's
+    // (round to nearest even), or GPU runs drift from CPU ones.
+    let arithmetic = OrtTensors::new(Device::Cpu, 1);
+    let values: Vec<f32> = (0..4096)
+        .map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 7 - 3))
+        .collect();
+    let tensor = DeviceTensor::from_host(&[values.len()], values.clone()).unwrap();
+    let down = arithmetic
+        .cast(&tensor, TensorElementType::Bfloat16)
+        .unwrap();
+    let (_, back) = arithmetic
+        .cast(&down, TensorElementType::Float32)
+        .unwrap()
+        .to_host()
+        .unwrap();
+    for (x, y) in values.iter().zip(&back) {
+        assert_eq!(half::bf16::from_f32(*x).to_f32(), *y, "{x}");
+    }
 }

@@ -9,41 +9,74 @@
 use crate::backend::ort_backend::{Device, session_builder};
 use crate::backend::runtime;
 use crate::pipeline::scheduler::{SchedulerError, TensorArithmetic};
+use half::bf16;
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
+use ort::memory::AllocationDevice;
 use ort::memory::Allocator;
+use ort::operator::Attribute;
 use ort::session::Session;
 use ort::value::{
-    DynValue, Outlet, Shape, SymbolicDimensions, Tensor, TensorElementType, ValueType,
+    DynTensor, DynTensorValueType, DynValue, Outlet, Shape, SymbolicDimensions, Tensor,
+    TensorElementType, ValueType,
 };
 use std::sync::{Mutex, OnceLock};
 
 /// UniPC's largest update: corrector of order 3 (last sample, this output, three of history).
 pub const MAX_TERMS: usize = 6;
 
-/// A float32 tensor held by ONNX Runtime, on the device its sessions run on.
-pub struct DeviceTensor(DynValue);
+/// A tensor held by ONNX Runtime, on the device its sessions run on.
+pub struct DeviceTensor(DynTensor);
 
 impl DeviceTensor {
-    /// Uploads host values with `shape`.
+    /// Host values with `shape`, in host memory (what [`OrtTensors::upload`] sends on).
     pub fn from_host(shape: &[usize], values: Vec<f32>) -> Result<Self, SchedulerError> {
         // Loads the ONNX Runtime library on first use (or says how to install it).
         runtime::environment().map_err(arithmetic_error)?;
         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         Tensor::from_array((shape, values))
-            .map(|t| Self(t.into_dyn()))
+            .map(|t| Self(t.upcast()))
             .map_err(arithmetic_error)
     }
 
-    /// Copies the values back to host memory (row-major) with their shape.
+    /// Host bfloat16 values with `shape`, in host memory.
+    pub fn from_host_bf16(shape: &[usize], values: Vec<bf16>) -> Result<Self, SchedulerError> {
+        runtime::environment().map_err(arithmetic_error)?;
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        Tensor::from_array((shape, values))
+            .map(|t| Self(t.upcast()))
+            .map_err(arithmetic_error)
+    }
+
+    /// Copies float32 values back to host memory (row-major) with their shape.
     pub fn to_host(&self) -> Result<(Vec<usize>, Vec<f32>), SchedulerError> {
-        let (shape, values) = self
-            .0
+        let on_host;
+        let tensor = if self.0.memory_info().allocation_device() == AllocationDevice::CPU {
+            &self.0
+        } else {
+            on_host = self
+                .0
+                .to(AllocationDevice::CPU, 0)
+                .map_err(arithmetic_error)?;
+            &on_host
+        };
+        let (shape, values) = tensor
             .try_extract_tensor::<f32>()
             .map_err(arithmetic_error)?;
         Ok((
             shape.iter().map(|&d| d.max(0) as usize).collect(),
             values.to_vec(),
         ))
+    }
+
+    pub(crate) fn value(&self) -> &DynTensor {
+        &self.0
+    }
+
+    pub(crate) fn from_output(value: DynValue) -> Result<Self, SchedulerError> {
+        value
+            .downcast::<DynTensorValueType>()
+            .map(Self)
+            .map_err(arithmetic_error)
     }
 }
 
@@ -56,6 +89,8 @@ pub struct OrtTensors {
     device: Device,
     rank: usize,
     sessions: [OnceLock<Mutex<Session>>; MAX_TERMS],
+    /// float32 → bfloat16 and bfloat16 → float32, for bf16 graphs' inputs and outputs.
+    casts: [OnceLock<Mutex<Session>>; 2],
 }
 
 impl OrtTensors {
@@ -65,7 +100,88 @@ impl OrtTensors {
             device,
             rank,
             sessions: Default::default(),
+            casts: Default::default(),
         }
+    }
+
+    /// Moves a host tensor to the device (a no-op on the CPU).
+    pub fn upload(&self, tensor: DeviceTensor) -> Result<DeviceTensor, SchedulerError> {
+        match self.device {
+            Device::Cpu => Ok(tensor),
+            Device::Cuda => tensor
+                .0
+                .to(AllocationDevice::CUDA, 0)
+                .map(DeviceTensor)
+                .map_err(arithmetic_error),
+        }
+    }
+
+    /// The tensor converted to `to` (float32 or bfloat16), on the device.
+    pub fn cast(
+        &self,
+        tensor: &DeviceTensor,
+        to: TensorElementType,
+    ) -> Result<DeviceTensor, SchedulerError> {
+        let (index, from) = match to {
+            TensorElementType::Bfloat16 => (0, TensorElementType::Float32),
+            TensorElementType::Float32 => (1, TensorElementType::Bfloat16),
+            other => return Err(arithmetic_error(format!("no cast to {other:?}"))),
+        };
+        let slot = &self.casts[index];
+        let session = match slot.get() {
+            Some(session) => session,
+            None => {
+                let session = self.build_cast(from, to).map_err(arithmetic_error)?;
+                slot.get_or_init(|| Mutex::new(session))
+            }
+        };
+        let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut binding = session.create_binding().map_err(arithmetic_error)?;
+        binding
+            .bind_input("x", &tensor.0)
+            .map_err(arithmetic_error)?;
+        binding
+            .bind_output_to_device("y", session.allocator().memory_info())
+            .map_err(arithmetic_error)?;
+        let mut outputs = session.run_binding(&binding).map_err(arithmetic_error)?;
+        let value = outputs
+            .remove("y")
+            .ok_or_else(|| arithmetic_error("the cast graph returned nothing"))?;
+        DeviceTensor::from_output(value)
+    }
+
+    fn tensor_type(&self, ty: TensorElementType, rank: usize) -> ValueType {
+        ValueType::Tensor {
+            ty,
+            shape: Shape::new(vec![-1i64; rank]),
+            dimension_symbols: SymbolicDimensions::new((0..rank).map(|d| format!("d{d}"))),
+        }
+    }
+
+    fn build_cast(&self, from: TensorElementType, to: TensorElementType) -> ort::Result<Session> {
+        let mut graph = Graph::new()?;
+        graph.set_inputs([Outlet::new("x", self.tensor_type(from, self.rank))])?;
+        graph.set_outputs([Outlet::new("y", self.tensor_type(to, self.rank))])?;
+        let onnx_type: i64 = match to {
+            TensorElementType::Bfloat16 => 16,
+            _ => 1,
+        };
+        graph.add_node(Node::new(
+            "Cast",
+            ONNX_DOMAIN,
+            "cast",
+            ["x"],
+            ["y"],
+            [Attribute::new("to", onnx_type)?],
+        )?)?;
+        self.session_for(graph)
+    }
+
+    fn session_for(&self, graph: Graph) -> ort::Result<Session> {
+        let mut model = Model::new([Opset::new(ONNX_DOMAIN, 21)?])?;
+        model.set_graph(graph)?;
+        let env = runtime::environment().map_err(|e| ort::Error::new(e.to_string()))?;
+        model.into_session(&session_builder(env, self.device, 1)?)
     }
 
     fn session(&self, terms: usize) -> Result<&Mutex<Session>, SchedulerError> {
@@ -80,11 +196,7 @@ impl OrtTensors {
     }
 
     fn build(&self, terms: usize) -> ort::Result<Session> {
-        let tensor = |rank: usize| ValueType::Tensor {
-            ty: TensorElementType::Float32,
-            shape: Shape::new(vec![-1i64; rank]),
-            dimension_symbols: SymbolicDimensions::new((0..rank).map(|d| format!("d{d}"))),
-        };
+        let tensor = |rank: usize| self.tensor_type(TensorElementType::Float32, rank);
         let mut graph = Graph::new()?;
         let mut inputs: Vec<Outlet> = (0..terms)
             .map(|i| Outlet::new(format!("t{i}"), tensor(self.rank)))
@@ -123,10 +235,7 @@ impl OrtTensors {
             products.push(format!("p{i}"));
         }
         graph.add_node(Node::new("Sum", ONNX_DOMAIN, "sum", products, ["sum"], [])?)?;
-        let mut model = Model::new([Opset::new(ONNX_DOMAIN, 21)?])?;
-        model.set_graph(graph)?;
-        let env = runtime::environment().map_err(|e| ort::Error::new(e.to_string()))?;
-        model.into_session(&session_builder(env, self.device, 1)?)
+        self.session_for(graph)
     }
 }
 
@@ -162,9 +271,9 @@ impl TensorArithmetic for OrtTensors {
             .bind_output_to_device("sum", session.allocator().memory_info())
             .map_err(arithmetic_error)?;
         let mut outputs = session.run_binding(&binding).map_err(arithmetic_error)?;
-        outputs
+        let value = outputs
             .remove("sum")
-            .map(DeviceTensor)
-            .ok_or_else(|| arithmetic_error("the sum graph returned nothing"))
+            .ok_or_else(|| arithmetic_error("the sum graph returned nothing"))?;
+        DeviceTensor::from_output(value)
     }
 }

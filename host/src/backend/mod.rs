@@ -9,6 +9,7 @@ pub mod runtime;
 
 pub use ort_backend::{Device, OrtBackend};
 
+use crate::pipeline::scheduler::{SchedulerError, TensorArithmetic};
 use ndarray::{Array3, Array5, ArrayView5};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,12 +22,22 @@ pub enum BackendError {
     Run { graph: &'static str, reason: String },
     #[error("{graph} returned an unexpected output: {reason}")]
     Output { graph: &'static str, reason: String },
+    #[error("moving latents: {0}")]
+    Tensors(#[from] SchedulerError),
 }
 
 /// The VAE decoder's causal cache between chunks, opaque to the pipeline.
 pub struct VaeCache(pub(crate) Vec<ort::value::DynValue>);
 
 pub trait Backend: Send + Sync {
+    /// Latents while denoising, where the backend keeps them: for ONNX Runtime, tensors on the
+    /// sessions' device, so that between steps nothing crosses to the host but a few weights.
+    type Latents;
+    /// Prompt embeddings as the transformer takes them (prepared once per job).
+    type Context;
+    /// Weighted sums of latents: guidance and every scheduler update.
+    type Arithmetic: TensorArithmetic<Tensor = Self::Latents>;
+
     /// UMT5 encoder: `[batch, len]` ids and mask → `[batch, len, dim]` hidden states.
     fn encode_text(
         &self,
@@ -34,13 +45,18 @@ pub trait Backend: Send + Sync {
         attention_mask: &[i64],
         batch: usize,
     ) -> Result<Array3<f32>, BackendError>;
-    /// DiT: latents `[1, C, F, H, W]`, timestep, text context `[1, L, D]` → prediction like latents.
+    fn arithmetic(&self) -> &Self::Arithmetic;
+    fn upload_latents(&self, latents: &Array5<f32>) -> Result<Self::Latents, BackendError>;
+    fn download_latents(&self, latents: &Self::Latents) -> Result<Array5<f32>, BackendError>;
+    /// `[1, L, D]` prompt embeddings → what [`Backend::predict`] takes as context.
+    fn prepare_context(&self, context: &Array3<f32>) -> Result<Self::Context, BackendError>;
+    /// DiT: latents `[1, C, F, H, W]`, timestep and text context → a prediction like latents.
     fn predict(
         &self,
-        latents: ArrayView5<f32>,
+        latents: &Self::Latents,
         timestep: i64,
-        context: &Array3<f32>,
-    ) -> Result<Array5<f32>, BackendError>;
+        context: &Self::Context,
+    ) -> Result<Self::Latents, BackendError>;
     /// First latent frame `[1, Z, 1, h, w]` → one video frame `[1, 3, 1, H, W]` and the cache.
     fn decode_first(
         &self,

@@ -4,6 +4,7 @@
 //! interleave call by call (a denoising step of one job, then of the other); the sessions and
 //! their weights exist once.
 
+use super::arithmetic::{DeviceTensor, OrtTensors};
 use super::{Backend, BackendError, VaeCache, runtime};
 use crate::model::ModelDir;
 use half::bf16;
@@ -33,6 +34,8 @@ pub struct OrtBackend {
     vae_init: Graph,
     vae_step: Graph,
     cache_slots: usize,
+    /// Latents stay on the device between steps: guidance and UniPC run there as ORT graphs.
+    arithmetic: OrtTensors,
 }
 
 /// Session options for `device`: CUDA with CPU fallback disabled, so that a node the GPU cannot
@@ -107,6 +110,7 @@ impl OrtBackend {
             )?,
             vae_step: load(model, &m.vae.step_file, "VAE decoder", device, threads)?,
             cache_slots: m.vae.cache_slots.len(),
+            arithmetic: OrtTensors::new(device, 5),
         })
     }
 }
@@ -204,6 +208,10 @@ impl OrtBackend {
 }
 
 impl Backend for OrtBackend {
+    type Latents = DeviceTensor;
+    type Context = DeviceTensor;
+    type Arithmetic = OrtTensors;
+
     fn encode_text(
         &self,
         input_ids: &[i64],
@@ -239,33 +247,100 @@ impl Backend for OrtBackend {
             })
     }
 
+    fn arithmetic(&self) -> &OrtTensors {
+        &self.arithmetic
+    }
+
+    fn upload_latents(&self, latents: &Array5<f32>) -> Result<DeviceTensor, BackendError> {
+        let host = DeviceTensor::from_host(latents.shape(), latents.iter().copied().collect())?;
+        Ok(self.arithmetic.upload(host)?)
+    }
+
+    fn download_latents(&self, latents: &DeviceTensor) -> Result<Array5<f32>, BackendError> {
+        let (shape, values) = latents.to_host()?;
+        let shape: [usize; 5] = shape
+            .try_into()
+            .map_err(|s: Vec<usize>| BackendError::Output {
+                graph: self.transformer.name,
+                reason: format!("latents of rank {}", s.len()),
+            })?;
+        Array5::from_shape_vec(shape, values).map_err(|e| BackendError::Output {
+            graph: self.transformer.name,
+            reason: e.to_string(),
+        })
+    }
+
+    fn prepare_context(&self, context: &Array3<f32>) -> Result<DeviceTensor, BackendError> {
+        let values: Vec<f32> = context.iter().copied().collect();
+        let host = if self.transformer.bf16 {
+            DeviceTensor::from_host_bf16(
+                context.shape(),
+                values.into_iter().map(bf16::from_f32).collect(),
+            )?
+        } else {
+            DeviceTensor::from_host(context.shape(), values)?
+        };
+        Ok(self.arithmetic.upload(host)?)
+    }
+
     fn predict(
         &self,
-        latents: ArrayView5<f32>,
+        latents: &DeviceTensor,
         timestep: i64,
-        context: &Array3<f32>,
-    ) -> Result<Array5<f32>, BackendError> {
+        context: &DeviceTensor,
+    ) -> Result<DeviceTensor, BackendError> {
         let graph = &self.transformer;
-        let timestep = Tensor::from_array((vec![1i64], vec![timestep]))
-            .map(|t| t.into_dyn())
-            .map_err(|e| BackendError::Run {
-                graph: graph.name,
-                reason: e.to_string(),
-            })?;
-        let context = float_input(graph, context.shape(), context.iter().copied().collect())?;
-        let outputs = run(
-            graph,
-            vec![
-                ("hidden_states".into(), owned_input(graph, latents)?.into()),
-                ("timestep".into(), timestep.into()),
-                ("encoder_hidden_states".into(), context.into()),
-            ],
-        )?;
-        let out = outputs.first().ok_or(BackendError::Output {
+        let failed = |e: ort::Error| BackendError::Run {
             graph: graph.name,
-            reason: "no output".into(),
-        })?;
-        dims5(graph, float_output(graph, out)?)
+            reason: e.to_string(),
+        };
+        let timestep = Tensor::from_array((vec![1i64], vec![timestep])).map_err(failed)?;
+        // bf16 graphs: latents are cast on the device, both ways; the scheduler stays in f32.
+        let cast;
+        let hidden = if graph.bf16 {
+            cast = self.arithmetic.cast(latents, TensorElementType::Bfloat16)?;
+            &cast
+        } else {
+            latents
+        };
+        let mut session = graph
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let output_name = session
+            .outputs()
+            .first()
+            .map(|o| o.name().to_string())
+            .ok_or(BackendError::Output {
+                graph: graph.name,
+                reason: "no output".into(),
+            })?;
+        let mut binding = session.create_binding().map_err(failed)?;
+        binding
+            .bind_input("hidden_states", hidden.value())
+            .map_err(failed)?;
+        binding.bind_input("timestep", &timestep).map_err(failed)?;
+        binding
+            .bind_input("encoder_hidden_states", context.value())
+            .map_err(failed)?;
+        binding
+            .bind_output_to_device(output_name.as_str(), session.allocator().memory_info())
+            .map_err(failed)?;
+        let mut outputs = session.run_binding(&binding).map_err(failed)?;
+        let out = outputs
+            .remove(output_name.as_str())
+            .ok_or(BackendError::Output {
+                graph: graph.name,
+                reason: "no output".into(),
+            })?;
+        let out = DeviceTensor::from_output(out)?;
+        drop(outputs);
+        drop(session);
+        if graph.bf16 {
+            Ok(self.arithmetic.cast(&out, TensorElementType::Float32)?)
+        } else {
+            Ok(out)
+        }
     }
 
     fn decode_first(

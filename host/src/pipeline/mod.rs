@@ -13,6 +13,7 @@ use crate::backend::{Backend, BackendError};
 use crate::model::{Manifest, ModelDir};
 use ndarray::{Array3, Array5, ArrayView5, Axis, s};
 use prompt::{PromptError, PromptTokenizer};
+use scheduler::TensorArithmetic;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -220,16 +221,25 @@ impl<B: Backend> Pipeline<B> {
             step: 0,
             total: 1 + usize::from(guided),
         });
-        let context = self.encode_prompt(&req.prompt)?;
+        let context = self
+            .backend
+            .prepare_context(&self.encode_prompt(&req.prompt)?)?;
         let negative = if guided {
-            Some(self.encode_prompt(&req.negative_prompt)?)
+            Some(
+                self.backend
+                    .prepare_context(&self.encode_prompt(&req.negative_prompt)?)?,
+            )
         } else {
             None
         };
         check(cancel)?;
 
         let text_done = std::time::Instant::now();
-        let mut latents = self.initial_noise(&plan, req.seed)?;
+        // From here to the last step the latents stay with the backend (on the GPU with CUDA).
+        let mut latents = self
+            .backend
+            .upload_latents(&self.initial_noise(&plan, req.seed)?)?;
+        let arithmetic = self.backend.arithmetic();
         let timesteps = scheduler.timesteps().to_vec();
         on_progress(Progress {
             stage: Stage::Denoising,
@@ -238,24 +248,24 @@ impl<B: Backend> Pipeline<B> {
         });
         for (i, &t) in timesteps.iter().enumerate() {
             check(cancel)?;
-            let cond = self.backend.predict(latents.view(), t, &context)?;
+            let cond = self.backend.predict(&latents, t, &context)?;
             let prediction = match &negative {
                 Some(negative) => {
-                    let uncond = self.backend.predict(latents.view(), t, negative)?;
+                    let uncond = self.backend.predict(&latents, t, negative)?;
+                    // uncond + g·(cond − uncond)
                     let g = req.guidance_scale;
-                    &uncond + &((&cond - &uncond) * g)
+                    arithmetic.weighted_sum(&[(1.0 - g, &uncond), (g, &cond)])?
                 }
                 None => cond,
             };
-            let next = scheduler.step(into_standard_vec(prediction), into_standard_vec(latents))?;
-            latents = Array5::from_shape_vec(plan.latent_shape, next)
-                .map_err(|e| PipelineError::Sink(e.to_string()))?;
+            latents = scheduler.step_with(arithmetic, prediction, latents)?;
             on_progress(Progress {
                 stage: Stage::Denoising,
                 step: i + 1,
                 total: timesteps.len(),
             });
         }
+        let latents = self.backend.download_latents(&latents)?;
 
         let denoise_done = std::time::Instant::now();
         let frames = self.decode(&latents, &plan, req, cancel, on_progress, on_frames)?;
@@ -347,20 +357,5 @@ pub fn to_rgb24(video: &Array5<f32>, count: usize, out: &mut Vec<u8>) {
                 }
             }
         }
-    }
-}
-
-/// The array's values in row-major order, without a copy when it owns exactly them in that order.
-fn into_standard_vec(array: Array5<f32>) -> Vec<f32> {
-    if !array.is_standard_layout() {
-        return array.iter().copied().collect();
-    }
-    let len = array.len();
-    let (values, offset) = array.into_raw_vec_and_offset();
-    let start = offset.unwrap_or(0);
-    if start == 0 && values.len() == len {
-        values
-    } else {
-        values[start..start + len].to_vec()
     }
 }
