@@ -8,6 +8,7 @@ use ndarray::{Array5, s};
 use std::hint::black_box;
 use std::path::Path;
 use std::time::Duration;
+use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
 use wanserve::backend::{Backend, Device, OrtBackend};
 use wanserve::model::{ModelDir, bundled_model_dir};
 use wanserve::pipeline::scheduler::{TensorArithmetic, UniPcScheduler};
@@ -116,6 +117,26 @@ fn scheduler_and_noise(c: &mut Criterion) {
                 (scheduler, x, output.clone())
             },
             |(mut scheduler, x, output)| black_box(scheduler.step(output, x).unwrap()),
+            BatchSize::PerIteration,
+        )
+    });
+    // The same step as the pipeline runs it: weighted sums by ONNX Runtime on tensors it holds
+    // (here the CPU EP; on CUDA the tensors never leave the GPU).
+    let arithmetic = OrtTensors::new(Device::Cpu, 5, 0);
+    let shape = [1, 16, 21, 60, 104];
+    group.bench_function("unipc_step_order2_ort_cpu", |b| {
+        b.iter_batched(
+            || {
+                let mut scheduler = UniPcScheduler::new(&config, 50).unwrap();
+                let upload = |v: &Vec<f32>| DeviceTensor::from_host(&shape, v.clone()).unwrap();
+                let x = scheduler
+                    .step_with(&arithmetic, upload(&output), upload(&sample))
+                    .unwrap();
+                (scheduler, x, upload(&output))
+            },
+            |(mut scheduler, x, output)| {
+                black_box(scheduler.step_with(&arithmetic, output, x).unwrap())
+            },
             BatchSize::PerIteration,
         )
     });

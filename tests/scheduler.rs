@@ -106,7 +106,7 @@ fn stand_in_model(sample: &[f32], i: usize) -> Vec<f32> {
 fn the_scheduler_runs_on_onnx_runtime_tensors_too() {
     // What a GPU backend does between steps, here on the CPU EP: every update to the sample is
     // an ORT weighted sum on tensors ORT holds; only the model's output is uploaded.
-    let arithmetic = OrtTensors::new(Device::Cpu, 1);
+    let arithmetic = OrtTensors::new(Device::Cpu, 1, 1);
     for r in references() {
         let config: SchedulerConfig = serde_json::from_value(r.config.clone()).unwrap();
         let mut on_host = UniPcScheduler::new(&config, r.steps).unwrap();
@@ -137,7 +137,7 @@ fn the_scheduler_runs_on_onnx_runtime_tensors_too() {
 fn device_casts_to_bf16_round_like_the_host() {
     // bf16 transformers get their latents cast on the device; the rounding must be the host's
     // (round to nearest even), or GPU runs drift from CPU ones.
-    let arithmetic = OrtTensors::new(Device::Cpu, 1);
+    let arithmetic = OrtTensors::new(Device::Cpu, 1, 1);
     let values: Vec<f32> = (0..4096)
         .map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 7 - 3))
         .collect();

@@ -88,17 +88,20 @@ fn arithmetic_error(e: impl std::fmt::Display) -> SchedulerError {
 pub struct OrtTensors {
     device: Device,
     rank: usize,
+    threads: usize,
     sessions: [OnceLock<Mutex<Session>>; MAX_TERMS],
     /// float32 → bfloat16 and bfloat16 → float32, for bf16 graphs' inputs and outputs.
     casts: [OnceLock<Mutex<Session>>; 2],
 }
 
 impl OrtTensors {
-    /// Arithmetic over tensors of `rank` dimensions (5 for latents).
-    pub fn new(device: Device, rank: usize) -> Self {
+    /// Arithmetic over tensors of `rank` dimensions (5 for latents); `threads` as for the
+    /// model's sessions (0: ORT's choice).
+    pub fn new(device: Device, rank: usize, threads: usize) -> Self {
         Self {
             device,
             rank,
+            threads,
             sessions: Default::default(),
             casts: Default::default(),
         }
@@ -181,7 +184,7 @@ impl OrtTensors {
         let mut model = Model::new([Opset::new(ONNX_DOMAIN, 21)?])?;
         model.set_graph(graph)?;
         let env = runtime::environment().map_err(|e| ort::Error::new(e.to_string()))?;
-        model.into_session(&session_builder(env, self.device, 1)?)
+        model.into_session(&session_builder(env, self.device, self.threads)?)
     }
 
     fn session(&self, terms: usize) -> Result<&Mutex<Session>, SchedulerError> {

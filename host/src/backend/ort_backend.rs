@@ -110,7 +110,7 @@ impl OrtBackend {
             )?,
             vae_step: load(model, &m.vae.step_file, "VAE decoder", device, threads)?,
             cache_slots: m.vae.cache_slots.len(),
-            arithmetic: OrtTensors::new(device, 5),
+            arithmetic: OrtTensors::new(device, 5, threads),
         })
     }
 }
