@@ -122,7 +122,7 @@ fn scheduler_and_noise(c: &mut Criterion) {
     });
     // The same step as the pipeline runs it: weighted sums by ONNX Runtime on tensors it holds
     // (here the CPU EP; on CUDA the tensors never leave the GPU).
-    let arithmetic = OrtTensors::new(Device::Cpu, 5, 0);
+    let arithmetic = OrtTensors::new(Device::Cpu, 5, 1);
     let shape = [1, 16, 21, 60, 104];
     group.bench_function("unipc_step_order2_ort_cpu", |b| {
         b.iter_batched(
