@@ -130,27 +130,8 @@ impl OrtTensors {
             TensorElementType::Float32 => (1, TensorElementType::Bfloat16),
             other => return Err(arithmetic_error(format!("no cast to {other:?}"))),
         };
-        let slot = &self.casts[index];
-        let session = match slot.get() {
-            Some(session) => session,
-            None => {
-                let session = self.build_cast(from, to).map_err(arithmetic_error)?;
-                slot.get_or_init(|| Mutex::new(session))
-            }
-        };
-        let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-        let mut binding = session.create_binding().map_err(arithmetic_error)?;
-        binding
-            .bind_input("x", &tensor.0)
-            .map_err(arithmetic_error)?;
-        binding
-            .bind_output_to_device("y", session.allocator().memory_info())
-            .map_err(arithmetic_error)?;
-        let mut outputs = session.run_binding(&binding).map_err(arithmetic_error)?;
-        let value = outputs
-            .remove("y")
-            .ok_or_else(|| arithmetic_error("the cast graph returned nothing"))?;
-        DeviceTensor::from_output(value)
+        let session = cached(&self.casts[index], || self.build_cast(from, to))?;
+        run_on_device(session, &[("x", &tensor.0)], "y")
     }
 
     fn tensor_type(&self, ty: TensorElementType, rank: usize) -> ValueType {
@@ -191,11 +172,7 @@ impl OrtTensors {
         let slot = self.sessions.get(terms.wrapping_sub(1)).ok_or_else(|| {
             arithmetic_error(format!("{terms} terms (1 to {MAX_TERMS} supported)"))
         })?;
-        if let Some(session) = slot.get() {
-            return Ok(session);
-        }
-        let session = self.build(terms).map_err(arithmetic_error)?;
-        Ok(slot.get_or_init(|| Mutex::new(session)))
+        cached(slot, || self.build(terms))
     }
 
     fn build(&self, terms: usize) -> ort::Result<Session> {
@@ -254,29 +231,53 @@ impl TensorArithmetic for OrtTensors {
                 "weighted sum of tensors of different shapes",
             ));
         }
-        let mut session = self
-            .session(terms.len())?
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let session = self.session(terms.len())?;
         let weights: Vec<f32> = terms.iter().map(|(w, _)| *w).collect();
-        let weights =
-            Tensor::from_array(([terms.len() as i64], weights)).map_err(arithmetic_error)?;
-        let mut binding = session.create_binding().map_err(arithmetic_error)?;
-        for (i, (_, tensor)) in terms.iter().enumerate() {
-            binding
-                .bind_input(format!("t{i}"), &tensor.0)
-                .map_err(arithmetic_error)?;
-        }
-        binding
-            .bind_input("weights", &weights)
-            .map_err(arithmetic_error)?;
-        binding
-            .bind_output_to_device("sum", session.allocator().memory_info())
-            .map_err(arithmetic_error)?;
-        let mut outputs = session.run_binding(&binding).map_err(arithmetic_error)?;
-        let value = outputs
-            .remove("sum")
-            .ok_or_else(|| arithmetic_error("the sum graph returned nothing"))?;
-        DeviceTensor::from_output(value)
+        let weights = Tensor::from_array(([terms.len() as i64], weights))
+            .map_err(arithmetic_error)?
+            .upcast();
+        let names: Vec<String> = (0..terms.len()).map(|i| format!("t{i}")).collect();
+        let mut inputs: Vec<(&str, &DynTensor)> = names
+            .iter()
+            .zip(terms)
+            .map(|(name, (_, tensor))| (name.as_str(), &tensor.0))
+            .collect();
+        inputs.push(("weights", &weights));
+        run_on_device(session, &inputs, "sum")
     }
+}
+
+/// The session in `slot`, built on first use.
+fn cached(
+    slot: &OnceLock<Mutex<Session>>,
+    build: impl FnOnce() -> ort::Result<Session>,
+) -> Result<&Mutex<Session>, SchedulerError> {
+    if let Some(session) = slot.get() {
+        return Ok(session);
+    }
+    let session = build().map_err(arithmetic_error)?;
+    Ok(slot.get_or_init(|| Mutex::new(session)))
+}
+
+/// Runs `session` on `inputs` with its `output` bound to the session's device memory.
+fn run_on_device(
+    session: &Mutex<Session>,
+    inputs: &[(&str, &DynTensor)],
+    output: &str,
+) -> Result<DeviceTensor, SchedulerError> {
+    let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+    let mut binding = session.create_binding().map_err(arithmetic_error)?;
+    for (name, tensor) in inputs {
+        binding
+            .bind_input(*name, *tensor)
+            .map_err(arithmetic_error)?;
+    }
+    binding
+        .bind_output_to_device(output, session.allocator().memory_info())
+        .map_err(arithmetic_error)?;
+    let mut outputs = session.run_binding(&binding).map_err(arithmetic_error)?;
+    let value = outputs
+        .remove(output)
+        .ok_or_else(|| arithmetic_error(format!("the graph returned no {output}")))?;
+    DeviceTensor::from_output(value)
 }
