@@ -9,15 +9,14 @@
 use crate::backend::ort_backend::{Device, session_builder};
 use crate::backend::runtime;
 use crate::pipeline::scheduler::{SchedulerError, TensorArithmetic};
-use half::bf16;
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::memory::AllocationDevice;
 use ort::memory::Allocator;
 use ort::operator::Attribute;
 use ort::session::Session;
 use ort::value::{
-    DynTensor, DynTensorValueType, DynValue, Outlet, Shape, SymbolicDimensions, Tensor,
-    TensorElementType, ValueType,
+    DynTensor, DynTensorValueType, DynValue, Outlet, PrimitiveTensorElementType, Shape,
+    SymbolicDimensions, Tensor, TensorElementType, ValueType,
 };
 use std::sync::{Mutex, OnceLock};
 
@@ -28,18 +27,13 @@ pub const MAX_TERMS: usize = 6;
 pub struct DeviceTensor(DynTensor);
 
 impl DeviceTensor {
-    /// Host values with `shape`, in host memory (what [`OrtTensors::upload`] sends on).
-    pub fn from_host(shape: &[usize], values: Vec<f32>) -> Result<Self, SchedulerError> {
+    /// Host values (float32 or bfloat16) with `shape`, in host memory (what
+    /// [`OrtTensors::upload`] sends on).
+    pub fn from_host<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+        shape: &[usize],
+        values: Vec<T>,
+    ) -> Result<Self, SchedulerError> {
         // Loads the ONNX Runtime library on first use (or says how to install it).
-        runtime::environment().map_err(arithmetic_error)?;
-        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        Tensor::from_array((shape, values))
-            .map(|t| Self(t.upcast()))
-            .map_err(arithmetic_error)
-    }
-
-    /// Host bfloat16 values with `shape`, in host memory.
-    pub fn from_host_bf16(shape: &[usize], values: Vec<bf16>) -> Result<Self, SchedulerError> {
         runtime::environment().map_err(arithmetic_error)?;
         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         Tensor::from_array((shape, values))

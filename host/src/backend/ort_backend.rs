@@ -275,7 +275,7 @@ impl Backend for OrtBackend {
     fn prepare_context(&self, context: &Array3<f32>) -> Result<DeviceTensor, BackendError> {
         let values: Vec<f32> = context.iter().copied().collect();
         let host = if self.transformer.bf16 {
-            DeviceTensor::from_host_bf16(
+            DeviceTensor::from_host(
                 context.shape(),
                 values.into_iter().map(bf16::from_f32).collect(),
             )?
