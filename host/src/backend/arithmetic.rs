@@ -10,18 +10,17 @@ use crate::backend::ort_backend::{Device, session_builder};
 use crate::backend::runtime;
 use crate::pipeline::scheduler::{SchedulerError, TensorArithmetic};
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
-use ort::memory::AllocationDevice;
-use ort::memory::Allocator;
+use ort::memory::{AllocationDevice, Allocator};
 use ort::operator::Attribute;
 use ort::session::Session;
 use ort::value::{
-    DynTensor, DynTensorValueType, DynValue, Outlet, PrimitiveTensorElementType, Shape,
-    SymbolicDimensions, Tensor, TensorElementType, ValueType,
+    DynTensor, DynTensorValueType, Outlet, PrimitiveTensorElementType, Shape, SymbolicDimensions,
+    Tensor, TensorElementType, ValueType,
 };
 use std::sync::{Mutex, OnceLock};
 
-/// UniPC's largest update: corrector of order 3 (last sample, this output, three of history).
-pub const MAX_TERMS: usize = 6;
+/// UniPC's largest update, the order-3 corrector: last sample, this output, three of history.
+pub const MAX_TERMS: usize = 5;
 
 /// A tensor held by ONNX Runtime, on the device its sessions run on.
 pub struct DeviceTensor(DynTensor);
@@ -66,11 +65,8 @@ impl DeviceTensor {
         &self.0
     }
 
-    pub(crate) fn from_output(value: DynValue) -> Result<Self, SchedulerError> {
-        value
-            .downcast::<DynTensorValueType>()
-            .map(Self)
-            .map_err(arithmetic_error)
+    pub(crate) fn new(value: DynTensor) -> Self {
+        Self(value)
     }
 }
 
@@ -126,20 +122,24 @@ impl OrtTensors {
         };
         let session = cached(&self.casts[index], || self.build_cast(from, to))?;
         run_on_device(session, &[("x", &tensor.0)], "y")
+            .map(DeviceTensor)
+            .map_err(arithmetic_error)
     }
 
-    fn tensor_type(&self, ty: TensorElementType, rank: usize) -> ValueType {
+    /// A tensor of this arithmetic's rank with dynamic dimensions.
+    fn tensor_type(&self, ty: TensorElementType) -> ValueType {
         ValueType::Tensor {
             ty,
-            shape: Shape::new(vec![-1i64; rank]),
-            dimension_symbols: SymbolicDimensions::new((0..rank).map(|d| format!("d{d}"))),
+            shape: Shape::new(vec![-1i64; self.rank]),
+            dimension_symbols: SymbolicDimensions::new((0..self.rank).map(|d| format!("d{d}"))),
         }
     }
 
     fn build_cast(&self, from: TensorElementType, to: TensorElementType) -> ort::Result<Session> {
         let mut graph = Graph::new()?;
-        graph.set_inputs([Outlet::new("x", self.tensor_type(from, self.rank))])?;
-        graph.set_outputs([Outlet::new("y", self.tensor_type(to, self.rank))])?;
+        graph.set_inputs([Outlet::new("x", self.tensor_type(from))])?;
+        graph.set_outputs([Outlet::new("y", self.tensor_type(to))])?;
+        // ONNX TensorProto data types.
         let onnx_type: i64 = match to {
             TensorElementType::Bfloat16 => 16,
             _ => 1,
@@ -170,10 +170,10 @@ impl OrtTensors {
     }
 
     fn build(&self, terms: usize) -> ort::Result<Session> {
-        let tensor = |rank: usize| self.tensor_type(TensorElementType::Float32, rank);
+        let float = || self.tensor_type(TensorElementType::Float32);
         let mut graph = Graph::new()?;
         let mut inputs: Vec<Outlet> = (0..terms)
-            .map(|i| Outlet::new(format!("t{i}"), tensor(self.rank)))
+            .map(|i| Outlet::new(format!("t{i}"), float()))
             .collect();
         inputs.push(Outlet::new(
             "weights",
@@ -184,7 +184,7 @@ impl OrtTensors {
             },
         ));
         graph.set_inputs(inputs)?;
-        graph.set_outputs([Outlet::new("sum", tensor(self.rank))])?;
+        graph.set_outputs([Outlet::new("sum", float())])?;
         let mut products = Vec::with_capacity(terms);
         for i in 0..terms {
             let mut index = Tensor::<i64>::new(&Allocator::default(), Shape::new([]))?;
@@ -238,6 +238,8 @@ impl TensorArithmetic for OrtTensors {
             .collect();
         inputs.push(("weights", &weights));
         run_on_device(session, &inputs, "sum")
+            .map(DeviceTensor)
+            .map_err(arithmetic_error)
     }
 }
 
@@ -253,25 +255,22 @@ fn cached(
     Ok(slot.get_or_init(|| Mutex::new(session)))
 }
 
-/// Runs `session` on `inputs` with its `output` bound to the session's device memory.
-fn run_on_device(
+/// Runs `session` on `inputs` with its `output` bound to the session's device memory (so a
+/// CUDA session's output stays on the GPU).
+pub(crate) fn run_on_device(
     session: &Mutex<Session>,
     inputs: &[(&str, &DynTensor)],
     output: &str,
-) -> Result<DeviceTensor, SchedulerError> {
+) -> ort::Result<DynTensor> {
     let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-    let mut binding = session.create_binding().map_err(arithmetic_error)?;
+    let mut binding = session.create_binding()?;
     for (name, tensor) in inputs {
-        binding
-            .bind_input(*name, *tensor)
-            .map_err(arithmetic_error)?;
+        binding.bind_input(*name, *tensor)?;
     }
-    binding
-        .bind_output_to_device(output, session.allocator().memory_info())
-        .map_err(arithmetic_error)?;
-    let mut outputs = session.run_binding(&binding).map_err(arithmetic_error)?;
-    let value = outputs
+    binding.bind_output_to_device(output, session.allocator().memory_info())?;
+    let mut outputs = session.run_binding(&binding)?;
+    outputs
         .remove(output)
-        .ok_or_else(|| arithmetic_error(format!("the graph returned no {output}")))?;
-    DeviceTensor::from_output(value)
+        .ok_or_else(|| ort::Error::new(format!("the graph returned no {output}")))?
+        .downcast::<DynTensorValueType>()
 }

@@ -4,7 +4,7 @@
 //! interleave call by call (a denoising step of one job, then of the other); the sessions and
 //! their weights exist once.
 
-use super::arithmetic::{DeviceTensor, OrtTensors};
+use super::arithmetic::{DeviceTensor, OrtTensors, run_on_device};
 use super::{Backend, BackendError, VaeCache, runtime};
 use crate::model::ModelDir;
 use half::bf16;
@@ -26,6 +26,8 @@ struct Graph {
     session: Mutex<Session>,
     /// Whether the graph's float inputs are bfloat16 (converted at the boundary).
     bf16: bool,
+    /// Name of the first output (the one the pipeline uses).
+    output: String,
 }
 
 pub struct OrtBackend {
@@ -87,10 +89,19 @@ fn load(
             }
         )
     });
+    let output = session
+        .outputs()
+        .first()
+        .map(|o| o.name().to_string())
+        .ok_or_else(|| BackendError::Load {
+            graph: path.display().to_string(),
+            reason: "the graph has no output".into(),
+        })?;
     Ok(Graph {
         name,
         session: Mutex::new(session),
         bf16,
+        output,
     })
 }
 
@@ -305,39 +316,18 @@ impl Backend for OrtBackend {
         } else {
             latents
         };
-        let mut session = graph
-            .session
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let output_name = session
-            .outputs()
-            .first()
-            .map(|o| o.name().to_string())
-            .ok_or(BackendError::Output {
-                graph: graph.name,
-                reason: "no output".into(),
-            })?;
-        let mut binding = session.create_binding().map_err(failed)?;
-        binding
-            .bind_input("hidden_states", hidden.value())
-            .map_err(failed)?;
-        binding.bind_input("timestep", &timestep).map_err(failed)?;
-        binding
-            .bind_input("encoder_hidden_states", context.value())
-            .map_err(failed)?;
-        binding
-            .bind_output_to_device(output_name.as_str(), session.allocator().memory_info())
-            .map_err(failed)?;
-        let mut outputs = session.run_binding(&binding).map_err(failed)?;
-        let out = outputs
-            .remove(output_name.as_str())
-            .ok_or(BackendError::Output {
-                graph: graph.name,
-                reason: "no output".into(),
-            })?;
-        let out = DeviceTensor::from_output(out)?;
-        drop(outputs);
-        drop(session);
+        let timestep = timestep.upcast();
+        let out = run_on_device(
+            &graph.session,
+            &[
+                ("hidden_states", hidden.value()),
+                ("timestep", &timestep),
+                ("encoder_hidden_states", context.value()),
+            ],
+            &graph.output,
+        )
+        .map(DeviceTensor::new)
+        .map_err(failed)?;
         if graph.bf16 {
             Ok(self.arithmetic.cast(&out, TensorElementType::Float32)?)
         } else {
