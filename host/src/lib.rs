@@ -1,7 +1,11 @@
 //! wanserve: text-to-video with Wan2.1 over ONNX Runtime. See ARCHITECTURE.md for the map.
 
 pub mod backend;
+pub mod jobs;
 pub mod model;
 pub mod pipeline;
 pub mod plugins;
+mod private_file;
+pub mod server;
+pub mod storage;
 pub mod video;

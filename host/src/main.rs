@@ -14,6 +14,7 @@ use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage
 use wanserve::plugins::api_keys::hash_key;
 use wanserve::plugins::config::start_plugins;
 use wanserve::plugins::{PluginHost, PluginLimits, Slot, WIT_VERSION};
+use wanserve::server::config::{ServeArgs, ServeConfig};
 use wanserve::video::{EncoderSettings, Mp4Writer};
 
 #[derive(Parser)]
@@ -31,9 +32,21 @@ struct Cli {
 enum Command {
     /// Generate one video from a prompt and write it as an H.264 mp4.
     Generate(GenerateArgs),
+    /// Serve the REST API (the seed's /video endpoints, docs at /docs) until SIGTERM/Ctrl-C.
+    Serve(Box<ServeArgs>),
     /// Policy plugins (WebAssembly components).
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let config = ServeConfig::resolve(args).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wanserve-http")
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(wanserve::server::serve(config))
 }
 
 #[derive(Subcommand)]
@@ -265,13 +278,24 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // Without RUST_LOG a server logs what an operator needs (start-up, jobs, refusals); the
+    // one-shot commands only warnings.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "wanserve=info,warn",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(*args),
         Command::Plugin(command) => plugin(command),
     };
     match result {

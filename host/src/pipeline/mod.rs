@@ -131,53 +131,11 @@ impl<B: Backend> Pipeline<B> {
 
     /// Width and height must be multiples of this (VAE scale × patch size).
     pub fn size_multiple(&self) -> usize {
-        let p = self.manifest.transformer.patch_size;
-        self.manifest.vae.scale_factor_spatial * p[1].max(p[2])
+        size_multiple(&self.manifest)
     }
 
     pub fn plan(&self, req: &GenerateRequest) -> Result<Plan, PipelineError> {
-        let invalid = |field, reason: String| Err(PipelineError::InvalidRequest { field, reason });
-        let multiple = self.size_multiple();
-        for (field, value) in [("width", req.width), ("height", req.height)] {
-            if value == 0 || value % multiple != 0 {
-                return invalid(
-                    field,
-                    format!("{value} is not a positive multiple of {multiple}"),
-                );
-            }
-        }
-        if req.num_frames == 0 {
-            return invalid("num_frames", "must be at least 1".into());
-        }
-        if req.infer_steps == 0 {
-            return invalid("infer_steps", "must be at least 1".into());
-        }
-        if !req.guidance_scale.is_finite() {
-            return invalid("guidance_scale", "must be a finite number".into());
-        }
-        let vae = &self.manifest.vae;
-        let ts = vae.scale_factor_temporal;
-        let generated_frames = (req.num_frames - 1).div_ceil(ts) * ts + 1;
-        let latent_frames = (generated_frames - 1) / ts + 1;
-        let pt = self.manifest.transformer.patch_size[0];
-        if !latent_frames.is_multiple_of(pt) {
-            return invalid(
-                "num_frames",
-                format!(
-                    "{latent_frames} latent frames are not a multiple of the temporal patch {pt}"
-                ),
-            );
-        }
-        Ok(Plan {
-            generated_frames,
-            latent_shape: [
-                1,
-                vae.z_dim,
-                latent_frames,
-                req.height / vae.scale_factor_spatial,
-                req.width / vae.scale_factor_spatial,
-            ],
-        })
+        plan(&self.manifest, req)
     }
 
     /// The initial latents: `torch.randn(latent_shape, generator=Generator().manual_seed(seed))`.
@@ -332,6 +290,58 @@ impl<B: Backend> Pipeline<B> {
         }
         Ok(emitted)
     }
+}
+
+/// Width and height must be multiples of this for `manifest`'s model (VAE scale × patch size).
+pub fn size_multiple(manifest: &Manifest) -> usize {
+    let p = manifest.transformer.patch_size;
+    manifest.vae.scale_factor_spatial * p[1].max(p[2])
+}
+
+/// The shapes `req` needs on `manifest`'s model, or why the model cannot run it (what the
+/// server checks at submit time, before any session is loaded).
+pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, PipelineError> {
+    let invalid = |field, reason: String| Err(PipelineError::InvalidRequest { field, reason });
+    let multiple = size_multiple(manifest);
+
+    for (field, value) in [("width", req.width), ("height", req.height)] {
+        if value == 0 || value % multiple != 0 {
+            return invalid(
+                field,
+                format!("{value} is not a positive multiple of {multiple}"),
+            );
+        }
+    }
+    if req.num_frames == 0 {
+        return invalid("num_frames", "must be at least 1".into());
+    }
+    if req.infer_steps == 0 {
+        return invalid("infer_steps", "must be at least 1".into());
+    }
+    if !req.guidance_scale.is_finite() {
+        return invalid("guidance_scale", "must be a finite number".into());
+    }
+    let vae = &manifest.vae;
+    let ts = vae.scale_factor_temporal;
+    let generated_frames = (req.num_frames - 1).div_ceil(ts) * ts + 1;
+    let latent_frames = (generated_frames - 1) / ts + 1;
+    let pt = manifest.transformer.patch_size[0];
+    if !latent_frames.is_multiple_of(pt) {
+        return invalid(
+            "num_frames",
+            format!("{latent_frames} latent frames are not a multiple of the temporal patch {pt}"),
+        );
+    }
+    Ok(Plan {
+        generated_frames,
+        latent_shape: [
+            1,
+            vae.z_dim,
+            latent_frames,
+            req.height / vae.scale_factor_spatial,
+            req.width / vae.scale_factor_spatial,
+        ],
+    })
 }
 
 fn check(cancel: &CancelToken) -> Result<(), PipelineError> {

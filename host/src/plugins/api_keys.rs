@@ -7,7 +7,6 @@
 use super::config::ConfigError;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// The key file, in the data directory: `name=<sha256 hex>` per line.
@@ -72,7 +71,7 @@ pub fn seed_api_keys(
         getrandom::fill(&mut secret).map_err(|e| keys_error(format!("no randomness: {e}")))?;
         let key = format!("{GENERATED_PREFIX}{}", hex::encode(secret));
         let entry = format!("generated={}", hash_key(&key));
-        write_key_file(data_dir, &path, &entry).map_err(|e| keys_error(e.to_string()))?;
+        write_key_file(&path, &entry).map_err(|e| keys_error(e.to_string()))?;
         tracing::warn!(file = %path.display(), "no API key configured: generated one (printed once on stdout; only its hash is stored)");
         entries.push(entry);
         generated = Some(key);
@@ -81,26 +80,10 @@ pub fn seed_api_keys(
     Ok(generated)
 }
 
-/// Writes the key file whole or not at all (temporary file, then rename), readable by the owner only.
-fn write_key_file(dir: &Path, path: &Path, entry: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let partial = path.with_extension("partial");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let result = (|| {
-        let mut file = options.open(&partial)?;
-        writeln!(
-            file,
-            "# wanserve API keys, read at start-up: name=<sha256 of the key> per line."
-        )?;
-        writeln!(file, "{entry}")?;
-        file.sync_all()?;
-        std::fs::rename(&partial, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    result
+/// Writes the key file whole or not at all, readable by the owner only.
+fn write_key_file(path: &Path, entry: &str) -> std::io::Result<()> {
+    let text = format!(
+        "# wanserve API keys, read at start-up: name=<sha256 of the key> per line.\n{entry}\n"
+    );
+    crate::private_file::write_private_file(path, text.as_bytes())
 }

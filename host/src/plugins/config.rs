@@ -85,6 +85,17 @@ pub struct PluginsConfig {
     pub slots: Vec<SlotSpec>,
 }
 
+/// Where `scripts/setup` (`cd plugins && cargo build --release`) leaves the default components:
+/// the plugin directory when none is configured.
+pub fn bundled_plugin_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("plugins")
+        .join("target")
+        .join("wasm32-unknown-unknown")
+        .join("release")
+}
+
 impl Slot {
     /// The component a slot loads unless configured otherwise (the default plugins' names).
     pub fn default_file(self) -> &'static str {
@@ -144,7 +155,7 @@ impl PluginsConfig {
         let dir = env("WANSERVE_PLUGIN_DIR")
             .map(PathBuf::from)
             .or(parsed.dir)
-            .unwrap_or_else(|| PathBuf::from("plugins"));
+            .unwrap_or_else(bundled_plugin_dir);
         let defaults = PluginLimits::default();
         let memory_bytes =
             match env_number("WANSERVE_PLUGIN_MEMORY_MIB".into())?.or(parsed.memory_mib) {

@@ -125,6 +125,8 @@ pub struct PluginInfo {
     pub world: String,
     pub sha256: String,
     pub size: usize,
+    /// When the component was compiled and checked, Unix milliseconds.
+    pub loaded_at_ms: i64,
 }
 
 /// A component's pre-instantiation, typed by its slot's world (export lookups done once).
@@ -293,6 +295,7 @@ impl PluginHost {
                 world: format!("{WIT_PACKAGE}/{}", slot.world()),
                 sha256,
                 size: bytes.len(),
+                loaded_at_ms: crate::jobs::now_ms(),
             },
             pre,
         };
@@ -584,25 +587,15 @@ fn check_output_policy(policy: &OutputPolicy) -> Result<(), String> {
     check_pairs("metadata", &policy.metadata)
 }
 
-/// Object keys stay inside the store: relative, no `..` segment, a conservative alphabet.
+/// Object keys stay inside the store (see [`crate::storage::is_safe_key`]).
 fn check_object_key(key: &str) -> Result<(), String> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/');
-    if key.is_empty() || key.len() > 512 {
-        return Err(format!(
-            "object key must be 1 to 512 bytes, not {}",
-            key.len()
-        ));
+    if crate::storage::is_safe_key(key) {
+        Ok(())
+    } else {
+        Err(format!(
+            "object key {key:?} is not a safe relative path of at most 512 bytes"
+        ))
     }
-    if !key.chars().all(allowed)
-        || key.starts_with('/')
-        || key.ends_with('/')
-        || key
-            .split('/')
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err(format!("object key {key:?} is not a safe relative path"));
-    }
-    Ok(())
 }
 
 /// The innermost message of an error chain: what went wrong, without the wrapping context.

@@ -1,0 +1,307 @@
+//! The server's costs, each against its baseline on the same machine in the same run:
+//! - `status/*`: requests per second of `POST /video/status` through wanserve (auth plugin,
+//!   SQLite read, JSON) against a bare axum handler returning a fixed status body, 8 concurrent
+//!   connections each. Target: wanserve ≥ 0.5× bare axum.
+//! - `submit`: latency of `POST /video/submit` through both plugins and the durable insert
+//!   (criterion's median is the p50; p50/p99 over the run are also printed). Target p50 ≤ 2 ms.
+//! - `job/*`: one tiny-model job through the server (submit → status `Succeed`, polling every
+//!   10 ms) against the same job through the pipeline and encoder in-process (what `wanserve
+//!   generate` does after loading). Target: ≤ 5 % overhead.
+//!
+//! Runs the release binary (`CARGO_BIN_EXE_wanserve`): `cargo bench -p wanserve --bench server`.
+//! Build the plugins first (scripts/setup does).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wanserve::backend::{Device, OrtBackend};
+use wanserve::model::{ModelDir, bundled_model_dir};
+use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline};
+use wanserve::video::{EncoderSettings, Mp4Writer};
+
+const KEY: &str = "bench-key-0123456789";
+const CONCURRENCY: usize = 8;
+
+struct Served {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_wanserve() -> Served {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wanserve"))
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--queue-limit",
+            "100000",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("WANSERVE_API_KEYS", KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("wanserve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("wanserve printed its address")
+            .expect("stdout");
+        if let Some(url) = line.strip_prefix("listening on ") {
+            break url.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let client = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !client
+        .get(format!("{url}/ready"))
+        .send()
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "wanserve never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Served {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+/// A bare axum server on its own runtime: POST /video/status → a fixed status body.
+fn start_bare_axum() -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let app = axum::Router::new().route(
+                "/video/status",
+                axum::routing::post(|_body: axum::body::Bytes| async {
+                    axum::Json(json!({"requestId": "a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6",
+                        "status": "InQueue", "results": {"videos": [], "timings": {"inference": null}},
+                        "seed": 7, "position": 1, "expired": false}))
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(format!("http://{}", listener.local_addr().expect("addr")))
+                .expect("send");
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    rx.recv().expect("bare server address")
+}
+
+fn small_job() -> Value {
+    json!({"model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",
+        "image_size": "832x480", "num_frames": 24, "guidance_scale": 5.0, "infer_steps": 20,
+        "seed": 7})
+}
+
+/// Sends `total` status requests over CONCURRENCY connections; returns the wall time.
+fn status_load(
+    runtime: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    url: &str,
+    id: &str,
+    total: u64,
+) -> Duration {
+    let started = Instant::now();
+    runtime.block_on(async {
+        let per_task = total.div_ceil(CONCURRENCY as u64);
+        let tasks: Vec<_> = (0..CONCURRENCY)
+            .map(|_| {
+                let client = client.clone();
+                let url = format!("{url}/video/status");
+                let body = json!({ "requestId": id });
+                tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        let response = client
+                            .post(&url)
+                            .bearer_auth(KEY)
+                            .json(&body)
+                            .send()
+                            .await
+                            .expect("status");
+                        assert_eq!(response.status(), 200);
+                        let _ = response.bytes().await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+    });
+    started.elapsed()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn server_benches(c: &mut Criterion) {
+    let served = start_wanserve();
+    let bare = start_bare_axum();
+    let blocking = reqwest::blocking::Client::new();
+    let submit = |body: &Value| -> String {
+        let r = blocking
+            .post(format!("{}/video/submit", served.url))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .expect("submit");
+        assert_eq!(r.status(), 202);
+        r.json::<Value>().expect("JSON")["requestId"]
+            .as_str()
+            .expect("id")
+            .to_string()
+    };
+    let cancel = |id: &str| {
+        let _ = blocking
+            .post(format!("{}/video/cancel", served.url))
+            .bearer_auth(KEY)
+            .json(&json!({ "requestId": id }))
+            .send();
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = reqwest::Client::new();
+    // A cancelled job: its status is one row read, like any finished job's.
+    let id = submit(&small_job());
+    cancel(&id);
+
+    let mut group = c.benchmark_group("status");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("bare_axum", |b| {
+        b.iter_custom(|n| status_load(&runtime, &client, &bare, &id, n))
+    });
+    group.bench_function("wanserve", |b| {
+        b.iter_custom(|n| status_load(&runtime, &client, &served.url, &id, n))
+    });
+    group.finish();
+
+    let mut latencies = Vec::new();
+    c.bench_function("submit", |b| {
+        b.iter_custom(|n| {
+            let mut total = Duration::ZERO;
+            for _ in 0..n {
+                let started = Instant::now();
+                let id = submit(&small_job());
+                let took = started.elapsed();
+                total += took;
+                latencies.push(took);
+                cancel(&id);
+            }
+            total
+        })
+    });
+    latencies.sort();
+    if !latencies.is_empty() {
+        println!(
+            "submit latency over {} requests: p50 {:?}, p99 {:?}",
+            latencies.len(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99)
+        );
+    }
+
+    // One job: in-process pipeline + encoder, then the same job through the server.
+    let model = ModelDir::open(&bundled_model_dir()).expect("bundled model");
+    let pipeline = Arc::new(
+        Pipeline::new(
+            OrtBackend::load(&model, Device::Cpu, 0).expect("sessions"),
+            &model,
+        )
+        .expect("pipeline"),
+    );
+    let request = GenerateRequest {
+        prompt: "A beautiful sunset over the mountains".into(),
+        negative_prompt: String::new(),
+        width: 832,
+        height: 480,
+        num_frames: 24,
+        infer_steps: 20,
+        guidance_scale: 5.0,
+        seed: 7,
+    };
+    let out = tempfile::tempdir().expect("temp");
+    let mut group = c.benchmark_group("job");
+    group.sample_size(10);
+    group.bench_function("pipeline_in_process", |b| {
+        b.iter(|| {
+            let settings = EncoderSettings {
+                fps: pipeline.manifest().fps,
+                ..EncoderSettings::default()
+            };
+            let path = out.path().join("direct.mp4");
+            let mut writer = Mp4Writer::create(&path, 832, 480, &settings).expect("writer");
+            pipeline
+                .generate(
+                    &request,
+                    &CancelToken::default(),
+                    &mut |_| {},
+                    &mut |chunk| {
+                        writer
+                            .write_rgb(chunk.rgb, chunk.count)
+                            .map_err(|e| e.to_string())
+                    },
+                )
+                .expect("generate");
+            writer.finish().expect("finish")
+        })
+    });
+    group.bench_function("through_server", |b| {
+        b.iter(|| {
+            let id = submit(&small_job());
+            loop {
+                let status: Value = blocking
+                    .post(format!("{}/video/status", served.url))
+                    .bearer_auth(KEY)
+                    .json(&json!({ "requestId": id }))
+                    .send()
+                    .expect("status")
+                    .json()
+                    .expect("JSON");
+                match status["status"].as_str() {
+                    Some("Succeed") => break,
+                    Some("InQueue" | "InProgress") => std::thread::sleep(Duration::from_millis(10)),
+                    other => panic!("job ended {other:?}: {status}"),
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, server_benches);
+criterion_main!(benches);

@@ -1,0 +1,293 @@
+//! Jobs: what a request becomes once accepted, where jobs are kept ([`JobStore`]), and who runs
+//! them ([`scheduler::Scheduler`]).
+//!
+//! A job moves `queued → running → succeeded | failed | cancelled`; `running → queued` when the
+//! server stops (or died) while it ran, keeping its place in the queue. Every transition out of
+//! `running` is fenced on the job's attempt number, so a worker that lost its job (cancelled,
+//! re-queued) cannot overwrite what happened since.
+
+pub mod retention;
+pub mod scheduler;
+pub mod sqlite;
+
+use crate::plugins::{GenerationRequest, Principal};
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job store: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("job store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("job store: corrupt row for job {id}: {reason}")]
+    Corrupt { id: String, reason: String },
+    #[error("job store: cannot open {path}: {reason}")]
+    Open { path: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// The validated request as stored (the plugin's `generation-request`, serialisable).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub num_frames: u32,
+    pub guidance_scale: f32,
+    pub infer_steps: u32,
+    pub seed: u32,
+}
+
+impl From<&GenerationRequest> for JobRequest {
+    fn from(r: &GenerationRequest) -> Self {
+        Self {
+            model: r.model.clone(),
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            width: r.width,
+            height: r.height,
+            num_frames: r.num_frames,
+            guidance_scale: r.guidance_scale,
+            infer_steps: r.infer_steps,
+            seed: r.seed,
+        }
+    }
+}
+
+impl From<&JobRequest> for GenerationRequest {
+    fn from(r: &JobRequest) -> Self {
+        Self {
+            model: r.model.clone(),
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            width: r.width,
+            height: r.height,
+            num_frames: r.num_frames,
+            guidance_scale: r.guidance_scale,
+            infer_steps: r.infer_steps,
+            seed: r.seed,
+        }
+    }
+}
+
+/// The caller as stored with the job (for the post-process plugin, which sees who asked).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPrincipal {
+    pub id: String,
+    pub display_name: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+impl From<&Principal> for JobPrincipal {
+    fn from(p: &Principal) -> Self {
+        Self {
+            id: p.id.clone(),
+            display_name: p.display_name.clone(),
+            attributes: p.attributes.clone(),
+        }
+    }
+}
+
+impl From<&JobPrincipal> for Principal {
+    fn from(p: &JobPrincipal) -> Self {
+        Self {
+            id: p.id.clone(),
+            display_name: p.display_name.clone(),
+            attributes: p.attributes.clone(),
+        }
+    }
+}
+
+/// Where a job is in its run, as last recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredProgress {
+    pub stage: String,
+    pub step: u32,
+    pub total: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// FIFO order of the queue.
+    pub seq: i64,
+    pub id: String,
+    pub principal: JobPrincipal,
+    pub request: JobRequest,
+    pub state: JobState,
+    pub attempt: i64,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub inference_seconds: Option<f64>,
+    pub pending_key: Option<String>,
+    pub object_key: Option<String>,
+    pub expires_at: Option<i64>,
+    pub video_deleted_at: Option<i64>,
+    pub metadata: Vec<(String, String)>,
+    pub reason: Option<String>,
+    pub progress: Option<StoredProgress>,
+}
+
+/// A job to insert.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub principal: JobPrincipal,
+    pub request: JobRequest,
+    /// `Idempotency-Key` and the hash of the request it came with.
+    pub idempotency: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    Created(String),
+    /// The principal used this idempotency key for this job within the last 24 h.
+    Existing(String),
+    /// The idempotency key was used for a different request.
+    KeyReused,
+    /// `queued` jobs already at the limit.
+    QueueFull {
+        queued: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Was queued: it left the queue.
+    Dequeued,
+    /// Was running: marked cancelled; its worker stops at its next step.
+    StopRequested,
+    AlreadyCancelled,
+    /// Succeeded or failed before the cancel came.
+    AlreadyFinished(JobState),
+    NotFound,
+}
+
+/// What a successful attempt leaves.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub object_key: String,
+    pub expires_at: i64,
+    pub inference_seconds: f64,
+    pub metadata: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub queued: u64,
+    pub running: u64,
+}
+
+/// Idempotency keys are remembered this long.
+pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
+/// Where jobs live. SQLite for one host; PostgreSQL (many hosts, one queue) comes through the
+/// same trait. Every method is one atomic step of the store.
+#[async_trait::async_trait]
+pub trait JobStore: Send + Sync {
+    /// Inserts `job` unless its idempotency key names an earlier one, or the queue is full.
+    async fn submit(&self, job: NewJob, queue_limit: u64) -> Result<Submitted, StoreError>;
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
+    /// Queued jobs ahead of the one with `seq`.
+    async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError>;
+    async fn counts(&self) -> Result<Counts, StoreError>;
+    /// Cancels `id` if `principal_id` owns it and it has not ended.
+    async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError>;
+    /// The oldest queued job, now `running` with its attempt incremented.
+    async fn claim_next(&self) -> Result<Option<Job>, StoreError>;
+    async fn set_progress(
+        &self,
+        id: &str,
+        attempt: i64,
+        progress: &StoredProgress,
+    ) -> Result<(), StoreError>;
+    /// Records the key about to be published; false if the attempt no longer runs.
+    async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError>;
+    /// `running → succeeded`; false if the attempt no longer runs (cancelled meanwhile).
+    async fn complete(&self, id: &str, attempt: i64, done: &Completion)
+    -> Result<bool, StoreError>;
+    /// `running → failed`; false if the attempt no longer runs.
+    async fn fail(&self, id: &str, attempt: i64, reason: &str) -> Result<bool, StoreError>;
+    /// `running → queued` (shutdown), keeping the job's place; false if it no longer runs.
+    async fn requeue(&self, id: &str, attempt: i64) -> Result<bool, StoreError>;
+    /// At start-up: every `running` job (its process died) back to `queued`. Returns them as
+    /// they were, so the caller can remove what their attempt may have left behind.
+    async fn recover(&self) -> Result<Vec<Job>, StoreError>;
+    /// Succeeded jobs whose video's time is up and that still have it.
+    async fn expired_videos(&self, now_ms: i64, limit: u32) -> Result<Vec<Job>, StoreError>;
+    async fn mark_video_deleted(&self, id: &str, at_ms: i64) -> Result<(), StoreError>;
+    /// Forgets idempotency keys older than the window.
+    async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError>;
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A fresh request id: 32 characters from `[a-z0-9]` (~165 bits from the OS's CSPRNG).
+pub fn new_request_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut id = String::with_capacity(32);
+    while id.len() < 32 {
+        let mut bytes = [0u8; 64];
+        // getrandom only fails when the OS has no entropy source at all; a fixed fallback would
+        // make ids guessable, so that is a hard stop.
+        getrandom::fill(&mut bytes).expect("the OS random number generator is available");
+        for b in bytes {
+            // 252 = 7 × 36: rejection keeps every character equally likely.
+            if b < 252 && id.len() < 32 {
+                id.push(ALPHABET[(b % 36) as usize] as char);
+            }
+        }
+    }
+    id
+}
+
+/// Whether `id` has the shape of a request id (checked before any lookup).
+pub fn is_request_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}

@@ -1,0 +1,384 @@
+//! [`JobStore`] on SQLite (sqlx, WAL): one writer connection, so every write transaction runs
+//! alone and never meets `SQLITE_BUSY`; a pool of read-only connections for status lookups,
+//! which WAL lets run beside the writer.
+
+use super::{
+    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobPrincipal, JobRequest,
+    JobState, JobStore, NewJob, StoreError, StoredProgress, Submitted, now_ms,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
+use std::path::Path;
+use std::time::Duration;
+
+pub struct SqliteJobStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+const COLUMNS: &str = "seq, id, principal, request, status, attempt, created_at, started_at, \
+    finished_at, inference_seconds, pending_key, object_key, expires_at, video_deleted_at, \
+    metadata, reason, progress_stage, progress_step, progress_total";
+
+impl SqliteJobStore {
+    /// Opens (creating if needed) the database at `path` and applies the migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a committed transaction survives a process crash (kill -9); only an
+            // OS crash can lose the last ones.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+}
+
+fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
+    let id: String = row.try_get("id")?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: id.clone(),
+        reason,
+    };
+    let principal: JobPrincipal = serde_json::from_str(row.try_get::<&str, _>("principal")?)
+        .map_err(|e| corrupt(format!("principal: {e}")))?;
+    let request: JobRequest = serde_json::from_str(row.try_get::<&str, _>("request")?)
+        .map_err(|e| corrupt(format!("request: {e}")))?;
+    let status: &str = row.try_get("status")?;
+    let state = JobState::parse(status).ok_or_else(|| corrupt(format!("status {status:?}")))?;
+    let metadata = match row.try_get::<Option<&str>, _>("metadata")? {
+        None => Vec::new(),
+        Some(text) => serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?,
+    };
+    let progress = match (
+        row.try_get::<Option<String>, _>("progress_stage")?,
+        row.try_get::<Option<i64>, _>("progress_step")?,
+        row.try_get::<Option<i64>, _>("progress_total")?,
+    ) {
+        (Some(stage), Some(step), Some(total)) => Some(StoredProgress {
+            stage,
+            step: step.clamp(0, u32::MAX as i64) as u32,
+            total: total.clamp(0, u32::MAX as i64) as u32,
+        }),
+        _ => None,
+    };
+    Ok(Job {
+        seq: row.try_get("seq")?,
+        principal,
+        request,
+        state,
+        attempt: row.try_get("attempt")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        inference_seconds: row.try_get("inference_seconds")?,
+        pending_key: row.try_get("pending_key")?,
+        object_key: row.try_get("object_key")?,
+        expires_at: row.try_get("expires_at")?,
+        video_deleted_at: row.try_get("video_deleted_at")?,
+        metadata,
+        reason: row.try_get("reason")?,
+        progress,
+        id,
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serialising plain structs of strings and numbers cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+#[async_trait::async_trait]
+impl JobStore for SqliteJobStore {
+    async fn submit(&self, job: NewJob, queue_limit: u64) -> Result<Submitted, StoreError> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        if let Some((key, hash)) = &job.idempotency {
+            let earlier = sqlx::query(
+                "SELECT job_id, request_hash FROM idempotency_keys
+                 WHERE principal_id = ? AND key = ? AND created_at > ?",
+            )
+            .bind(&job.principal.id)
+            .bind(key)
+            .bind(now - IDEMPOTENCY_WINDOW_MS)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = earlier {
+                let earlier_hash: String = row.try_get("request_hash")?;
+                return Ok(if &earlier_hash == hash {
+                    Submitted::Existing(row.try_get("job_id")?)
+                } else {
+                    Submitted::KeyReused
+                });
+            }
+        }
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
+            .fetch_one(&mut *tx)
+            .await?;
+        let queued = queued.max(0) as u64;
+        if queued >= queue_limit {
+            return Ok(Submitted::QueueFull { queued });
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, principal_id, principal, request, status, created_at)
+             VALUES (?, ?, ?, ?, 'queued', ?)",
+        )
+        .bind(&job.id)
+        .bind(&job.principal.id)
+        .bind(to_json(&job.principal))
+        .bind(to_json(&job.request))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((key, hash)) = &job.idempotency {
+            // An expired entry for the same key is replaced.
+            sqlx::query(
+                "INSERT OR REPLACE INTO idempotency_keys (principal_id, key, request_hash, job_id, created_at)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&job.principal.id)
+            .bind(key)
+            .bind(hash)
+            .bind(&job.id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Submitted::Created(job.id))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        sqlx::query(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(job_from_row)
+            .transpose()
+    }
+
+    async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued' AND seq < ?")
+                .bind(seq)
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let rows = sqlx::query(
+            "SELECT status, count(*) AS n FROM jobs WHERE status IN ('queued', 'running') GROUP BY status",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let mut counts = Counts::default();
+        for row in rows {
+            let n = row.try_get::<i64, _>("n")?.max(0) as u64;
+            match row.try_get::<&str, _>("status")? {
+                "queued" => counts.queued = n,
+                _ => counts.running = n,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT status FROM jobs WHERE id = ? AND principal_id = ?")
+            .bind(id)
+            .bind(principal_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let status: String = row.try_get("status")?;
+        let outcome = match JobState::parse(&status) {
+            Some(JobState::Queued) => CancelOutcome::Dequeued,
+            Some(JobState::Running) => CancelOutcome::StopRequested,
+            Some(JobState::Cancelled) => return Ok(CancelOutcome::AlreadyCancelled),
+            Some(state) => return Ok(CancelOutcome::AlreadyFinished(state)),
+            None => {
+                return Err(StoreError::Corrupt {
+                    id: id.into(),
+                    reason: format!("status {status:?}"),
+                });
+            }
+        };
+        sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?, reason = 'cancelled by the client'
+             WHERE id = ?",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn claim_next(&self) -> Result<Option<Job>, StoreError> {
+        sqlx::query(&format!(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?,
+                 progress_stage = NULL, progress_step = NULL, progress_total = NULL
+             WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1)
+             RETURNING {COLUMNS}"
+        ))
+        .bind(now_ms())
+        .fetch_optional(&self.writer)
+        .await?
+        .as_ref()
+        .map(job_from_row)
+        .transpose()
+    }
+
+    async fn set_progress(
+        &self,
+        id: &str,
+        attempt: i64,
+        progress: &StoredProgress,
+    ) -> Result<(), StoreError> {
+        // Any status: a cancelled job keeps the step it stopped at.
+        sqlx::query(
+            "UPDATE jobs SET progress_stage = ?, progress_step = ?, progress_total = ?
+             WHERE id = ? AND attempt = ?",
+        )
+        .bind(&progress.stage)
+        .bind(progress.step as i64)
+        .bind(progress.total as i64)
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET pending_key = ? WHERE id = ? AND attempt = ? AND status = 'running'",
+        )
+        .bind(key)
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        id: &str,
+        attempt: i64,
+        done: &Completion,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', finished_at = ?, inference_seconds = ?,
+                 object_key = ?, pending_key = NULL, expires_at = ?, metadata = ?, reason = NULL
+             WHERE id = ? AND attempt = ? AND status = 'running'",
+        )
+        .bind(now_ms())
+        .bind(done.inference_seconds)
+        .bind(&done.object_key)
+        .bind(done.expires_at)
+        .bind(to_json(&done.metadata))
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.writer)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn fail(&self, id: &str, attempt: i64, reason: &str) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'failed', finished_at = ?, reason = ?, pending_key = NULL
+             WHERE id = ? AND attempt = ? AND status = 'running'",
+        )
+        .bind(now_ms())
+        .bind(reason)
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.writer)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn requeue(&self, id: &str, attempt: i64) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'queued', started_at = NULL,
+                 progress_stage = NULL, progress_step = NULL, progress_total = NULL
+             WHERE id = ? AND attempt = ? AND status = 'running'",
+        )
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.writer)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn recover(&self) -> Result<Vec<Job>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status = 'running' ORDER BY seq"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "UPDATE jobs SET status = 'queued', started_at = NULL, pending_key = NULL,
+                 progress_stage = NULL, progress_step = NULL, progress_total = NULL
+             WHERE status = 'running'",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    async fn expired_videos(&self, now_ms: i64, limit: u32) -> Result<Vec<Job>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM jobs
+             WHERE status = 'succeeded' AND video_deleted_at IS NULL AND expires_at <= ?
+             ORDER BY expires_at LIMIT ?"
+        ))
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(job_from_row)
+        .collect()
+    }
+
+    async fn mark_video_deleted(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET video_deleted_at = ? WHERE id = ?")
+            .bind(at_ms)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= ?")
+            .bind(now_ms - IDEMPOTENCY_WINDOW_MS)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

@@ -1,0 +1,503 @@
+//! The seed's endpoints: `POST /video/submit`, `POST /video/status`, `POST|DELETE
+//! /video/cancel`, and `GET /videos/{key}` for the signed local URLs.
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody, FieldProblem};
+use crate::jobs::{
+    CancelOutcome, JobPrincipal, JobRequest, JobState, NewJob, Submitted, is_request_id,
+    new_request_id, now_ms,
+};
+use crate::plugins::{PluginError, Slot};
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::str::FromStr;
+use std::sync::Arc;
+use tower::ServiceExt;
+use utoipa::ToSchema;
+
+/// The submit body (as checked by the default validate plugin, `validate-seed`; an operator's
+/// plugin may accept other values, within the server's own limits).
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documentation of the body: the validate plugin reads it, not serde
+pub struct SubmitBody {
+    #[schema(example = "Wan2.1-T2V-1.3B")]
+    model: String,
+    /// 10–500 characters.
+    #[schema(
+        min_length = 10,
+        max_length = 500,
+        example = "A beautiful sunset over the mountains"
+    )]
+    prompt: String,
+    /// What the video should not show; up to 500 characters.
+    #[schema(max_length = 500)]
+    negative_prompt: Option<String>,
+    /// WIDTHxHEIGHT: `832x480` (landscape) or `480x832` (portrait).
+    #[schema(example = "832x480", pattern = "^(480x832|832x480)$")]
+    image_size: String,
+    /// 24–120 (the model makes the next 4k+1 and the video has exactly this many).
+    #[schema(minimum = 24, maximum = 120, example = 81)]
+    num_frames: u32,
+    #[schema(minimum = 1.0, maximum = 20.0, example = 5.0)]
+    guidance_scale: f32,
+    #[schema(minimum = 20, maximum = 100, example = 50)]
+    infer_steps: u32,
+    /// 0–2147483647; drawn at random when absent (and reported by status).
+    #[schema(minimum = 0, maximum = 2147483647)]
+    seed: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubmitResponse {
+    /// 32 characters, `[a-z0-9]`.
+    #[schema(example = "a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6")]
+    pub request_id: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRef {
+    #[schema(example = "a1b2c3d4e5f6g7h8i9j0k1l2m3n4o5p6")]
+    pub request_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Video {
+    /// Opens without an API key until the video expires (signed).
+    pub url: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Timings {
+    /// Seconds from the start of generation to the stored video; null until it succeeds.
+    pub inference: Option<f64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Results {
+    /// One video once `Succeed`, none before or after it expired.
+    pub videos: Vec<Video>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProgressView {
+    /// `encoding_text`, `denoising` or `decoding`.
+    pub stage: String,
+    /// Steps (or decoded chunks) done.
+    pub step: u32,
+    pub total: u32,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub enum StatusName {
+    InQueue,
+    InProgress,
+    Succeed,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusResponse {
+    pub request_id: String,
+    pub status: StatusName,
+    pub results: Results,
+    pub seed: u32,
+    /// While `InQueue`: 1 = next to run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// While `InProgress` (and, for a cancelled job, where it stopped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressView>,
+    /// While `InProgress`: estimated seconds until the video is ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// Why a job `Failed` or was `Cancelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When a `Succeed` job's video is (or was) deleted, Unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// True once the video's retention has passed: the job stays `Succeed`, `videos` is empty.
+    pub expired: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CancelResponse {
+    /// `Succeed`: the job is cancelled (a queued job left the queue; a running one stops
+    /// before its next step).
+    #[schema(example = "Succeed")]
+    pub status: &'static str,
+}
+
+/// Reads a JSON object body; 413 past the limit, 400 when it is not JSON, 422 when it is not
+/// an object.
+fn json_object(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit }
+        } else {
+            ApiError::MalformedJson("cannot read the request body".into())
+        }
+    })?;
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::field("body", "must be a JSON object")),
+        Err(e) => Err(ApiError::MalformedJson(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn request_id_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<String, ApiError> {
+    let map = json_object(body, limit)?;
+    match map.get("requestId") {
+        None => Err(ApiError::field("requestId", "is required")),
+        Some(serde_json::Value::String(id)) => Ok(id.clone()),
+        Some(_) => Err(ApiError::field("requestId", "must be a string")),
+    }
+}
+
+/// Idempotency-Key: 1–255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::field("Idempotency-Key", "sent more than once"));
+    }
+    match value.to_str() {
+        Ok(key)
+            if !key.is_empty()
+                && key.len() <= 255
+                && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+        {
+            Ok(Some(key.to_string()))
+        }
+        _ => Err(ApiError::field(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+fn plugin_failure(slot: Slot, error: &PluginError) -> ApiError {
+    tracing::warn!(slot = %slot, error = %error, "refusing the request: plugin failed closed");
+    ApiError::PluginUnavailable { slot }
+}
+
+/// Submit a generation job.
+#[utoipa::path(post, path = "/video/submit", tag = "video",
+    request_body = SubmitBody,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "The same key from the same caller within 24 h returns the same requestId and creates nothing")),
+    responses(
+        (status = 202, description = "Accepted", body = SubmitResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Authentication failed", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key reused with a different body", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Every bad field, with the reason", body = ErrorBody),
+        (status = 429, description = "Queue full (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "A policy plugin failed (refused, fail closed)", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn submit(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let body = json_object(body, state.limits.body_limit)?;
+    let body_hash = hex::encode(Sha256::digest(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ));
+    let fields = crate::plugins::json_fields(&body);
+    let plugins = state.plugins.clone();
+    let caller = principal.clone();
+    metrics::counter!("wanserve_plugin_calls_total", "slot" => "validate").increment(1);
+    let verdict = tokio::task::spawn_blocking(move || plugins.validate(&caller, &fields))
+        .await
+        .map_err(ApiError::internal)?;
+    let request = match verdict {
+        Ok(Ok(request)) => request,
+        Ok(Err(errors)) => {
+            return Err(ApiError::invalid(
+                errors
+                    .into_iter()
+                    .map(|e| FieldProblem {
+                        field: e.field,
+                        reason: e.reason,
+                    })
+                    .collect(),
+            ));
+        }
+        Err(e) => return Err(plugin_failure(Slot::Validate, &e)),
+    };
+    let request = JobRequest::from(&request);
+    state.limits.check(&request)?;
+    let outcome = state
+        .store
+        .submit(
+            NewJob {
+                id: new_request_id(),
+                principal: JobPrincipal::from(&principal),
+                request,
+                idempotency: key.map(|k| (k, body_hash)),
+            },
+            state.queue_limit,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    let id = match outcome {
+        Submitted::Created(id) => {
+            state.scheduler.wake();
+            metrics::counter!("wanserve_jobs_submitted_total").increment(1);
+            id
+        }
+        Submitted::Existing(id) => id,
+        Submitted::KeyReused => {
+            return Err(ApiError::Conflict(
+                "this Idempotency-Key was used with a different request body".into(),
+            ));
+        }
+        Submitted::QueueFull { queued } => {
+            return Err(ApiError::QueueFull {
+                queued,
+                retry_after: state.scheduler.retry_after_seconds(),
+            });
+        }
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SubmitResponse { request_id: id }),
+    )
+        .into_response())
+}
+
+/// The status of a job (only its submitter can see it).
+#[utoipa::path(post, path = "/video/status", tag = "video",
+    request_body = JobRef,
+    responses(
+        (status = 200, description = "The job", body = StatusResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Authentication failed", body = ErrorBody),
+        (status = 404, description = "No such job for this caller", body = ErrorBody),
+        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
+        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn status(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<StatusResponse>, ApiError> {
+    let id = request_id_of(body, state.limits.body_limit)?;
+    if !is_request_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let job = state
+        .store
+        .get(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .filter(|job| job.principal.id == principal.id)
+        .ok_or(ApiError::NotFound)?;
+    let now = now_ms();
+    let mut response = StatusResponse {
+        request_id: job.id.clone(),
+        status: StatusName::InQueue,
+        results: Results {
+            videos: Vec::new(),
+            timings: Timings { inference: None },
+        },
+        seed: job.request.seed,
+        position: None,
+        progress: None,
+        eta_seconds: None,
+        reason: None,
+        expires_at: None,
+        expired: false,
+    };
+    let stored_progress = job.progress.as_ref().map(|p| ProgressView {
+        stage: p.stage.clone(),
+        step: p.step,
+        total: p.total,
+    });
+    match job.state {
+        JobState::Queued => {
+            let ahead = state
+                .store
+                .jobs_ahead(job.seq)
+                .await
+                .map_err(ApiError::internal)?;
+            response.position = Some(ahead + 1);
+        }
+        JobState::Running => {
+            response.status = StatusName::InProgress;
+            match state.scheduler.progress(&job.id) {
+                Some(live) => {
+                    response.progress = Some(ProgressView {
+                        stage: live.stage.into(),
+                        step: live.step,
+                        total: live.total,
+                    });
+                    response.eta_seconds = live.eta_seconds.map(|s| (s * 10.0).round() / 10.0);
+                }
+                None => response.progress = stored_progress,
+            }
+        }
+        JobState::Succeeded => {
+            response.status = StatusName::Succeed;
+            response.results.timings.inference = job.inference_seconds;
+            response.expires_at = job.expires_at;
+            let expires_at = job.expires_at.unwrap_or(now);
+            response.expired = job.video_deleted_at.is_some() || expires_at <= now;
+            if !response.expired
+                && let Some(key) = &job.object_key
+                && let Some(url) = state
+                    .videos
+                    .url(key, now, expires_at)
+                    .await
+                    .map_err(ApiError::internal)?
+            {
+                response.results.videos.push(Video { url });
+            }
+        }
+        JobState::Failed => {
+            response.status = StatusName::Failed;
+            response.reason = job.reason.clone();
+        }
+        JobState::Cancelled => {
+            response.status = StatusName::Cancelled;
+            response.reason = job.reason.clone();
+            response.progress = stored_progress;
+        }
+    }
+    Ok(Json(response))
+}
+
+/// Cancel a job (POST or DELETE). A queued job leaves the queue at once; a running one stops
+/// before its next denoising step. Cancelling a cancelled job succeeds again; a job that already
+/// succeeded or failed answers 409 and keeps its result.
+#[utoipa::path(post, path = "/video/cancel", tag = "video",
+    request_body = JobRef,
+    responses(
+        (status = 200, description = "Cancelled", body = CancelResponse),
+        (status = 401, description = "Authentication failed", body = ErrorBody),
+        (status = 404, description = "No such job for this caller", body = ErrorBody),
+        (status = 409, description = "The job already succeeded or failed", body = ErrorBody),
+        (status = 422, description = "requestId missing or not a string", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<CancelResponse>, ApiError> {
+    let id = request_id_of(body, state.limits.body_limit)?;
+    if !is_request_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let outcome = state
+        .store
+        .cancel(&id, &principal.id)
+        .await
+        .map_err(ApiError::internal)?;
+    match outcome {
+        CancelOutcome::Dequeued | CancelOutcome::AlreadyCancelled => {}
+        CancelOutcome::StopRequested => {
+            state.scheduler.cancel_running(&id);
+        }
+        CancelOutcome::AlreadyFinished(job_state) => {
+            let what = if job_state == JobState::Succeeded {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            return Err(ApiError::Conflict(format!(
+                "the job already {what}; there is nothing to cancel"
+            )));
+        }
+        CancelOutcome::NotFound => return Err(ApiError::NotFound),
+    }
+    tracing::info!(request_id = %id, ?outcome, "cancel");
+    Ok(Json(CancelResponse { status: "Succeed" }))
+}
+
+/// The same as `POST /video/cancel` (the seed's Postman guide uses DELETE).
+#[utoipa::path(delete, path = "/video/cancel", tag = "video",
+    request_body = JobRef,
+    responses(
+        (status = 200, description = "Cancelled", body = CancelResponse),
+        (status = 401, description = "Authentication failed", body = ErrorBody),
+        (status = 404, description = "No such job for this caller", body = ErrorBody),
+        (status = 409, description = "The job already succeeded or failed", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cancel_delete(
+    state: State<Arc<AppState>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<CancelResponse>, ApiError> {
+    cancel(state, caller, body).await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Signature {
+    expires: Option<String>,
+    sig: Option<String>,
+}
+
+/// A stored video, by the signed URL that status hands out (no API key; range requests).
+#[utoipa::path(get, path = "/videos/{key}", tag = "video",
+    params(("key" = String, Path, description = "Object key"),
+        ("expires" = i64, Query, description = "Unix seconds"),
+        ("sig" = String, Query, description = "HMAC-SHA256, hex")),
+    responses(
+        (status = 200, description = "The video", content_type = "video/mp4"),
+        (status = 206, description = "A range of the video", content_type = "video/mp4"),
+        (status = 403, description = "Bad or expired signature", body = ErrorBody),
+        (status = 404, description = "No such video", body = ErrorBody)))]
+pub async fn video(
+    State(state): State<Arc<AppState>>,
+    Path(key): Path<String>,
+    Query(signature): Query<Signature>,
+    request: Request<Body>,
+) -> Result<Response, ApiError> {
+    let (Some(expires), Some(sig)) = (signature.expires, signature.sig) else {
+        return Err(ApiError::Forbidden("missing or invalid signature".into()));
+    };
+    let file = state
+        .videos
+        .verify_local(&key, &expires, &sig, now_ms())
+        .map_err(|refusal| {
+            ApiError::Forbidden(match refusal {
+                crate::storage::UrlRefusal::Expired => "this link has expired".into(),
+                _ => "missing or invalid signature".into(),
+            })
+        })?;
+    if !tokio::fs::try_exists(&file).await.unwrap_or(false) {
+        return Err(ApiError::NotFound);
+    }
+    let served = tower_http::services::ServeFile::new_with_mime(
+        &file,
+        &mime::Mime::from_str("video/mp4").map_err(ApiError::internal)?,
+    )
+    .oneshot(request)
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(served.map(Body::new).into_response())
+}

@@ -1,0 +1,150 @@
+//! Who is calling: the auth plugin for the API (`Caller`), a separate admin key for the admin
+//! API (`Admin`). Both run before the body is read.
+
+use super::AppState;
+use super::error::ApiError;
+use crate::plugins::{HttpRequest, Principal, Slot};
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// The principal the auth plugin established for this request.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        let request = HttpRequest {
+            method: parts.method.as_str().to_string(),
+            path: parts.uri.path().to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_string(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            peer,
+        };
+        let plugins = state.plugins.clone();
+        metrics::counter!("wanserve_plugin_calls_total", "slot" => "auth").increment(1);
+        let answer = tokio::task::spawn_blocking(move || plugins.authenticate(&request))
+            .await
+            .map_err(ApiError::internal)?;
+        match answer {
+            Ok(Ok(principal)) => Ok(Caller(principal)),
+            Ok(Err(denial)) => Err(ApiError::Unauthorized {
+                reason: denial.reason,
+                challenge: denial.challenge,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing the request: auth plugin failed closed");
+                Err(ApiError::PluginUnavailable { slot: Slot::Auth })
+            }
+        }
+    }
+}
+
+/// A request that presented the admin key.
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let denied = |reason: &str| ApiError::Unauthorized {
+            reason: reason.into(),
+            challenge: Some("Bearer realm=\"wanserve-admin\"".into()),
+        };
+        let mut values = parts
+            .headers
+            .get_all(axum::http::header::AUTHORIZATION)
+            .iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(denied(
+                "the admin API needs `Authorization: Bearer <admin key>`",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| denied("the admin API needs `Authorization: Bearer <admin key>`"))?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if bool::from(presented.ct_eq(&state.admin_key_hash)) {
+            Ok(Admin)
+        } else {
+            Err(denied("invalid admin key"))
+        }
+    }
+}
+
+/// The admin key file in the data directory: the key's SHA-256, hex.
+pub const ADMIN_KEY_FILE: &str = "admin-key";
+const ADMIN_PREFIX: &str = "wsa_";
+
+/// The SHA-256 of the admin key: the configured one, else the stored hash, else a new key
+/// (stored hashed; returned to be printed once).
+pub fn admin_key_hash(
+    configured: Option<&SecretString>,
+    data_dir: &Path,
+) -> Result<([u8; 32], Option<String>), String> {
+    if let Some(key) = configured {
+        let key = key.expose_secret().trim();
+        if key.len() < 16 {
+            return Err("the admin key must be at least 16 characters".into());
+        }
+        return Ok((Sha256::digest(key.as_bytes()).into(), None));
+    }
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let hash = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .and_then(|l| hex::decode(l).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| format!("{}: not a SHA-256 in hex", path.display()))?;
+            Ok((hash, None))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
+            let key = format!("{ADMIN_PREFIX}{}", hex::encode(secret));
+            let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+            let text = format!(
+                "# wanserve admin key: its SHA-256, read at start-up.\n{}\n",
+                hex::encode(hash)
+            );
+            crate::private_file::write_private_file(&path, text.as_bytes())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok((hash, Some(key)))
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}

@@ -1,0 +1,239 @@
+//! `wanserve serve` settings: flags, each with an environment variable, over an optional TOML
+//! file's `[server]` table, over defaults. Secrets are `SecretString`s, so printing or logging
+//! the config shows `[REDACTED]` for them whatever the caller does.
+
+use crate::backend::Device;
+use crate::model::bundled_model_dir;
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The seed's largest job: 832 × 480 pixels × 120 frames.
+pub const DEFAULT_MAX_PIXEL_FRAMES: u64 = 832 * 480 * 120;
+/// The seed's largest step count.
+pub const DEFAULT_MAX_STEPS: u32 = 100;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with a [server] table (these settings) and a [plugins] table.
+    #[arg(long, env = "WANSERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0, all interfaces].
+    #[arg(long, env = "WANSERVE_HOST")]
+    pub host: Option<IpAddr>,
+    /// Port to listen on; 0 picks a free one [default: 8088].
+    #[arg(long, env = "WANSERVE_PORT")]
+    pub port: Option<u16>,
+    /// Where the job database, the local video store, keys and secrets live [default: ./data].
+    #[arg(long, env = "WANSERVE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A wanserve model directory [default: the bundled tiny random-weight model].
+    #[arg(long, env = "WANSERVE_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Where the model runs [default: cpu].
+    #[arg(long, env = "WANSERVE_DEVICE", value_enum)]
+    pub device: Option<Device>,
+    /// Intra-op threads per ONNX session, 0 = one per core [default: 0].
+    #[arg(long, env = "WANSERVE_THREADS")]
+    pub threads: Option<usize>,
+    /// Jobs that run at once [default: 2].
+    #[arg(long, env = "WANSERVE_SLOTS")]
+    pub slots: Option<usize>,
+    /// Queued jobs accepted before submit answers 429 [default: 100].
+    #[arg(long, env = "WANSERVE_QUEUE_LIMIT")]
+    pub queue_limit: Option<u64>,
+    /// Object store for videos: file:///dir or s3://bucket[/prefix] (credentials, region and
+    /// endpoint from the standard AWS_* variables) [default: <data-dir>/videos].
+    #[arg(long, env = "WANSERVE_STORE")]
+    pub store: Option<String>,
+    /// Directory of the policy plugins [default: the components built by scripts/setup].
+    #[arg(long, env = "WANSERVE_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// Base of the video URLs handed to clients [default: http://<listen address>].
+    #[arg(long, env = "WANSERVE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Retention when the post-process plugin fails [default: 3600].
+    #[arg(long, env = "WANSERVE_DEFAULT_RETENTION_SECONDS")]
+    pub default_retention_seconds: Option<u64>,
+    /// How often expired videos are looked for, in milliseconds [default: 30000].
+    #[arg(long, env = "WANSERVE_SWEEP_INTERVAL_MS")]
+    pub sweep_interval_ms: Option<u64>,
+    /// Largest width × height × frames of a job, whatever the validate plugin accepts
+    /// [default: 47923200 = 832 × 480 × 120].
+    #[arg(long, env = "WANSERVE_MAX_PIXEL_FRAMES")]
+    pub max_pixel_frames: Option<u64>,
+    /// Largest step count of a job, whatever the validate plugin accepts [default: 100].
+    #[arg(long, env = "WANSERVE_MAX_STEPS")]
+    pub max_steps: Option<u32>,
+    /// Largest request body in bytes (submit, status, cancel) [default: 65536].
+    #[arg(long, env = "WANSERVE_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
+    /// Key for the admin API [default: the one in <data-dir>/admin-key, generated and printed
+    /// once when there is none].
+    #[arg(long, env = "WANSERVE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<SecretString>,
+    /// API keys, comma-separated (hashed at start, never stored).
+    #[arg(long, env = "WANSERVE_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<SecretString>,
+}
+
+/// The `[server]` table: the same settings, minus secrets (keep those in the environment).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerTable {
+    host: Option<IpAddr>,
+    port: Option<u16>,
+    data_dir: Option<PathBuf>,
+    model_dir: Option<PathBuf>,
+    device: Option<String>,
+    threads: Option<usize>,
+    slots: Option<usize>,
+    queue_limit: Option<u64>,
+    store: Option<String>,
+    public_url: Option<String>,
+    default_retention_seconds: Option<u64>,
+    sweep_interval_ms: Option<u64>,
+    max_pixel_frames: Option<u64>,
+    max_steps: Option<u32>,
+    body_limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    server: ServerTable,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeConfigError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Every setting, resolved.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub config_file: Option<PathBuf>,
+    pub host: IpAddr,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub model_dir: PathBuf,
+    pub bundled_model: bool,
+    pub device: Device,
+    pub threads: usize,
+    pub slots: usize,
+    pub queue_limit: u64,
+    pub store: Option<String>,
+    pub plugin_dir: Option<PathBuf>,
+    pub public_url: Option<String>,
+    pub default_retention: Duration,
+    pub sweep_interval: Duration,
+    pub max_pixel_frames: u64,
+    pub max_steps: u32,
+    pub body_limit: usize,
+    pub admin_key: Option<SecretString>,
+    pub api_keys: Option<SecretString>,
+}
+
+impl ServeConfig {
+    pub fn resolve(args: ServeArgs) -> Result<Self, ServeConfigError> {
+        let file = match &args.config {
+            None => ConfigFile::default(),
+            Some(path) => read_file(path)?,
+        };
+        let t = file.server;
+        let device = match (args.device, t.device.as_deref()) {
+            (Some(d), _) => d,
+            (None, None) => Device::Cpu,
+            (None, Some(name)) => {
+                <Device as clap::ValueEnum>::from_str(name, true).map_err(|_| {
+                    ServeConfigError::Invalid {
+                        key: "server.device",
+                        reason: format!("{name:?} is not cpu or cuda"),
+                    }
+                })?
+            }
+        };
+        let model_dir = args.model_dir.or(t.model_dir);
+        let slots = args.slots.or(t.slots).unwrap_or(2);
+        if slots == 0 {
+            return Err(ServeConfigError::Invalid {
+                key: "slots",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let body_limit = args.body_limit.or(t.body_limit).unwrap_or(64 << 10);
+        if body_limit < 1024 {
+            return Err(ServeConfigError::Invalid {
+                key: "body_limit",
+                reason: "must be at least 1024 bytes".into(),
+            });
+        }
+        let sweep_ms = args
+            .sweep_interval_ms
+            .or(t.sweep_interval_ms)
+            .unwrap_or(30_000);
+        if sweep_ms == 0 {
+            return Err(ServeConfigError::Invalid {
+                key: "sweep_interval_ms",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            config_file: args.config,
+            host: args
+                .host
+                .or(t.host)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            port: args.port.or(t.port).unwrap_or(8088),
+            data_dir: args
+                .data_dir
+                .or(t.data_dir)
+                .unwrap_or_else(|| PathBuf::from("data")),
+            bundled_model: model_dir.is_none(),
+            model_dir: model_dir.unwrap_or_else(bundled_model_dir),
+            device,
+            threads: args.threads.or(t.threads).unwrap_or(0),
+            slots,
+            queue_limit: args.queue_limit.or(t.queue_limit).unwrap_or(100),
+            store: args.store.or(t.store),
+            plugin_dir: args.plugin_dir,
+            public_url: args.public_url.or(t.public_url),
+            default_retention: Duration::from_secs(
+                args.default_retention_seconds
+                    .or(t.default_retention_seconds)
+                    .unwrap_or(3600),
+            ),
+            sweep_interval: Duration::from_millis(sweep_ms),
+            max_pixel_frames: args
+                .max_pixel_frames
+                .or(t.max_pixel_frames)
+                .unwrap_or(DEFAULT_MAX_PIXEL_FRAMES),
+            max_steps: args.max_steps.or(t.max_steps).unwrap_or(DEFAULT_MAX_STEPS),
+            body_limit,
+            admin_key: args.admin_key,
+            api_keys: args.api_keys,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<ConfigFile, ServeConfigError> {
+    let fail = |reason: String| ServeConfigError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    // Other tables ([plugins]) belong to the plugin host; only [server] is read here.
+    let value: toml::Table = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    if let Some(unknown) = value
+        .keys()
+        .find(|k| !matches!(k.as_str(), "server" | "plugins"))
+    {
+        return Err(fail(format!("unknown table [{unknown}]")));
+    }
+    toml::from_str(&text).map_err(|e| fail(e.to_string()))
+}

@@ -1,0 +1,166 @@
+//! Every error a client can get, and the one place it becomes an HTTP response:
+//! `{"error": {"code", "message", "fields": [{"field", "reason"}]}}`.
+//!
+//! 500s carry a generic message and an error id that is also in the log; nothing else (no
+//! paths, no runtime messages, no secrets) reaches the client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FieldProblem {
+    /// The request field, e.g. `num_frames`.
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `unauthorized`, `not_found`, `invalid_request`,
+    /// `malformed_json`, `payload_too_large`, `queue_full`, `conflict`, `plugin_unavailable`,
+    /// `forbidden`, `not_ready`, `internal`.
+    pub code: &'static str,
+    pub message: String,
+    pub fields: Vec<FieldProblem>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401; `challenge` is the auth plugin's `WWW-Authenticate` value.
+    #[error("{reason}")]
+    Unauthorized {
+        reason: String,
+        challenge: Option<String>,
+    },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("no such job")]
+    NotFound,
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        fields: Vec<FieldProblem>,
+    },
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("the request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the queue is full ({queued} jobs waiting); retry in {retry_after} s")]
+    QueueFull { queued: u64, retry_after: u64 },
+    #[error("{0}")]
+    Conflict(String),
+    /// A policy plugin failed closed.
+    #[error("the {slot} policy is unavailable; the request was refused (try again)")]
+    PluginUnavailable { slot: crate::plugins::Slot },
+    #[error("{0}")]
+    NotReady(String),
+    /// Logged with its id where it happened; the client sees only the id.
+    #[error("internal error (error id {error_id})")]
+    Internal { error_id: String },
+}
+
+/// The default challenge when a plugin supplies none or an unusable one.
+const DEFAULT_CHALLENGE: &str = "Bearer realm=\"wanserve\"";
+
+impl ApiError {
+    /// Logs `cause` at error level with a fresh id and returns the 500 that names the id.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        let error_id = crate::jobs::scheduler::new_error_id();
+        tracing::error!(error_id, error = %cause, "internal error");
+        ApiError::Internal { error_id }
+    }
+
+    pub fn invalid(fields: Vec<FieldProblem>) -> Self {
+        let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
+        ApiError::Invalid {
+            message: format!("invalid request: {}", names.join(", ")),
+            fields,
+        }
+    }
+
+    pub fn field(field: &str, reason: impl Into<String>) -> Self {
+        Self::invalid(vec![FieldProblem {
+            field: field.into(),
+            reason: reason.into(),
+        }])
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PluginUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "plugin_unavailable")
+            }
+            ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// A plugin-supplied header value, if it is a safe single-line header (no CR/LF, no control
+/// characters, bounded).
+pub fn safe_header_value(value: &str) -> Option<HeaderValue> {
+    if value.is_empty()
+        || value.len() > 1024
+        || value.bytes().any(|b| b.is_ascii_control() || !b.is_ascii())
+    {
+        return None;
+    }
+    HeaderValue::from_str(value).ok()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let fields = match &self {
+            ApiError::Invalid { fields, .. } => fields.clone(),
+            _ => Vec::new(),
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+                fields,
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::Unauthorized { challenge, .. } => {
+                let value = challenge
+                    .as_deref()
+                    .and_then(safe_header_value)
+                    .filter(|v| {
+                        // The challenge must name the Bearer scheme the API uses.
+                        v.to_str()
+                            .map(|s| s.len() >= 6 && s[..6].eq_ignore_ascii_case("bearer"))
+                            .unwrap_or(false)
+                    })
+                    .unwrap_or_else(|| HeaderValue::from_static(DEFAULT_CHALLENGE));
+                headers.insert(header::WWW_AUTHENTICATE, value);
+            }
+            ApiError::QueueFull { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ApiError::PluginUnavailable { .. } | ApiError::NotReady(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,287 @@
+//! Starts the real `wanserve serve` binary on a free loopback port with the bundled tiny model
+//! and the real plugins, and talks to it over HTTP.
+
+use crate::common;
+use reqwest::blocking::{Client, Response};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const ALICE: &str = "alice-key-0123456789";
+pub const BOB: &str = "bob-key-9876543210";
+pub const ADMIN: &str = "admin-key-0123456789abcdef";
+
+/// What a test may change about the server it starts.
+#[derive(Default, Clone)]
+pub struct Options {
+    pub slots: Option<usize>,
+    pub queue_limit: Option<u64>,
+    /// Extra TOML appended to the config file (e.g. a postprocess plugin config).
+    pub toml: String,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub plugin_dir: Option<PathBuf>,
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub data_dir: PathBuf,
+    options: Options,
+    client: Client,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// The directory with the default components (built once per test binary).
+pub fn plugin_dir() -> PathBuf {
+    common::plugin_wasm("validate-seed")
+        .parent()
+        .expect("components live in a directory")
+        .to_path_buf()
+}
+
+impl Server {
+    pub fn start(options: Options) -> Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let data_dir = temp.path().join("data");
+        let mut server = Server {
+            child: None,
+            url: String::new(),
+            data_dir,
+            options,
+            client: Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("HTTP client"),
+            _temp: Some(temp),
+        };
+        server.launch();
+        server
+    }
+
+    /// Starts (again) on the same data directory.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let config = self.data_dir.with_file_name("wanserve.toml");
+        std::fs::write(&config, &self.options.toml).expect("write config");
+        let plugin_dir = self.options.plugin_dir.clone().unwrap_or_else(plugin_dir);
+        let mut command = common::wanserve();
+        command
+            .arg("serve")
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--config")
+            .arg(&config)
+            .arg("--plugin-dir")
+            .arg(&plugin_dir)
+            .args(["--threads", "1"])
+            .env("WANSERVE_API_KEYS", format!("{ALICE},{BOB}"))
+            .env("WANSERVE_ADMIN_KEY", ADMIN)
+            .env("RUST_LOG", "wanserve=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(slots) = self.options.slots {
+            command.args(["--slots", &slots.to_string()]);
+        }
+        if let Some(limit) = self.options.queue_limit {
+            command.args(["--queue-limit", &limit.to_string()]);
+        }
+        command.args(&self.options.extra_args);
+        for (k, v) in &self.options.env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("wanserve starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = self.data_dir.with_file_name("server.log");
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("log file");
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(file, "{line}");
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        self.url = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start:\n{}", self.log());
+            }
+        };
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_file_name("server.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/ready", self.url)).send()
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server never became ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `kill -9`: no shutdown, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Response {
+        let mut request = self.client.post(format!("{}{path}", self.url)).json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send().expect("request sent")
+    }
+
+    pub fn submit(&self, key: &str, body: &Value) -> String {
+        let response = self.post("/video/submit", Some(key), body);
+        let status = response.status();
+        let text = response.text().unwrap_or_default();
+        assert_eq!(status, 202, "submit refused: {text}");
+        let answer: Value = serde_json::from_str(&text).expect("JSON");
+        answer["requestId"].as_str().expect("requestId").to_string()
+    }
+
+    pub fn status(&self, key: &str, id: &str) -> Value {
+        let response = self.post("/video/status", Some(key), &json!({ "requestId": id }));
+        assert_eq!(response.status(), 200, "status of {id}");
+        response.json().expect("JSON")
+    }
+
+    /// Polls until `done(status)` holds; returns that status.
+    pub fn wait_for(
+        &self,
+        key: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status(key, id);
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never reached the expected state; last status {status}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_final(&self, key: &str, id: &str) -> Value {
+        self.wait_for(key, id, Duration::from_secs(600), |s| {
+            matches!(
+                s["status"].as_str(),
+                Some("Succeed" | "Failed" | "Cancelled")
+            )
+        })
+    }
+
+    pub fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .expect("metrics")
+            .text()
+            .expect("text")
+    }
+
+    /// Files under the local video store.
+    pub fn stored_videos(&self) -> Vec<PathBuf> {
+        files_under(&self.data_dir.join("videos"))
+    }
+}
+
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The smallest job the seed allows (24 frames, 20 steps): a few seconds on the tiny model.
+pub fn small_job() -> Value {
+    json!({
+        "model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",
+        "image_size": "832x480", "num_frames": 24, "guidance_scale": 5.0, "infer_steps": 20,
+        "seed": 7
+    })
+}
+
+/// The largest job the seed allows: long enough to cancel while it runs.
+pub fn long_job() -> Value {
+    json!({
+        "model": "Wan2.1-T2V-1.3B", "prompt": "A very long video of a very slow sunset",
+        "image_size": "832x480", "num_frames": 120, "guidance_scale": 5.0, "infer_steps": 100,
+        "seed": 3
+    })
+}

@@ -1,0 +1,377 @@
+//! Jobs through the running server: the flow to `Succeed` and the video fetched without a key,
+//! cancel (queued and running, POST and DELETE), two slots, kill -9 and restart, SIGTERM,
+//! retention, 429.
+
+use crate::common;
+use crate::harness::{ALICE, Options, Server, long_job, small_job};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+fn state(status: &Value) -> &str {
+    status["status"].as_str().unwrap_or_default()
+}
+
+fn denoising_step(status: &Value) -> Option<u64> {
+    (status["progress"]["stage"] == "denoising")
+        .then(|| status["progress"]["step"].as_u64())
+        .flatten()
+}
+
+fn download(server: &Server, url: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    // No Authorization header: the URL alone opens the video.
+    let response = reqwest::blocking::get(url).expect("video URL");
+    assert_eq!(response.status(), 200, "{url}");
+    assert_eq!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default(),
+        "video/mp4"
+    );
+    let bytes = response.bytes().expect("body");
+    let path = dir.join("video.mp4");
+    std::fs::write(&path, &bytes).expect("write");
+    let _ = server;
+    path
+}
+
+#[test]
+fn a_job_succeeds_and_its_url_opens_without_a_key() {
+    let server = Server::start(Options::default());
+    let id = server.submit(ALICE, &small_job());
+    let first = server.status(ALICE, &id);
+    assert!(matches!(state(&first), "InQueue" | "InProgress"), "{first}");
+    // Progress and an ETA while it runs.
+    let running = server.wait_for(ALICE, &id, Duration::from_secs(120), |s| {
+        denoising_step(s).is_some_and(|step| step >= 2) || state(s) == "Succeed"
+    });
+    if state(&running) == "InProgress" {
+        assert_eq!(running["progress"]["total"], 20, "{running}");
+        assert!(running["etaSeconds"].is_number() || running["etaSeconds"].is_null());
+    }
+    let done = server.wait_final(ALICE, &id);
+    assert_eq!(state(&done), "Succeed", "{done}\n{}", server.log());
+    assert_eq!(done["seed"], 7);
+    assert!(
+        done["results"]["timings"]["inference"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0)
+    );
+    let url = done["results"]["videos"][0]["url"]
+        .as_str()
+        .expect("video url")
+        .to_string();
+    assert!(url.starts_with(&server.url), "{url} is on this server");
+
+    let dir = tempfile::tempdir().expect("temp");
+    let file = download(&server, &url, dir.path());
+    let (codec, width, height, rate, frames, pix_fmt) = common::probe(&file);
+    assert_eq!(
+        (
+            codec.as_str(),
+            width,
+            height,
+            rate.as_str(),
+            frames,
+            pix_fmt.as_str()
+        ),
+        ("h264", 832, 480, "16/1", 24, "yuv420p")
+    );
+
+    // Range requests (video players seek with them).
+    let response = server
+        .client()
+        .get(&url)
+        .header("range", "bytes=0-99")
+        .send()
+        .expect("range");
+    assert_eq!(response.status(), 206);
+    assert_eq!(response.bytes().expect("body").len(), 100);
+
+    // A tampered signature, a changed expiry, a missing signature, a key outside the store:
+    // 403, never the file.
+    let tampered = format!("{}0", &url[..url.len() - 1]);
+    let (base, query) = url.split_once('?').expect("query");
+    let later = query.replace("expires=", "expires=9");
+    for bad in [
+        tampered,
+        format!("{base}?{later}"),
+        base.to_string(),
+        format!("{}/videos/..%2F..%2Fjobs.db?{query}", server.url),
+        format!("{}/videos/../jobs.db?{query}", server.url),
+    ] {
+        let response = reqwest::blocking::get(&bad).expect("sent");
+        assert!(
+            matches!(response.status().as_u16(), 403 | 404),
+            "{bad}: {}",
+            response.status()
+        );
+        assert!(response.bytes().expect("body").len() < 1000);
+    }
+
+    // One object in the store; nothing left in the work directory.
+    assert_eq!(
+        server.stored_videos().len(),
+        1,
+        "{:?}",
+        server.stored_videos()
+    );
+    assert!(crate::harness::files_under(&server.data_dir.join("work")).is_empty());
+    // Cancelling a finished job: 409, the video stays.
+    let response = server.post("/video/cancel", Some(ALICE), &json!({ "requestId": id }));
+    assert_eq!(response.status(), 409);
+    assert_eq!(state(&server.status(ALICE, &id)), "Succeed");
+    let metrics = server.metrics();
+    assert!(
+        metrics.contains("wanserve_job_duration_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wanserve_step_duration_seconds"),
+        "{metrics}"
+    );
+}
+
+/// Cancel by POST and by DELETE, queued and running; a running job stops within one step and
+/// its slot goes to the next job at once.
+#[test]
+fn cancel_queued_and_running_jobs() {
+    let server = Server::start(Options {
+        slots: Some(1),
+        ..Options::default()
+    });
+    let running = server.submit(ALICE, &long_job());
+    let next = server.submit(ALICE, &long_job());
+    let queued = server.submit(ALICE, &long_job());
+    assert_eq!(server.status(ALICE, &next)["position"], 1);
+    assert_eq!(server.status(ALICE, &queued)["position"], 2);
+
+    // A queued job leaves the queue at once (POST).
+    let response = server.post(
+        "/video/cancel",
+        Some(ALICE),
+        &json!({ "requestId": queued }),
+    );
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<Value>().expect("JSON"),
+        json!({"status": "Succeed"})
+    );
+    let cancelled = server.status(ALICE, &queued);
+    assert_eq!(state(&cancelled), "Cancelled");
+    assert!(cancelled["progress"].is_null(), "never ran: {cancelled}");
+    // Cancelling again is not an error.
+    let response = server.post(
+        "/video/cancel",
+        Some(ALICE),
+        &json!({ "requestId": queued }),
+    );
+    assert_eq!(response.status(), 200);
+
+    // The running job, once it is denoising (DELETE).
+    let seen = server.wait_for(ALICE, &running, Duration::from_secs(120), |s| {
+        denoising_step(s).is_some_and(|step| step >= 1)
+    });
+    let step_at_cancel = denoising_step(&seen).expect("denoising");
+    let response = server
+        .client()
+        .delete(format!("{}/video/cancel", server.url))
+        .bearer_auth(ALICE)
+        .json(&json!({ "requestId": running }))
+        .send()
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    assert_eq!(state(&server.status(ALICE, &running)), "Cancelled");
+    // Its slot goes to the next job, which starts at once.
+    let started = Instant::now();
+    server.wait_for(ALICE, &next, Duration::from_secs(60), |s| {
+        state(s) == "InProgress"
+    });
+    let handover = started.elapsed();
+    // Where did the cancelled one stop? At most one step after the status we saw (a step that
+    // had already begun finishes; no further step starts).
+    let stopped = server.status(ALICE, &running);
+    let stopped_at = stopped["progress"]["step"].as_u64().expect("progress kept");
+    assert!(
+        stopped_at <= step_at_cancel + 1,
+        "cancel at step {step_at_cancel}, stopped after step {stopped_at}: {stopped}"
+    );
+    assert!(handover < Duration::from_secs(30), "{handover:?}");
+    assert_eq!(stopped["reason"], "cancelled by the client");
+
+    let response = server.post("/video/cancel", Some(ALICE), &json!({ "requestId": next }));
+    assert_eq!(response.status(), 200);
+    server.wait_for(ALICE, &next, Duration::from_secs(30), |s| {
+        state(s) == "Cancelled"
+    });
+    // Nothing was published and no partial file is left.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        server.stored_videos().is_empty(),
+        "{:?}",
+        server.stored_videos()
+    );
+    assert!(crate::harness::files_under(&server.data_dir.join("work")).is_empty());
+}
+
+/// Three jobs, two slots: never more than two run, and two do run at once.
+#[test]
+fn at_most_two_jobs_run_at_once() {
+    let server = Server::start(Options::default());
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let mut body = small_job();
+            body["seed"] = json!(100 + i);
+            server.submit(ALICE, &body)
+        })
+        .collect();
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let states: Vec<String> = ids
+            .iter()
+            .map(|id| state(&server.status(ALICE, id)).to_string())
+            .collect();
+        let running = states.iter().filter(|s| *s == "InProgress").count();
+        assert!(running <= 2, "{states:?}");
+        most = most.max(running);
+        if states.iter().all(|s| s == "Succeed" || s == "Failed") {
+            assert!(states.iter().all(|s| s == "Succeed"), "{states:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{states:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(most, 2, "two jobs ran at once at some point");
+    assert_eq!(server.stored_videos().len(), 3);
+}
+
+/// kill -9 while a job runs; the restarted server runs it again from the start and it ends
+/// with exactly one stored video. Queued jobs keep their place.
+#[test]
+fn kill_9_during_a_job_loses_nothing_and_duplicates_nothing() {
+    let mut server = Server::start(Options {
+        slots: Some(1),
+        ..Options::default()
+    });
+    let first = server.submit(ALICE, &small_job());
+    let mut second_body = small_job();
+    second_body["seed"] = json!(11);
+    let second = server.submit(ALICE, &second_body);
+    server.wait_for(ALICE, &first, Duration::from_secs(120), |s| {
+        denoising_step(s).is_some_and(|step| step >= 3)
+    });
+    server.kill9();
+    server.launch();
+    // After the restart: the interrupted job is queued again, ahead of the other.
+    let after = server.status(ALICE, &first);
+    assert!(matches!(state(&after), "InQueue" | "InProgress"), "{after}");
+    for id in [&first, &second] {
+        let done = server.wait_final(ALICE, id);
+        assert_eq!(state(&done), "Succeed", "{done}");
+    }
+    let videos = server.stored_videos();
+    assert_eq!(videos.len(), 2, "one object per job: {videos:?}");
+    assert!(crate::harness::files_under(&server.data_dir.join("work")).is_empty());
+    // The re-run is the same video as an uninterrupted run (same seed).
+    let url = server.status(ALICE, &first)["results"]["videos"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_string();
+    let dir = tempfile::tempdir().expect("temp");
+    let (_, _, _, _, frames, _) = common::probe(&download(&server, &url, dir.path()));
+    assert_eq!(frames, 24);
+}
+
+/// SIGTERM stops the running job at its next step and keeps it (and the queue) for the next
+/// start.
+#[test]
+fn sigterm_puts_running_jobs_back_in_the_queue() {
+    let mut server = Server::start(Options {
+        slots: Some(1),
+        ..Options::default()
+    });
+    let id = server.submit(ALICE, &small_job());
+    let queued = server.submit(ALICE, &long_job());
+    server.wait_for(ALICE, &id, Duration::from_secs(120), |s| {
+        denoising_step(s).is_some_and(|step| step >= 1)
+    });
+    let status = server.terminate();
+    assert!(status.success(), "clean exit: {status:?}\n{}", server.log());
+    server.launch();
+    let back = server.status(ALICE, &queued);
+    assert_eq!(state(&back), "InQueue", "{back}");
+    let response = server.post(
+        "/video/cancel",
+        Some(ALICE),
+        &json!({ "requestId": queued }),
+    );
+    assert_eq!(response.status(), 200);
+    let done = server.wait_final(ALICE, &id);
+    assert_eq!(state(&done), "Succeed", "{done}");
+    assert_eq!(server.stored_videos().len(), 1);
+}
+
+/// A short retention: the sweeper deletes the object (the plugin says delete) and status says
+/// the video expired.
+#[test]
+fn retention_deletes_expired_videos_and_status_says_so() {
+    let server = Server::start(Options {
+        toml: "[server]\nsweep_interval_ms = 200\n\n[plugins.postprocess.config]\nretention_seconds = \"3\"\n"
+            .into(),
+        ..Options::default()
+    });
+    let id = server.submit(ALICE, &small_job());
+    let done = server.wait_final(ALICE, &id);
+    assert_eq!(state(&done), "Succeed", "{done}");
+    assert_eq!(done["expired"], false);
+    let url = done["results"]["videos"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_string();
+    assert_eq!(server.stored_videos().len(), 1);
+    let expired = server.wait_for(ALICE, &id, Duration::from_secs(30), |s| {
+        s["expired"] == true
+    });
+    assert_eq!(state(&expired), "Succeed");
+    assert_eq!(expired["results"]["videos"], json!([]));
+    // The sweeper removes the object shortly after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.stored_videos().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", server.stored_videos());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The old URL no longer opens anything.
+    let response = reqwest::blocking::get(&url).expect("sent");
+    assert_eq!(response.status(), 403);
+}
+
+/// A full queue answers 429 with Retry-After.
+#[test]
+fn full_queue_answers_429() {
+    let server = Server::start(Options {
+        slots: Some(1),
+        queue_limit: Some(1),
+        ..Options::default()
+    });
+    let running = server.submit(ALICE, &long_job());
+    server.wait_for(ALICE, &running, Duration::from_secs(60), |s| {
+        state(s) == "InProgress"
+    });
+    let waiting = server.submit(ALICE, &long_job());
+    let response = server.post("/video/submit", Some(ALICE), &long_job());
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry >= 1);
+    for id in [running, waiting] {
+        let response = server.post("/video/cancel", Some(ALICE), &json!({ "requestId": id }));
+        assert_eq!(response.status(), 200);
+    }
+    // Room again.
+    let id = server.submit(ALICE, &long_job());
+    let response = server.post("/video/cancel", Some(ALICE), &json!({ "requestId": id }));
+    assert_eq!(response.status(), 200);
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests of `wanserve serve`: the real binary on a free loopback port, the bundled
+//! tiny model, the real plugins, real HTTP. One test binary (each binary links wasmtime, ort and
+//! ffmpeg), one module per area.
+
+#[path = "../common.rs"]
+mod common;
+
+mod api;
+mod harness;
+mod jobs;
+mod s3;
