@@ -334,6 +334,13 @@ fn health_ready_docs_and_metrics() {
         metrics.contains("route=\"/video/status\"") && metrics.contains("status=\"401\""),
         "{metrics}"
     );
+    // The start-up log prints the config, with its secrets redacted, and never a key.
+    let log = server.log();
+    assert!(log.contains("[REDACTED]"), "{log}");
+    for secret in [ALICE, BOB, ADMIN] {
+        assert!(!log.contains(secret), "a key in the log");
+    }
+    assert!(log.contains("RANDOM-WEIGHT"), "says which weights it serves");
 }
 
 /// A validate plugin that loops or traps refuses the request (503), never lets it through,

@@ -375,3 +375,72 @@ fn full_queue_answers_429() {
     let response = server.post("/video/cancel", Some(ALICE), &json!({ "requestId": id }));
     assert_eq!(response.status(), 200);
 }
+
+/// A job whose generation fails (here: its encoder cannot create its file) ends `Failed` with
+/// a reason and an error id, its slot is freed, and the server goes on serving. A store row
+/// the server cannot read is a 500 naming an error id that is in the log, and nothing else.
+#[test]
+fn failures_are_reported_not_leaked() {
+    let server = Server::start(Options {
+        slots: Some(1),
+        ..Options::default()
+    });
+    // The work directory replaced by a file: the encoder cannot open its output.
+    let work = server.data_dir.join("work");
+    std::fs::remove_dir_all(&work).expect("remove work dir");
+    std::fs::write(&work, b"in the way").expect("file in the way");
+    let failed = server.submit(ALICE, &small_job());
+    let done = server.wait_final(ALICE, &failed);
+    assert_eq!(state(&done), "Failed", "{done}");
+    let reason = done["reason"].as_str().expect("reason").to_string();
+    assert!(
+        reason.starts_with("encoding the video failed (error id "),
+        "{reason}"
+    );
+    assert!(!reason.contains(&server.data_dir.display().to_string()));
+    let error_id = reason
+        .trim_end_matches(')')
+        .rsplit(' ')
+        .next()
+        .expect("id")
+        .to_string();
+    assert!(server.log().contains(&error_id), "the id is in the log");
+    // The slot is free and the next job runs.
+    std::fs::remove_file(&work).expect("remove file");
+    std::fs::create_dir(&work).expect("work dir back");
+    let next = server.submit(ALICE, &small_job());
+    assert_eq!(state(&server.wait_final(ALICE, &next)), "Succeed");
+
+    // A corrupt row: 500, a generic message with an id, no SQL, no path, no serde message.
+    let db = server.data_dir.join("jobs.db");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .busy_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("open the job database");
+        sqlx::query("UPDATE jobs SET request = 'not json' WHERE id = ?")
+            .bind(&failed)
+            .execute(&mut conn)
+            .await
+            .expect("corrupt one row");
+    });
+    let response = server.post("/video/status", Some(ALICE), &json!({ "requestId": failed }));
+    assert_eq!(response.status(), 500);
+    let body: Value = response.json().expect("JSON");
+    assert_eq!(body["error"]["code"], "internal");
+    let message = body["error"]["message"].as_str().expect("message");
+    let id = message
+        .strip_prefix("internal error (error id ")
+        .and_then(|m| m.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("generic message: {message}"));
+    assert!(server.log().contains(id), "500's id {id} is in the log");
+    // Other jobs are unaffected.
+    assert_eq!(state(&server.status(ALICE, &next)), "Succeed");
+}
