@@ -340,7 +340,10 @@ fn health_ready_docs_and_metrics() {
     for secret in [ALICE, BOB, ADMIN] {
         assert!(!log.contains(secret), "a key in the log");
     }
-    assert!(log.contains("RANDOM-WEIGHT"), "says which weights it serves");
+    assert!(
+        log.contains("RANDOM-WEIGHT"),
+        "says which weights it serves"
+    );
 }
 
 /// A validate plugin that loops or traps refuses the request (503), never lets it through,

@@ -431,7 +431,11 @@ fn failures_are_reported_not_leaked() {
             .await
             .expect("corrupt one row");
     });
-    let response = server.post("/video/status", Some(ALICE), &json!({ "requestId": failed }));
+    let response = server.post(
+        "/video/status",
+        Some(ALICE),
+        &json!({ "requestId": failed }),
+    );
     assert_eq!(response.status(), 500);
     let body: Value = response.json().expect("JSON");
     assert_eq!(body["error"]["code"], "internal");
