@@ -130,6 +130,7 @@ fn status_load(
     client: &reqwest::Client,
     url: &str,
     id: &str,
+    expect: u16,
     total: u64,
 ) -> Duration {
     let started = Instant::now();
@@ -149,7 +150,7 @@ fn status_load(
                             .send()
                             .await
                             .expect("status");
-                        assert_eq!(response.status(), 200);
+                        assert_eq!(response.status(), expect);
                         let _ = response.bytes().await;
                     }
                 })
@@ -203,10 +204,15 @@ fn server_benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("status");
     group.throughput(Throughput::Elements(1));
     group.bench_function("bare_axum", |b| {
-        b.iter_custom(|n| status_load(&runtime, &client, &bare, &id, n))
+        b.iter_custom(|n| status_load(&runtime, &client, &bare, &id, 200, n))
     });
     group.bench_function("wanserve", |b| {
-        b.iter_custom(|n| status_load(&runtime, &client, &served.url, &id, n))
+        b.iter_custom(|n| status_load(&runtime, &client, &served.url, &id, 200, n))
+    });
+    // Where the time goes: the same request with an id that cannot exist (auth plugin, no
+    // store read; 404).
+    group.bench_function("wanserve_auth_only", |b| {
+        b.iter_custom(|n| status_load(&runtime, &client, &served.url, "not-an-id", 404, n))
     });
     group.finish();
 

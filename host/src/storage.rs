@@ -242,14 +242,19 @@ impl VideoStore {
         }
     }
 
-    fn local_signature(&self, key: &str, expires: i64) -> String {
+    /// HMAC-SHA256 over the method, key and expiry of a local video URL.
+    fn url_mac(&self, key: &str, expires: i64) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(self.url_secret.expose_secret())
             .expect("HMAC takes keys of any length");
         mac.update(b"GET\n");
         mac.update(key.as_bytes());
         mac.update(b"\n");
         mac.update(expires.to_string().as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        mac
+    }
+
+    fn local_signature(&self, key: &str, expires: i64) -> String {
+        hex::encode(self.url_mac(key, expires).finalize().into_bytes())
     }
 
     /// Checks a local video URL's signature and expiry; returns the file to serve.
@@ -268,14 +273,9 @@ impl VideoStore {
         }
         let expires_s: i64 = expires.parse().map_err(|_| UrlRefusal::BadSignature)?;
         let given = hex::decode(sig).map_err(|_| UrlRefusal::BadSignature)?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.url_secret.expose_secret())
-            .expect("HMAC takes keys of any length");
-        mac.update(b"GET\n");
-        mac.update(key.as_bytes());
-        mac.update(b"\n");
-        mac.update(expires_s.to_string().as_bytes());
         // verify_slice compares in constant time.
-        mac.verify_slice(&given)
+        self.url_mac(key, expires_s)
+            .verify_slice(&given)
             .map_err(|_| UrlRefusal::BadSignature)?;
         if expires_s.saturating_mul(1000) <= now_ms {
             return Err(UrlRefusal::Expired);

@@ -381,7 +381,7 @@ fn full_queue_answers_429() {
 /// the server cannot read is a 500 naming an error id that is in the log, and nothing else.
 #[test]
 fn failures_are_reported_not_leaked() {
-    let server = Server::start(Options {
+    let mut server = Server::start(Options {
         slots: Some(1),
         ..Options::default()
     });
@@ -412,6 +412,8 @@ fn failures_are_reported_not_leaked() {
     assert_eq!(state(&server.wait_final(ALICE, &next)), "Succeed");
 
     // A corrupt row: 500, a generic message with an id, no SQL, no path, no serde message.
+    // (Written behind the server's back while it is stopped: the server caches what it wrote.)
+    assert!(server.terminate().success());
     let db = server.data_dir.join("jobs.db");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -431,6 +433,7 @@ fn failures_are_reported_not_leaked() {
             .await
             .expect("corrupt one row");
     });
+    server.launch();
     let response = server.post(
         "/video/status",
         Some(ALICE),
@@ -447,4 +450,37 @@ fn failures_are_reported_not_leaked() {
     assert!(server.log().contains(id), "500's id {id} is in the log");
     // Other jobs are unaffected.
     assert_eq!(state(&server.status(ALICE, &next)), "Succeed");
+}
+
+/// A post-process plugin that names a key outside the store and traps in `retain`: the host
+/// refuses the key and uses its default policy (`<id>.mp4`, `--default-retention-seconds`), and
+/// once that expires the sweeper keeps the video (a failing `retain` never deletes), while
+/// status reports it expired.
+#[test]
+fn a_failing_postprocess_plugin_loses_no_video() {
+    let server = Server::start(Options {
+        toml: "[server]\nsweep_interval_ms = 200\ndefault_retention_seconds = 2\n\n\
+               [plugins.postprocess]\nfile = \"test_bad_postprocess.wasm\"\n"
+            .into(),
+        ..Options::default()
+    });
+    let id = server.submit(ALICE, &small_job());
+    let done = server.wait_final(ALICE, &id);
+    assert_eq!(state(&done), "Succeed", "{done}");
+    let videos = server.stored_videos();
+    assert_eq!(videos.len(), 1);
+    assert!(videos[0].ends_with(format!("{id}.mp4")), "{videos:?}");
+    let expired = server.wait_for(ALICE, &id, Duration::from_secs(30), |s| {
+        s["expired"] == true
+    });
+    assert_eq!(expired["results"]["videos"], json!([]));
+    // Several sweeps later the object is still there: the plugin failed, so it is kept.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(server.stored_videos().len(), 1);
+    assert!(
+        server
+            .metrics()
+            .contains("wanserve_plugin_failures_total{slot=\"postprocess\"}"),
+        "failures counted"
+    );
 }

@@ -254,9 +254,17 @@ pub trait JobStore: Send + Sync {
     /// At start-up: every `running` job (its process died) back to `queued`. Returns them as
     /// they were, so the caller can remove what their attempt may have left behind.
     async fn recover(&self) -> Result<Vec<Job>, StoreError>;
-    /// Succeeded jobs whose video's time is up and that still have it.
-    async fn expired_videos(&self, now_ms: i64, limit: u32) -> Result<Vec<Job>, StoreError>;
+    /// Succeeded jobs whose video's time is up and that still have it, leaving out those the
+    /// retention plugin chose to keep after `kept_before_ms`.
+    async fn expired_videos(
+        &self,
+        now_ms: i64,
+        kept_before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Job>, StoreError>;
     async fn mark_video_deleted(&self, id: &str, at_ms: i64) -> Result<(), StoreError>;
+    /// The retention plugin kept the video at `at_ms` (asked again later).
+    async fn mark_video_kept(&self, id: &str, at_ms: i64) -> Result<(), StoreError>;
     /// Forgets idempotency keys older than the window.
     async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError>;
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 /// Videos looked at per pass.
 const BATCH: u32 = 100;
+/// A video the plugin kept is offered to it again after this long.
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(600);
 
 pub struct Sweeper {
     pub store: Arc<dyn JobStore>,
@@ -37,7 +39,10 @@ impl Sweeper {
     pub async fn sweep_once(&self) -> Result<usize, super::StoreError> {
         let now = now_ms();
         let _ = self.store.prune_idempotency_keys(now).await?;
-        let due = self.store.expired_videos(now, BATCH).await?;
+        let due = self
+            .store
+            .expired_videos(now, now - ASK_AGAIN_AFTER.as_millis() as i64, BATCH)
+            .await?;
         let mut deleted = 0;
         for job in due {
             let Some(key) = job.object_key.clone() else {
@@ -56,6 +61,7 @@ impl Sweeper {
                     .await
                     .unwrap_or(RetentionDecision::Keep);
             if decision == RetentionDecision::Keep {
+                self.store.mark_video_kept(&job.id, now).await?;
                 continue;
             }
             match self.videos.delete(&key).await {

@@ -365,6 +365,20 @@ impl Inner {
         Outcome::Requeued
     }
 
+    /// Logs `error` with a fresh error id and fails the job with `what` and that id (the
+    /// client sees the category and the id, never the error itself).
+    fn fail_logged(
+        &self,
+        job: &Job,
+        what: &str,
+        context: &str,
+        error: &dyn std::fmt::Display,
+    ) -> Outcome {
+        let error_id = new_error_id();
+        tracing::error!(request_id = %job.id, error_id, error = %error, "{context}");
+        self.fail(job, &format!("{what} (error id {error_id})"))
+    }
+
     fn fail(&self, job: &Job, reason: &str) -> Outcome {
         if let Err(e) = self.block_on(self.store.fail(&job.id, job.attempt, reason)) {
             tracing::error!(request_id = %job.id, error = %e, "cannot record the failure");
@@ -441,11 +455,11 @@ impl Inner {
         let mut writer = match Mp4Writer::create(&temp, request.width, request.height, &settings) {
             Ok(w) => w,
             Err(e) => {
-                let error_id = new_error_id();
-                tracing::error!(request_id = %job.id, error_id, error = %e, "cannot start the encoder");
-                return self.fail(
+                return self.fail_logged(
                     job,
-                    &format!("encoding the video failed (error id {error_id})"),
+                    "encoding the video failed",
+                    "cannot start the encoder",
+                    &e,
                 );
             }
         };
@@ -483,11 +497,11 @@ impl Inner {
         let file = match writer.finish() {
             Ok(file) => file,
             Err(e) => {
-                let error_id = new_error_id();
-                tracing::error!(request_id = %job.id, error_id, error = %e, "cannot finish the video");
-                return self.fail(
+                return self.fail_logged(
                     job,
-                    &format!("encoding the video failed (error id {error_id})"),
+                    "encoding the video failed",
+                    "cannot finish the video",
+                    &e,
                 );
             }
         };
@@ -527,20 +541,20 @@ impl Inner {
             Ok(true) => {}
             Ok(false) => return Outcome::Cancelled,
             Err(e) => {
-                let error_id = new_error_id();
-                tracing::error!(request_id = %job.id, error_id, error = %e, "cannot record the video key");
-                return self.fail(
+                return self.fail_logged(
                     job,
-                    &format!("storing the video failed (error id {error_id})"),
+                    "storing the video failed",
+                    "cannot record the video key",
+                    &e,
                 );
             }
         }
         if let Err(e) = self.block_on(self.videos.publish(file, &key)) {
-            let error_id = new_error_id();
-            tracing::error!(request_id = %job.id, error_id, error = %e, "cannot publish the video");
-            return self.fail(
+            return self.fail_logged(
                 job,
-                &format!("storing the video failed (error id {error_id})"),
+                "storing the video failed",
+                "cannot publish the video",
+                &e,
             );
         }
         let retention_ms =

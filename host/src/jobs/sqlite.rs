@@ -8,12 +8,63 @@ use super::{
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub struct SqliteJobStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    cache: JobCache,
+}
+
+/// Jobs as last read, so that polling status does not cost a database round trip (each one is
+/// two hand-offs to sqlx's connection thread). Exact because this store is the database's only
+/// writer: every write invalidates the job it touched, after it commits. A reader that raced a
+/// write (the generation moved while it read) does not fill the cache.
+#[derive(Default)]
+struct JobCache {
+    generation: AtomicU64,
+    jobs: Mutex<HashMap<String, Job>>,
+}
+
+/// Entries kept before the cache starts over (a few MB at most).
+const CACHE_CAPACITY: usize = 10_000;
+
+impl JobCache {
+    fn get(&self, id: &str) -> Option<Job> {
+        self.lock().get(id).cloned()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    fn fill(&self, job: &Job, read_at_generation: u64) {
+        let mut jobs = self.lock();
+        if self.generation() == read_at_generation {
+            if jobs.len() >= CACHE_CAPACITY {
+                jobs.clear();
+            }
+            jobs.insert(job.id.clone(), job.clone());
+        }
+    }
+
+    fn invalidate(&self, id: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.lock().remove(id);
+    }
+
+    fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 const COLUMNS: &str = "seq, id, principal, request, status, attempt, created_at, started_at, \
@@ -32,16 +83,24 @@ impl SqliteJobStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // A local file cannot drop a connection: no ping before each use (it doubled the
+        // round trips to sqlx's connection threads on every status request).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            cache: JobCache::default(),
+        })
     }
 }
 
@@ -160,13 +219,21 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        sqlx::query(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"))
+        if let Some(job) = self.cache.get(id) {
+            return Ok(Some(job));
+        }
+        let generation = self.cache.generation();
+        let job = sqlx::query(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
             .as_ref()
             .map(job_from_row)
-            .transpose()
+            .transpose()?;
+        if let Some(job) = &job {
+            self.cache.fill(job, generation);
+        }
+        Ok(job)
     }
 
     async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError> {
@@ -227,11 +294,12 @@ impl JobStore for SqliteJobStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.cache.invalidate(id);
         Ok(outcome)
     }
 
     async fn claim_next(&self) -> Result<Option<Job>, StoreError> {
-        sqlx::query(&format!(
+        let job = sqlx::query(&format!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?,
                  progress_stage = NULL, progress_step = NULL, progress_total = NULL
              WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1)
@@ -242,7 +310,11 @@ impl JobStore for SqliteJobStore {
         .await?
         .as_ref()
         .map(job_from_row)
-        .transpose()
+        .transpose()?;
+        if let Some(job) = &job {
+            self.cache.invalidate(&job.id);
+        }
+        Ok(job)
     }
 
     async fn set_progress(
@@ -263,6 +335,7 @@ impl JobStore for SqliteJobStore {
         .bind(attempt)
         .execute(&self.writer)
         .await?;
+        self.cache.invalidate(id);
         Ok(())
     }
 
@@ -275,6 +348,7 @@ impl JobStore for SqliteJobStore {
         .bind(attempt)
         .execute(&self.writer)
         .await?;
+        self.cache.invalidate(id);
         Ok(done.rows_affected() == 1)
     }
 
@@ -298,6 +372,7 @@ impl JobStore for SqliteJobStore {
         .bind(attempt)
         .execute(&self.writer)
         .await?;
+        self.cache.invalidate(id);
         Ok(updated.rows_affected() == 1)
     }
 
@@ -312,6 +387,7 @@ impl JobStore for SqliteJobStore {
         .bind(attempt)
         .execute(&self.writer)
         .await?;
+        self.cache.invalidate(id);
         Ok(updated.rows_affected() == 1)
     }
 
@@ -325,6 +401,7 @@ impl JobStore for SqliteJobStore {
         .bind(attempt)
         .execute(&self.writer)
         .await?;
+        self.cache.invalidate(id);
         Ok(updated.rows_affected() == 1)
     }
 
@@ -347,16 +424,24 @@ impl JobStore for SqliteJobStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.cache.clear();
         Ok(jobs)
     }
 
-    async fn expired_videos(&self, now_ms: i64, limit: u32) -> Result<Vec<Job>, StoreError> {
+    async fn expired_videos(
+        &self,
+        now_ms: i64,
+        kept_before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Job>, StoreError> {
         sqlx::query(&format!(
             "SELECT {COLUMNS} FROM jobs
              WHERE status = 'succeeded' AND video_deleted_at IS NULL AND expires_at <= ?
+               AND (retention_checked_at IS NULL OR retention_checked_at <= ?)
              ORDER BY expires_at LIMIT ?"
         ))
         .bind(now_ms)
+        .bind(kept_before_ms)
         .bind(limit as i64)
         .fetch_all(&self.reader)
         .await?
@@ -371,6 +456,17 @@ impl JobStore for SqliteJobStore {
             .bind(id)
             .execute(&self.writer)
             .await?;
+        self.cache.invalidate(id);
+        Ok(())
+    }
+
+    async fn mark_video_kept(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET retention_checked_at = ? WHERE id = ?")
+            .bind(at_ms)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        self.cache.invalidate(id);
         Ok(())
     }
 

@@ -183,6 +183,18 @@ impl ServeConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let public_url = args.public_url.or(t.public_url);
+        if let Some(url) = &public_url {
+            let parsed = url::Url::parse(url).ok();
+            if !parsed.is_some_and(|u| {
+                matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.query().is_none()
+            }) {
+                return Err(ServeConfigError::Invalid {
+                    key: "public_url",
+                    reason: format!("{url:?} is not an http(s) URL without a query"),
+                });
+            }
+        }
         Ok(Self {
             config_file: args.config,
             host: args
@@ -202,7 +214,7 @@ impl ServeConfig {
             queue_limit: args.queue_limit.or(t.queue_limit).unwrap_or(100),
             store: args.store.or(t.store),
             plugin_dir: args.plugin_dir,
-            public_url: args.public_url.or(t.public_url),
+            public_url,
             default_retention: Duration::from_secs(
                 args.default_retention_seconds
                     .or(t.default_retention_seconds)
