@@ -503,6 +503,19 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
 
+    // The exporter keeps histogram samples until they are drained: without this, a server
+    // nobody scrapes would grow without bound.
+    {
+        let metrics = state.metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+    }
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(
         Sweeper {
