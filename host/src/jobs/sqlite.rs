@@ -104,6 +104,19 @@ impl SqliteJobStore {
     }
 }
 
+impl SqliteJobStore {
+    /// Sets one of the job's timestamp columns (a fixed name, never client input).
+    async fn stamp(&self, id: &str, column: &'static str, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(&format!("UPDATE jobs SET {column} = ? WHERE id = ?"))
+            .bind(at_ms)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        self.cache.invalidate(id);
+        Ok(())
+    }
+}
+
 fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
     let id: String = row.try_get("id")?;
     let corrupt = |reason: String| StoreError::Corrupt {
@@ -451,23 +464,11 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn mark_video_deleted(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET video_deleted_at = ? WHERE id = ?")
-            .bind(at_ms)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        self.cache.invalidate(id);
-        Ok(())
+        self.stamp(id, "video_deleted_at", at_ms).await
     }
 
     async fn mark_video_kept(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET retention_checked_at = ? WHERE id = ?")
-            .bind(at_ms)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
-        self.cache.invalidate(id);
-        Ok(())
+        self.stamp(id, "retention_checked_at", at_ms).await
     }
 
     async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError> {

@@ -11,7 +11,6 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use serde::Serialize;
 use std::sync::Arc;
 use utoipa::ToSchema;
@@ -93,15 +92,7 @@ pub async fn upload(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PluginView>, ApiError> {
     let slot = parse_slot(&slot)?;
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge {
-                limit: MAX_COMPONENT_BYTES,
-            }
-        } else {
-            ApiError::MalformedJson("cannot read the request body".into())
-        }
-    })?;
+    let bytes = super::api::body_bytes(body, MAX_COMPONENT_BYTES)?;
     let config = state
         .plugin_config
         .slot(slot)

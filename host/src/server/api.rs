@@ -140,19 +140,24 @@ pub struct CancelResponse {
     pub status: &'static str,
 }
 
+/// The request body, or 413 past `limit` (400 when it cannot be read at all).
+pub fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit }
+        } else {
+            ApiError::MalformedJson("cannot read the request body".into())
+        }
+    })
+}
+
 /// Reads a JSON object body; 413 past the limit, 400 when it is not JSON, 422 when it is not
 /// an object.
 fn json_object(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge { limit }
-        } else {
-            ApiError::MalformedJson("cannot read the request body".into())
-        }
-    })?;
+    let bytes = body_bytes(body, limit)?;
     match serde_json::from_slice::<serde_json::Value>(&bytes) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::field("body", "must be a JSON object")),
@@ -162,11 +167,14 @@ fn json_object(
     }
 }
 
+/// The body's `requestId` (422 when missing or not a string). An id that cannot have been
+/// issued is 404 here, before any lookup.
 fn request_id_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<String, ApiError> {
     let map = json_object(body, limit)?;
     match map.get("requestId") {
         None => Err(ApiError::field("requestId", "is required")),
-        Some(serde_json::Value::String(id)) => Ok(id.clone()),
+        Some(serde_json::Value::String(id)) if is_request_id(id) => Ok(id.clone()),
+        Some(serde_json::Value::String(_)) => Err(ApiError::NotFound),
         Some(_) => Err(ApiError::field("requestId", "must be a string")),
     }
 }
@@ -307,9 +315,6 @@ pub async fn status(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<StatusResponse>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
-    if !is_request_id(&id) {
-        return Err(ApiError::NotFound);
-    }
     let job = state
         .store
         .get(&id)
@@ -409,9 +414,6 @@ pub async fn cancel(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CancelResponse>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
-    if !is_request_id(&id) {
-        return Err(ApiError::NotFound);
-    }
     let outcome = state
         .store
         .cancel(&id, &principal.id)
