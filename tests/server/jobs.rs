@@ -51,6 +51,19 @@ fn a_job_succeeds_and_its_url_opens_without_a_key() {
     let done = server.wait_final(ALICE, &id);
     assert_eq!(state(&done), "Succeed", "{done}\n{}", server.log());
     assert_eq!(done["seed"], 7);
+    // When it was accepted, started and finished, in order.
+    let at = |field: &str| {
+        done[field]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{field}: {done}"))
+    };
+    assert!(
+        at("createdAt") <= at("startedAt") && at("startedAt") < at("finishedAt"),
+        "{done}"
+    );
+    // The post-process plugin's metadata comes with the result.
+    assert_eq!(done["metadata"]["size"], "832x480", "{done}");
+    assert_eq!(done["metadata"]["seed"], "7", "{done}");
     assert!(
         done["results"]["timings"]["inference"]
             .as_f64()

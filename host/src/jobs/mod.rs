@@ -12,6 +12,7 @@ pub mod sqlite;
 
 use crate::plugins::{GenerationRequest, Principal};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +229,8 @@ pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 pub trait JobStore: Send + Sync {
     /// Inserts `job` unless its idempotency key names an earlier one, or the queue is full.
     async fn submit(&self, job: NewJob, queue_limit: u64) -> Result<Submitted, StoreError>;
-    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
+    /// Shared: a status poll reads the same job many times, and copying it each time showed.
+    async fn get(&self, id: &str) -> Result<Option<Arc<Job>>, StoreError>;
     /// Queued jobs ahead of the one with `seq`.
     async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError>;
     async fn counts(&self) -> Result<Counts, StoreError>;

@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct SqliteJobStore {
@@ -27,14 +27,14 @@ pub struct SqliteJobStore {
 #[derive(Default)]
 struct JobCache {
     generation: AtomicU64,
-    jobs: Mutex<HashMap<String, Job>>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
 }
 
 /// Entries kept before the cache starts over (a few MB at most).
 const CACHE_CAPACITY: usize = 10_000;
 
 impl JobCache {
-    fn get(&self, id: &str) -> Option<Job> {
+    fn get(&self, id: &str) -> Option<Arc<Job>> {
         self.lock().get(id).cloned()
     }
 
@@ -42,13 +42,13 @@ impl JobCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    fn fill(&self, job: &Job, read_at_generation: u64) {
+    fn fill(&self, job: &Arc<Job>, read_at_generation: u64) {
         let mut jobs = self.lock();
         if self.generation() == read_at_generation {
             if jobs.len() >= CACHE_CAPACITY {
                 jobs.clear();
             }
-            jobs.insert(job.id.clone(), job.clone());
+            jobs.insert(job.id.clone(), Arc::clone(job));
         }
     }
 
@@ -62,7 +62,7 @@ impl JobCache {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Job>>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -231,7 +231,7 @@ impl JobStore for SqliteJobStore {
         Ok(Submitted::Created(job.id))
     }
 
-    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+    async fn get(&self, id: &str) -> Result<Option<Arc<Job>>, StoreError> {
         if let Some(job) = self.cache.get(id) {
             return Ok(Some(job));
         }
@@ -242,7 +242,8 @@ impl JobStore for SqliteJobStore {
             .await?
             .as_ref()
             .map(job_from_row)
-            .transpose()?;
+            .transpose()?
+            .map(Arc::new);
         if let Some(job) = &job {
             self.cache.fill(job, generation);
         }

@@ -1,7 +1,7 @@
 //! Policy plugins: WebAssembly components (worlds in `wit/policy.wit`) run by wasmtime.
 //!
-//! - One `Engine` per host, epoch interruption ticking every millisecond on a background thread,
-//!   the pooling instance allocator.
+//! - One `Engine` per host, epoch interruption ticking every millisecond on a background thread
+//!   (parked when calls stop), the pooling instance allocator.
 //! - Per slot, the component is compiled and type-checked once into an `InstancePre`; every call
 //!   gets a fresh `Store` with `StoreLimits` (memory cap) and an epoch deadline.
 //! - A call that traps, overruns its deadline or its memory fails *closed*: the caller gets a
@@ -28,7 +28,7 @@ use arc_swap::ArcSwapOption;
 use sha2::{Digest, Sha256};
 use state::{PluginContext, PluginState};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
@@ -190,11 +190,90 @@ pub struct PluginHost {
     linker: Linker<PluginState>,
     limits: PluginLimits,
     slots: [SlotState; 3],
+    ticker: EpochTicker,
+}
+
+/// Advances the engine's epoch every `EPOCH_TICK` while calls come in and parks after
+/// `IDLE_TICKS_BEFORE_PARK` ticks without one: a thread waking 1,000 times a second on a machine
+/// whose cores ONNX Runtime keeps busy slowed generation measurably, and deadlines only matter
+/// while a call runs. Staying awake for a couple of ticks after a call means a stream of requests
+/// pays no wake-up per call, while a client polling every few milliseconds does not keep it
+/// ticking.
+struct EpochTicker {
+    shared: Arc<TickerShared>,
+    thread: std::thread::Thread,
+}
+
+#[derive(Default)]
+struct TickerShared {
+    calls_in_flight: AtomicU64,
+    calls_started: AtomicU64,
+    parked: AtomicBool,
 }
 
 const EPOCH_TICK: Duration = Duration::from_millis(1);
+const IDLE_TICKS_BEFORE_PARK: u32 = 2;
 /// Per memory slot, how much may stay resident between calls (only dirtied pages are reset).
 const KEEP_RESIDENT_BYTES: usize = 8 << 20;
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> std::io::Result<Self> {
+        let weak = engine.weak();
+        let shared = Arc::new(TickerShared::default());
+        let state = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                let (mut idle_ticks, mut seen_calls) = (0, 0);
+                while let Some(engine) = weak.upgrade() {
+                    let started = state.calls_started.load(Ordering::SeqCst);
+                    if started != seen_calls || state.calls_in_flight.load(Ordering::SeqCst) > 0 {
+                        (idle_ticks, seen_calls) = (0, started);
+                    } else {
+                        idle_ticks += 1;
+                    }
+                    if idle_ticks < IDLE_TICKS_BEFORE_PARK {
+                        engine.increment_epoch();
+                        drop(engine);
+                        std::thread::sleep(EPOCH_TICK);
+                        continue;
+                    }
+                    drop(engine);
+                    // `parked` before the last look at `calls_in_flight`, and the reverse order in
+                    // `call_started`: one of the two sides always sees the other.
+                    state.parked.store(true, Ordering::SeqCst);
+                    if state.calls_in_flight.load(Ordering::SeqCst) == 0 {
+                        // The timeout only lets the thread notice that the engine is gone.
+                        std::thread::park_timeout(Duration::from_secs(1));
+                    }
+                    state.parked.store(false, Ordering::SeqCst);
+                    idle_ticks = 0;
+                }
+            })?;
+        Ok(Self {
+            shared,
+            thread: handle.thread().clone(),
+        })
+    }
+
+    /// Keeps the epoch ticking until the guard is dropped.
+    fn call_started(&self) -> TickingGuard<'_> {
+        self.shared.calls_started.fetch_add(1, Ordering::SeqCst);
+        self.shared.calls_in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.shared.parked.load(Ordering::SeqCst) {
+            self.thread.unpark();
+        }
+        TickingGuard(self)
+    }
+}
+
+struct TickingGuard<'a>(&'a EpochTicker);
+
+impl Drop for TickingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.shared.calls_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl PluginHost {
     pub fn new(limits: PluginLimits) -> Result<Self, PluginError> {
@@ -226,22 +305,13 @@ impl PluginHost {
             .map_err(engine_err)?;
         bindings::host_api::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
             .map_err(engine_err)?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let ticker = EpochTicker::start(&engine).map_err(|e| PluginError::Engine(e.to_string()))?;
         Ok(Self {
             engine,
             linker,
             limits,
             slots: Default::default(),
+            ticker,
         })
     }
 
@@ -395,7 +465,9 @@ impl PluginHost {
         let ticks = (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
+        let ticking = self.ticker.call_started();
         let result = body(&mut store, &loaded.pre);
+        drop(ticking);
         self.slots[slot.index()]
             .constant_time_compares
             .fetch_add(store.data().constant_time_compares, Ordering::Relaxed);

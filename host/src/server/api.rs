@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -130,6 +131,17 @@ pub struct StatusResponse {
     pub expires_at: Option<i64>,
     /// True once the video's retention has passed: the job stays `Succeed`, `videos` is empty.
     pub expired: bool,
+    /// When the job was accepted, Unix milliseconds.
+    pub created_at: i64,
+    /// When its current (or last) run started, Unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// When it reached its final state, Unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+    /// What the post-process plugin attached to a `Succeed` job's video.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -239,7 +251,9 @@ pub async fn submit(
     let plugins = state.plugins.clone();
     let caller = principal.clone();
     metrics::counter!("wanserve_plugin_calls_total", "slot" => "validate").increment(1);
-    let verdict = tokio::task::spawn_blocking(move || plugins.validate(&caller, &fields))
+    let verdict = state
+        .plugin_calls
+        .run(move || plugins.validate(&caller, &fields))
         .await
         .map_err(ApiError::internal)?;
     let request = match verdict {
@@ -337,6 +351,10 @@ pub async fn status(
         reason: None,
         expires_at: None,
         expired: false,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        finished_at: job.finished_at,
+        metadata: BTreeMap::new(),
     };
     let stored_progress = job.progress.as_ref().map(|p| ProgressView {
         stage: p.stage.clone(),
@@ -370,6 +388,7 @@ pub async fn status(
             response.status = StatusName::Succeed;
             response.results.timings.inference = job.inference_seconds;
             response.expires_at = job.expires_at;
+            response.metadata = job.metadata.iter().cloned().collect();
             let expires_at = job.expires_at.unwrap_or(now);
             response.expired = job.video_deleted_at.is_some() || expires_at <= now;
             if !response.expired

@@ -45,7 +45,9 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         };
         let plugins = state.plugins.clone();
         metrics::counter!("wanserve_plugin_calls_total", "slot" => "auth").increment(1);
-        let answer = tokio::task::spawn_blocking(move || plugins.authenticate(&request))
+        let answer = state
+            .plugin_calls
+            .run(move || plugins.authenticate(&request))
             .await
             .map_err(ApiError::internal)?;
         match answer {

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod plugin_pool;
 
 use crate::backend::OrtBackend;
 use crate::jobs::retention::Sweeper;
@@ -112,6 +113,8 @@ pub struct AppState {
     pub store: Arc<dyn JobStore>,
     pub videos: Arc<VideoStore>,
     pub plugins: Arc<PluginHost>,
+    /// Where request-path plugin calls (auth, validate) run.
+    pub plugin_calls: plugin_pool::PluginPool,
     pub plugin_config: PluginsConfig,
     pub watcher: Option<PluginWatcher>,
     pub scheduler: Arc<Scheduler>,
@@ -472,6 +475,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         store: store.clone(),
         videos: videos.clone(),
         plugins: started.host.clone(),
+        plugin_calls: plugin_pool::PluginPool::start(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )
+        .map_err(|e| format!("cannot start the plugin threads: {e}"))?,
         plugin_config: started.config.clone(),
         watcher,
         scheduler: scheduler.clone(),
