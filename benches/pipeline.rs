@@ -11,8 +11,9 @@ use std::time::Duration;
 use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
 use wanserve::backend::{Backend, Device, OrtBackend};
 use wanserve::model::{ModelDir, bundled_model_dir};
-use wanserve::pipeline::scheduler::{TensorArithmetic, UniPcScheduler};
+use wanserve::pipeline::scheduler::UniPcScheduler;
 use wanserve::pipeline::{GenerateRequest, Pipeline, noise};
+use wanserve::tensor::TensorArithmetic;
 use wanserve::video::{EncoderSettings, Mp4Writer};
 
 const WIDTH: usize = 832;
@@ -44,6 +45,7 @@ fn denoise_and_decode(c: &mut Criterion) {
     let plan = pipeline.plan(&req).unwrap();
     let latents = pipeline.initial_noise(&plan, 1).unwrap();
     let backend = pipeline.backend();
+    let run = backend.run_control().unwrap();
     let context = backend
         .prepare_context(&pipeline.encode_prompt(&req.prompt).unwrap())
         .unwrap();
@@ -62,8 +64,8 @@ fn denoise_and_decode(c: &mut Criterion) {
             },
             |(mut scheduler, x)| {
                 let t = scheduler.timesteps()[0];
-                let cond = backend.predict(&x, t, &context).unwrap();
-                let uncond = backend.predict(&x, t, &negative).unwrap();
+                let cond = backend.predict(&x, t, &context, &run).unwrap();
+                let uncond = backend.predict(&x, t, &negative, &run).unwrap();
                 let guided = backend
                     .arithmetic()
                     .weighted_sum(&[(-4.0, &uncond), (5.0, &cond)])
@@ -82,15 +84,8 @@ fn denoise_and_decode(c: &mut Criterion) {
     let second: Array5<f32> = latents.slice(s![.., .., 1..2, .., ..]).to_owned();
     group.bench_function("vae_decode_chunk", |b| {
         b.iter_batched(
-            || pipeline.backend().decode_first(first.view()).unwrap().1,
-            |cache| {
-                black_box(
-                    pipeline
-                        .backend()
-                        .decode_next(second.view(), cache)
-                        .unwrap(),
-                )
-            },
+            || backend.decode_first(first.view(), &run).unwrap().1,
+            |cache| black_box(backend.decode_next(second.view(), cache, &run).unwrap()),
             BatchSize::PerIteration,
         )
     });

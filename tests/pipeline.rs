@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 use wanserve::backend::{Device, OrtBackend};
 use wanserve::model::ModelDir;
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, PipelineError, Progress, Stage};
@@ -110,6 +111,62 @@ fn cancelling_stops_between_steps_and_emits_nothing_more() {
     );
     assert_eq!(steps_seen, 3, "no step runs after the cancel");
     assert_eq!(frames, 0, "no frames after a cancel during denoising");
+}
+
+/// A cancel stops the ONNX run in progress instead of waiting for it: cancelled halfway into a
+/// VAE chunk, the job ends well before the chunk could have finished.
+#[test]
+fn a_cancel_interrupts_the_run_in_progress() {
+    let cancel = CancelToken::default();
+    let req = GenerateRequest {
+        width: 832,
+        height: 480,
+        infer_steps: 1,
+        guidance_scale: 1.0,
+        ..request(3, 1)
+    };
+    let (mut chunk_started, mut first_chunk) = (None, None);
+    let (cancelled_at_tx, cancelled_at) = std::sync::mpsc::channel();
+    let result = pipeline().generate(
+        &req,
+        &cancel,
+        &mut |p| {
+            if p.stage != Stage::Decoding {
+                return;
+            }
+            match p.step {
+                0 => chunk_started = Some(Instant::now()),
+                // The first chunk (one frame) is done; the second (four frames) starts now.
+                1 => {
+                    let took = chunk_started.map(|t| t.elapsed()).unwrap_or_default();
+                    first_chunk = Some(took);
+                    let (cancel, tx) = (cancel.clone(), cancelled_at_tx.clone());
+                    std::thread::spawn(move || {
+                        std::thread::sleep(took / 2);
+                        cancel.cancel();
+                        let _ = tx.send(Instant::now());
+                    });
+                }
+                _ => {}
+            }
+        },
+        &mut |_| Ok(()),
+    );
+    let ended = Instant::now();
+    assert!(
+        matches!(result, Err(PipelineError::Cancelled)),
+        "{:?}",
+        result.err()
+    );
+    let first_chunk = first_chunk.expect("the first chunk was decoded");
+    let cancelled_at = cancelled_at.recv().expect("the cancel happened");
+    let latency = ended.saturating_duration_since(cancelled_at);
+    eprintln!("cancel latency {latency:?}; a one-frame chunk takes {first_chunk:?}");
+    // The interrupted chunk decodes four frames: finishing it would take ~4x the first chunk.
+    assert!(
+        latency < first_chunk / 2,
+        "the run was not interrupted: {latency:?} after the cancel (first chunk {first_chunk:?})"
+    );
 }
 
 #[test]

@@ -8,7 +8,8 @@ use serde::Deserialize;
 use wanserve::backend::Device;
 use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
 use wanserve::model::SchedulerConfig;
-use wanserve::pipeline::scheduler::{TensorArithmetic, UniPcScheduler};
+use wanserve::pipeline::scheduler::UniPcScheduler;
+use wanserve::tensor::TensorArithmetic;
 
 #[derive(Deserialize)]
 struct Reference {

@@ -8,4 +8,5 @@ pub mod plugins;
 mod private_file;
 pub mod server;
 pub mod storage;
+pub mod tensor;
 pub mod video;

@@ -6,13 +6,14 @@
 //! One small graph per number of terms (built with ORT's model editor, not shipped as files):
 //! `sum = Σ weights[i] · t_i`, dynamic shape, float32. Outputs are bound to the device.
 
+use crate::backend::BackendError;
 use crate::backend::ort_backend::{Device, session_builder};
 use crate::backend::runtime;
-use crate::pipeline::scheduler::{SchedulerError, TensorArithmetic};
+use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
-use ort::memory::{AllocationDevice, Allocator};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::operator::Attribute;
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 use ort::value::{
     DynTensor, DynTensorValueType, Outlet, PrimitiveTensorElementType, Shape, SymbolicDimensions,
     Tensor, TensorElementType, ValueType,
@@ -31,17 +32,17 @@ impl DeviceTensor {
     pub fn from_host<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
         shape: &[usize],
         values: Vec<T>,
-    ) -> Result<Self, SchedulerError> {
+    ) -> Result<Self, BackendError> {
         // Loads the ONNX Runtime library on first use (or says how to install it).
-        runtime::environment().map_err(arithmetic_error)?;
+        runtime::environment()?;
         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         Tensor::from_array((shape, values))
             .map(|t| Self(t.upcast()))
-            .map_err(arithmetic_error)
+            .map_err(device_error("building a host tensor"))
     }
 
     /// Copies float32 values back to host memory (row-major) with their shape.
-    pub fn to_host(&self) -> Result<(Vec<usize>, Vec<f32>), SchedulerError> {
+    pub fn to_host(&self) -> Result<(Vec<usize>, Vec<f32>), BackendError> {
         let on_host;
         let tensor = if self.0.memory_info().allocation_device() == AllocationDevice::CPU {
             &self.0
@@ -49,12 +50,12 @@ impl DeviceTensor {
             on_host = self
                 .0
                 .to(AllocationDevice::CPU, 0)
-                .map_err(arithmetic_error)?;
+                .map_err(device_error("copying a tensor to the host"))?;
             &on_host
         };
         let (shape, values) = tensor
             .try_extract_tensor::<f32>()
-            .map_err(arithmetic_error)?;
+            .map_err(device_error("reading a float32 tensor"))?;
         Ok((
             shape.iter().map(|&d| d.max(0) as usize).collect(),
             values.to_vec(),
@@ -70,8 +71,15 @@ impl DeviceTensor {
     }
 }
 
-fn arithmetic_error(e: impl std::fmt::Display) -> SchedulerError {
-    SchedulerError::Arithmetic(e.to_string())
+fn arithmetic_error(e: impl std::fmt::Display) -> ArithmeticError {
+    ArithmeticError::Failed(e.to_string())
+}
+
+fn device_error(what: &'static str) -> impl Fn(ort::Error) -> BackendError {
+    move |e| BackendError::Device {
+        what,
+        reason: e.to_string(),
+    }
 }
 
 /// Runs weighted sums on `device`, one lazily built session per term count.
@@ -97,16 +105,57 @@ impl OrtTensors {
         }
     }
 
-    /// Moves a host tensor to the device (a no-op on the CPU).
-    pub fn upload(&self, tensor: DeviceTensor) -> Result<DeviceTensor, SchedulerError> {
+    /// Builds every graph now (each weighted sum, and the casts when `bf16`), so that no job pays
+    /// for building one mid-run.
+    pub fn build_all(&self, bf16: bool) -> Result<(), BackendError> {
+        let failed = device_error("building the tensor arithmetic graphs");
+        for terms in 1..=MAX_TERMS {
+            cached(&self.sessions[terms - 1], || self.build(terms)).map_err(&failed)?;
+        }
+        if bf16 {
+            for (index, (from, to)) in [
+                (TensorElementType::Float32, TensorElementType::Bfloat16),
+                (TensorElementType::Bfloat16, TensorElementType::Float32),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                cached(&self.casts[index], || self.build_cast(from, to)).map_err(&failed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a host tensor to the device (a no-op on the CPU). `what` names it in the copy log.
+    pub fn upload(&self, tensor: DeviceTensor, what: &str) -> Result<DeviceTensor, BackendError> {
         match self.device {
             Device::Cpu => Ok(tensor),
-            Device::Cuda => tensor
-                .0
-                .to(AllocationDevice::CUDA, 0)
-                .map(DeviceTensor)
-                .map_err(arithmetic_error),
+            Device::Cuda => {
+                record_copy(CopyDirection::ToDevice, what, &tensor.0);
+                tensor
+                    .0
+                    .to(AllocationDevice::CUDA, 0)
+                    .map(DeviceTensor)
+                    .map_err(device_error("copying a tensor to the GPU"))
+            }
         }
+    }
+
+    /// A float32 device tensor's values on the host (a copy only where it is not in host memory).
+    pub fn download(
+        &self,
+        tensor: &DeviceTensor,
+        what: &str,
+    ) -> Result<(Vec<usize>, Vec<f32>), BackendError> {
+        if tensor.0.memory_info().allocation_device() != AllocationDevice::CPU {
+            record_copy(CopyDirection::ToHost, what, &tensor.0);
+        }
+        tensor.to_host()
+    }
+
+    /// Where this arithmetic's graphs (and the model's, on the same device) leave their outputs.
+    pub fn output_memory(&self) -> ort::Result<MemoryInfo<'static>> {
+        output_memory(self.device)
     }
 
     /// The tensor converted to `to` (float32 or bfloat16), on the device.
@@ -114,16 +163,22 @@ impl OrtTensors {
         &self,
         tensor: &DeviceTensor,
         to: TensorElementType,
-    ) -> Result<DeviceTensor, SchedulerError> {
+    ) -> Result<DeviceTensor, BackendError> {
         let (index, from) = match to {
             TensorElementType::Bfloat16 => (0, TensorElementType::Float32),
             TensorElementType::Float32 => (1, TensorElementType::Bfloat16),
-            other => return Err(arithmetic_error(format!("no cast to {other:?}"))),
+            other => {
+                return Err(BackendError::Device {
+                    what: "casting a tensor",
+                    reason: format!("no cast to {other:?}"),
+                });
+            }
         };
-        let session = cached(&self.casts[index], || self.build_cast(from, to))?;
-        run_on_device(session, &[("x", &tensor.0)], "y")
+        let session = cached(&self.casts[index], || self.build_cast(from, to))
+            .map_err(device_error("building the cast graph"))?;
+        run_on_device(session, self.device, &[("x", &tensor.0)], "y", None)
             .map(DeviceTensor)
-            .map_err(arithmetic_error)
+            .map_err(device_error("casting a tensor"))
     }
 
     /// A tensor of this arithmetic's rank with dynamic dimensions.
@@ -162,11 +217,11 @@ impl OrtTensors {
         model.into_session(&session_builder(env, self.device, self.threads)?)
     }
 
-    fn session(&self, terms: usize) -> Result<&Mutex<Session>, SchedulerError> {
+    fn session(&self, terms: usize) -> Result<&Mutex<Session>, ArithmeticError> {
         let slot = self.sessions.get(terms.wrapping_sub(1)).ok_or_else(|| {
             arithmetic_error(format!("{terms} terms (1 to {MAX_TERMS} supported)"))
         })?;
-        cached(slot, || self.build(terms))
+        cached(slot, || self.build(terms)).map_err(arithmetic_error)
     }
 
     fn build(&self, terms: usize) -> ort::Result<Session> {
@@ -216,7 +271,10 @@ impl OrtTensors {
 impl TensorArithmetic for OrtTensors {
     type Tensor = DeviceTensor;
 
-    fn weighted_sum(&self, terms: &[(f32, &DeviceTensor)]) -> Result<DeviceTensor, SchedulerError> {
+    fn weighted_sum(
+        &self,
+        terms: &[(f32, &DeviceTensor)],
+    ) -> Result<DeviceTensor, ArithmeticError> {
         // The graph would broadcast; a weighted sum of differently shaped latents is a bug.
         let shape = |t: &DeviceTensor| t.0.dtype().tensor_shape().cloned();
         let first = terms.first().map(|(_, t)| shape(t));
@@ -237,7 +295,7 @@ impl TensorArithmetic for OrtTensors {
             .map(|(name, (_, tensor))| (name.as_str(), &tensor.0))
             .collect();
         inputs.push(("weights", &weights));
-        run_on_device(session, &inputs, "sum")
+        run_on_device(session, self.device, &inputs, "sum", None)
             .map(DeviceTensor)
             .map_err(arithmetic_error)
     }
@@ -247,30 +305,133 @@ impl TensorArithmetic for OrtTensors {
 fn cached(
     slot: &OnceLock<Mutex<Session>>,
     build: impl FnOnce() -> ort::Result<Session>,
-) -> Result<&Mutex<Session>, SchedulerError> {
+) -> ort::Result<&Mutex<Session>> {
     if let Some(session) = slot.get() {
         return Ok(session);
     }
-    let session = build().map_err(arithmetic_error)?;
+    let session = build()?;
     Ok(slot.get_or_init(|| Mutex::new(session)))
 }
 
-/// Runs `session` on `inputs` with its `output` bound to the session's device memory (so a
-/// CUDA session's output stays on the GPU).
+/// Where a graph run on `device` leaves its bound outputs: GPU memory for CUDA (so latents stay
+/// on the GPU between steps), host memory otherwise. (A session's default allocator is the CPU
+/// one even when it runs on CUDA: binding to it would bring every output back to the host.)
+pub fn output_memory(device: Device) -> ort::Result<MemoryInfo<'static>> {
+    match device {
+        Device::Cpu => MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Arena,
+            MemoryType::Default,
+        ),
+        Device::Cuda => MemoryInfo::new(
+            AllocationDevice::CUDA,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        ),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyDirection {
+    ToDevice,
+    ToHost,
+}
+
+/// Every host↔device copy the backend makes is logged (debug) and counted, so a GPU run can
+/// show where they happen: `wanserve_device_copies_total{direction, what}` and
+/// `wanserve_device_copy_bytes_total{direction}`.
+fn record_copy(direction: CopyDirection, what: &str, tensor: &DynTensor) {
+    let dtype = tensor.dtype();
+    let elements = dtype.tensor_shape().map_or(0, |shape| shape.num_elements());
+    let bytes = dtype
+        .tensor_type()
+        .and_then(|ty| ty.byte_size(elements))
+        .unwrap_or(0);
+    let direction = match direction {
+        CopyDirection::ToDevice => "to_device",
+        CopyDirection::ToHost => "to_host",
+    };
+    tracing::debug!(direction, what, bytes, "host-device copy");
+    metrics::counter!("wanserve_device_copies_total", "direction" => direction, "what" => what.to_string())
+        .increment(1);
+    metrics::counter!("wanserve_device_copy_bytes_total", "direction" => direction)
+        .increment(bytes as u64);
+}
+
+/// Runs `session` (on `device`) on `inputs` with its `output` bound to [`output_memory`], under
+/// `options` when given (a job's, so that a cancel can stop the run). Inputs in host memory on a
+/// CUDA session are copied by ONNX Runtime: they are counted as copies.
 pub(crate) fn run_on_device(
     session: &Mutex<Session>,
+    device: Device,
     inputs: &[(&str, &DynTensor)],
     output: &str,
+    options: Option<&RunOptions>,
 ) -> ort::Result<DynTensor> {
+    let memory = output_memory(device)?;
     let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
     let mut binding = session.create_binding()?;
     for (name, tensor) in inputs {
+        if device == Device::Cuda
+            && tensor.memory_info().allocation_device() == AllocationDevice::CPU
+        {
+            record_copy(CopyDirection::ToDevice, name, tensor);
+        }
         binding.bind_input(*name, *tensor)?;
     }
-    binding.bind_output_to_device(output, session.allocator().memory_info())?;
-    let mut outputs = session.run_binding(&binding)?;
+    binding.bind_output_to_device(output, &memory)?;
+    let mut outputs = match options {
+        Some(options) => session.run_binding_with_options(&binding, options)?,
+        None => session.run_binding(&binding)?,
+    };
     outputs
         .remove(output)
         .ok_or_else(|| ort::Error::new(format!("the graph returned no {output}")))?
         .downcast::<DynTensorValueType>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fix for outputs landing in host memory on CUDA: checkable without a GPU, since a
+    /// memory info is only a description.
+    #[test]
+    fn outputs_are_bound_to_the_memory_of_the_device_the_graphs_run_on() {
+        runtime::environment().expect("ONNX Runtime (scripts/setup installs it)");
+        let cpu = output_memory(Device::Cpu).expect("CPU memory info");
+        assert_eq!(cpu.allocation_device(), AllocationDevice::CPU);
+        assert!(cpu.is_cpu_accessible());
+        let cuda = output_memory(Device::Cuda).expect("CUDA memory info");
+        assert_eq!(cuda.allocation_device(), AllocationDevice::CUDA);
+        assert_eq!(cuda.device_id(), 0);
+        assert_eq!(cuda.memory_type(), MemoryType::Default);
+        assert!(
+            !cuda.is_cpu_accessible(),
+            "GPU memory, not pinned host memory"
+        );
+
+        // Every bound output (weighted sums, casts, the DiT) goes through `run_on_device`: on
+        // the CPU its output is where `output_memory` says.
+        let arithmetic = OrtTensors::new(Device::Cpu, 1, 1);
+        let a = DeviceTensor::from_host(&[4], vec![1.0f32; 4]).expect("tensor");
+        let sum = arithmetic.weighted_sum(&[(2.0, &a)]).expect("sum");
+        assert_eq!(
+            sum.0.memory_info().allocation_device(),
+            AllocationDevice::CPU
+        );
+        let cast = arithmetic
+            .cast(&a, TensorElementType::Bfloat16)
+            .expect("cast");
+        assert_eq!(
+            cast.0.memory_info().allocation_device(),
+            AllocationDevice::CPU
+        );
+        assert_eq!(
+            arithmetic.download(&sum, "sum").expect("download").1,
+            vec![2.0; 4]
+        );
+    }
 }

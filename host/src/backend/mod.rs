@@ -1,15 +1,16 @@
 //! What the pipeline needs from a runtime, and the ONNX Runtime implementation of it.
 //!
 //! The pipeline (tokenizer, noise, scheduler, guidance, chunk loop) is runtime-independent and
-//! talks to the model only through [`Backend`]; `ort.rs` runs the exported graphs.
+//! talks to the model only through [`Backend`], which shows it no runtime types;
+//! `ort_backend.rs` runs the exported graphs.
 
 pub mod arithmetic;
 mod ort_backend;
 pub mod runtime;
 
-pub use ort_backend::{Device, OrtBackend};
+pub use ort_backend::{Device, OrtBackend, OrtRunControl, OrtVaeCache};
 
-use crate::pipeline::scheduler::{SchedulerError, TensorArithmetic};
+use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ndarray::{Array3, Array5, ArrayView5};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,12 +23,18 @@ pub enum BackendError {
     Run { graph: &'static str, reason: String },
     #[error("{graph} returned an unexpected output: {reason}")]
     Output { graph: &'static str, reason: String },
-    #[error("moving latents: {0}")]
-    Tensors(#[from] SchedulerError),
+    /// Moving or converting a tensor between host and device, or between dtypes.
+    #[error("{what}: {reason}")]
+    Device { what: &'static str, reason: String },
+    #[error(transparent)]
+    Arithmetic(#[from] ArithmeticError),
 }
 
-/// The VAE decoder's causal cache between chunks, opaque to the pipeline.
-pub struct VaeCache(pub(crate) Vec<ort::value::DynValue>);
+/// Stops one job's runs: the graph running now fails within a kernel or two (not at the end of
+/// the step), and so does every later run made with the same control.
+pub trait Interrupt: Clone + Send + Sync + 'static {
+    fn interrupt(&self);
+}
 
 pub trait Backend: Send + Sync {
     /// Latents while denoising, where the backend keeps them: for ONNX Runtime, tensors on the
@@ -37,6 +44,13 @@ pub trait Backend: Send + Sync {
     type Context;
     /// Weighted sums of latents: guidance and every scheduler update.
     type Arithmetic: TensorArithmetic<Tensor = Self::Latents>;
+    /// The VAE decoder's causal cache between chunks, opaque to the pipeline.
+    type VaeCache;
+    /// One job's handle on its runs (see [`Interrupt`]).
+    type RunControl: Interrupt;
+
+    /// A fresh control for one job's runs.
+    fn run_control(&self) -> Result<Self::RunControl, BackendError>;
 
     /// UMT5 encoder: `[batch, len]` ids and mask → `[batch, len, dim]` hidden states.
     fn encode_text(
@@ -44,6 +58,7 @@ pub trait Backend: Send + Sync {
         input_ids: &[i64],
         attention_mask: &[i64],
         batch: usize,
+        run: &Self::RunControl,
     ) -> Result<Array3<f32>, BackendError>;
     fn arithmetic(&self) -> &Self::Arithmetic;
     fn upload_latents(&self, latents: &Array5<f32>) -> Result<Self::Latents, BackendError>;
@@ -56,16 +71,19 @@ pub trait Backend: Send + Sync {
         latents: &Self::Latents,
         timestep: i64,
         context: &Self::Context,
+        run: &Self::RunControl,
     ) -> Result<Self::Latents, BackendError>;
     /// First latent frame `[1, Z, 1, h, w]` → one video frame `[1, 3, 1, H, W]` and the cache.
     fn decode_first(
         &self,
         latent: ArrayView5<f32>,
-    ) -> Result<(Array5<f32>, VaeCache), BackendError>;
+        run: &Self::RunControl,
+    ) -> Result<(Array5<f32>, Self::VaeCache), BackendError>;
     /// Next latent frame and the cache → `[1, 3, T, H, W]` frames (T = temporal scale) and the cache.
     fn decode_next(
         &self,
         latent: ArrayView5<f32>,
-        cache: VaeCache,
-    ) -> Result<(Array5<f32>, VaeCache), BackendError>;
+        cache: Self::VaeCache,
+        run: &Self::RunControl,
+    ) -> Result<(Array5<f32>, Self::VaeCache), BackendError>;
 }

@@ -5,15 +5,15 @@
 //! their weights exist once.
 
 use super::arithmetic::{DeviceTensor, OrtTensors, run_on_device};
-use super::{Backend, BackendError, VaeCache, runtime};
+use super::{Backend, BackendError, Interrupt, runtime};
 use crate::model::ModelDir;
 use half::bf16;
 use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::{Session, SessionInputValue};
+use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
@@ -30,12 +30,30 @@ struct Graph {
     output: String,
 }
 
+/// The VAE decoder's causal cache between chunks: the decoder graph's cache outputs, fed back
+/// as its cache inputs.
+pub struct OrtVaeCache(Vec<DynValue>);
+
+/// One job's ORT run options: terminating them stops the session run in progress (ORT checks
+/// the flag between kernels) and fails every later run made with them.
+#[derive(Clone)]
+pub struct OrtRunControl(Arc<RunOptions>);
+
+impl Interrupt for OrtRunControl {
+    fn interrupt(&self) {
+        if let Err(e) = self.0.terminate() {
+            tracing::warn!(error = %e, "cannot interrupt a run; it stops at the end of its step");
+        }
+    }
+}
+
 pub struct OrtBackend {
     text_encoder: Graph,
     transformer: Graph,
     vae_init: Graph,
     vae_step: Graph,
     cache_slots: usize,
+    device: Device,
     /// Latents stay on the device between steps: guidance and UniPC run there as ORT graphs.
     arithmetic: OrtTensors,
 }
@@ -106,10 +124,11 @@ fn load(
 }
 
 impl OrtBackend {
-    /// Builds the four sessions. `threads` = 0 lets ORT choose (one per core).
+    /// Builds the four sessions and every tensor-arithmetic graph. `threads` = 0 lets ORT choose
+    /// (one per core).
     pub fn load(model: &ModelDir, device: Device, threads: usize) -> Result<Self, BackendError> {
         let m = &model.manifest;
-        Ok(Self {
+        let backend = Self {
             text_encoder: load(model, &m.text_encoder.file, "text encoder", device, threads)?,
             transformer: load(model, &m.transformer.file, "transformer", device, threads)?,
             vae_init: load(
@@ -121,10 +140,13 @@ impl OrtBackend {
             )?,
             vae_step: load(model, &m.vae.step_file, "VAE decoder", device, threads)?,
             cache_slots: m.vae.cache_slots.len(),
+            device,
             // One thread: the sums are memory-bound, and a second thread pool spinning beside the
             // transformer's slowed each step's first DiT call by ~40% on 2 cores.
             arithmetic: OrtTensors::new(device, 5, 1),
-        })
+        };
+        backend.arithmetic.build_all(backend.transformer.bf16)?;
+        Ok(backend)
     }
 }
 
@@ -160,15 +182,18 @@ fn float_output(graph: &Graph, value: &DynValue) -> Result<ndarray::ArrayD<f32>,
 fn run(
     graph: &Graph,
     inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)>,
+    control: &OrtRunControl,
 ) -> Result<Vec<DynValue>, BackendError> {
     let mut session = graph
         .session
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let outputs = session.run(inputs).map_err(|e| BackendError::Run {
-        graph: graph.name,
-        reason: e.to_string(),
-    })?;
+    let outputs = session
+        .run_with_options(inputs, &*control.0)
+        .map_err(|e| BackendError::Run {
+            graph: graph.name,
+            reason: e.to_string(),
+        })?;
     Ok(outputs.into_iter().map(|(_, v)| v).collect())
 }
 
@@ -190,16 +215,17 @@ impl OrtBackend {
         &self,
         graph: &Graph,
         latent: ArrayView5<f32>,
-        cache: Option<VaeCache>,
-    ) -> Result<(Array5<f32>, VaeCache), BackendError> {
+        cache: Option<OrtVaeCache>,
+        control: &OrtRunControl,
+    ) -> Result<(Array5<f32>, OrtVaeCache), BackendError> {
         let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> =
             vec![("latent".into(), owned_input(graph, latent)?.into())];
-        if let Some(VaeCache(values)) = cache {
+        if let Some(OrtVaeCache(values)) = cache {
             for (i, value) in values.into_iter().enumerate() {
                 inputs.push((format!("cache_{i}").into(), value.into()));
             }
         }
-        let mut outputs = run(graph, inputs)?.into_iter();
+        let mut outputs = run(graph, inputs, control)?.into_iter();
         let video = outputs.next().ok_or(BackendError::Output {
             graph: graph.name,
             reason: "no video output".into(),
@@ -216,7 +242,7 @@ impl OrtBackend {
                 ),
             });
         }
-        Ok((video, VaeCache(cache)))
+        Ok((video, OrtVaeCache(cache)))
     }
 }
 
@@ -224,12 +250,24 @@ impl Backend for OrtBackend {
     type Latents = DeviceTensor;
     type Context = DeviceTensor;
     type Arithmetic = OrtTensors;
+    type VaeCache = OrtVaeCache;
+    type RunControl = OrtRunControl;
+
+    fn run_control(&self) -> Result<OrtRunControl, BackendError> {
+        RunOptions::new()
+            .map(|options| OrtRunControl(Arc::new(options)))
+            .map_err(|e| BackendError::Run {
+                graph: "run options",
+                reason: e.to_string(),
+            })
+    }
 
     fn encode_text(
         &self,
         input_ids: &[i64],
         attention_mask: &[i64],
         batch: usize,
+        control: &OrtRunControl,
     ) -> Result<Array3<f32>, BackendError> {
         let graph = &self.text_encoder;
         let len = input_ids.len() / batch.max(1);
@@ -247,6 +285,7 @@ impl Backend for OrtBackend {
                 ("input_ids".into(), tensor(input_ids)?.into()),
                 ("attention_mask".into(), tensor(attention_mask)?.into()),
             ],
+            control,
         )?;
         let hidden = outputs.first().ok_or(BackendError::Output {
             graph: graph.name,
@@ -266,11 +305,11 @@ impl Backend for OrtBackend {
 
     fn upload_latents(&self, latents: &Array5<f32>) -> Result<DeviceTensor, BackendError> {
         let host = DeviceTensor::from_host(latents.shape(), latents.iter().copied().collect())?;
-        Ok(self.arithmetic.upload(host)?)
+        self.arithmetic.upload(host, "initial latents")
     }
 
     fn download_latents(&self, latents: &DeviceTensor) -> Result<Array5<f32>, BackendError> {
-        let (shape, values) = latents.to_host()?;
+        let (shape, values) = self.arithmetic.download(latents, "final latents")?;
         let shape: [usize; 5] = shape
             .try_into()
             .map_err(|s: Vec<usize>| BackendError::Output {
@@ -293,7 +332,7 @@ impl Backend for OrtBackend {
         } else {
             DeviceTensor::from_host(context.shape(), values)?
         };
-        Ok(self.arithmetic.upload(host)?)
+        self.arithmetic.upload(host, "text context")
     }
 
     fn predict(
@@ -301,6 +340,7 @@ impl Backend for OrtBackend {
         latents: &DeviceTensor,
         timestep: i64,
         context: &DeviceTensor,
+        control: &OrtRunControl,
     ) -> Result<DeviceTensor, BackendError> {
         let graph = &self.transformer;
         let failed = |e: ort::Error| BackendError::Run {
@@ -319,12 +359,14 @@ impl Backend for OrtBackend {
         let timestep = timestep.upcast();
         let out = run_on_device(
             &graph.session,
+            self.device,
             &[
                 ("hidden_states", hidden.value()),
                 ("timestep", &timestep),
                 ("encoder_hidden_states", context.value()),
             ],
             &graph.output,
+            Some(&control.0),
         )
         .map(DeviceTensor::new)
         .map_err(failed)?;
@@ -338,15 +380,17 @@ impl Backend for OrtBackend {
     fn decode_first(
         &self,
         latent: ArrayView5<f32>,
-    ) -> Result<(Array5<f32>, VaeCache), BackendError> {
-        self.decode(&self.vae_init, latent, None)
+        control: &OrtRunControl,
+    ) -> Result<(Array5<f32>, OrtVaeCache), BackendError> {
+        self.decode(&self.vae_init, latent, None, control)
     }
 
     fn decode_next(
         &self,
         latent: ArrayView5<f32>,
-        cache: VaeCache,
-    ) -> Result<(Array5<f32>, VaeCache), BackendError> {
-        self.decode(&self.vae_step, latent, Some(cache))
+        cache: OrtVaeCache,
+        control: &OrtRunControl,
+    ) -> Result<(Array5<f32>, OrtVaeCache), BackendError> {
+        self.decode(&self.vae_step, latent, Some(cache), control)
     }
 }

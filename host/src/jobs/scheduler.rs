@@ -9,6 +9,7 @@
 
 use super::{Completion, Job, JobStore, StoredProgress, now_ms};
 use crate::backend::OrtBackend;
+use crate::pipeline::scheduler::SchedulerError;
 use crate::pipeline::{CancelToken, FrameChunk, GenerateRequest, Pipeline, PipelineError, Stage};
 use crate::plugins::{FinishedJob, OutputPolicy, PluginHost};
 use crate::storage::VideoStore;
@@ -234,8 +235,16 @@ fn client_reason(error: &PipelineError, error_id: &str) -> String {
         PipelineError::InvalidRequest { field, reason } => {
             return format!("the model cannot run this request: {field}: {reason}");
         }
-        PipelineError::Backend(e) if looks_like_oom(&e.to_string()) => "out of memory",
-        PipelineError::Backend(_) => "the model failed to run",
+        // Runtime failures: the model's graphs, or the tensor arithmetic beside them.
+        PipelineError::Backend(_)
+        | PipelineError::Arithmetic(_)
+        | PipelineError::Scheduler(SchedulerError::Arithmetic(_)) => {
+            if looks_like_oom(&error.to_string()) {
+                "out of memory"
+            } else {
+                "the model failed to run"
+            }
+        }
         PipelineError::Sink(_) => "encoding the video failed",
         _ => "generation failed",
     };

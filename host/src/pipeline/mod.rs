@@ -9,13 +9,13 @@ pub mod noise;
 pub mod prompt;
 pub mod scheduler;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Interrupt};
 use crate::model::{Manifest, ModelDir};
+use crate::tensor::TensorArithmetic;
 use ndarray::{Array3, Array5, ArrayView5, Axis, s};
 use prompt::{PromptError, PromptTokenizer};
-use scheduler::TensorArithmetic;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -53,16 +53,50 @@ pub struct FrameChunk<'a> {
     pub height: usize,
 }
 
-/// Cancels a running job between steps; clones share the flag.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+/// Cancels a running job: the pipeline checks it between runs, and the hooks it registers
+/// interrupt the backend's run in progress. Clones share the flag and the hooks.
+#[derive(Clone, Default)]
+pub struct CancelToken(Arc<CancelState>);
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: AtomicBool,
+    hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelToken")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
 
 impl CancelToken {
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        for hook in self.hooks().iter() {
+            hook();
+        }
     }
+
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Runs `hook` on cancel (at once if already cancelled). A hook may run twice.
+    pub fn on_cancel(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.hooks().push(Box::new(hook));
+        // After the push: a cancel that set the flag before it may not have seen the hook.
+        if self.is_cancelled()
+            && let Some(hook) = self.hooks().last()
+        {
+            hook();
+        }
+    }
+
+    fn hooks(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn Fn() + Send + Sync>>> {
+        self.0.hooks.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -78,6 +112,8 @@ pub enum PipelineError {
     Prompt(#[from] PromptError),
     #[error(transparent)]
     Scheduler(#[from] scheduler::SchedulerError),
+    #[error(transparent)]
+    Arithmetic(#[from] crate::tensor::ArithmeticError),
     #[error(transparent)]
     Noise(#[from] noise::NoiseError),
     #[error("{0}")]
@@ -153,10 +189,18 @@ impl<B: Backend> Pipeline<B> {
 
     /// Prompt embeddings `[1, max_length, dim]`, zero past the prompt's tokens (as diffusers).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Array3<f32>, PipelineError> {
+        self.encode_prompt_with(prompt, &self.backend.run_control()?)
+    }
+
+    fn encode_prompt_with(
+        &self,
+        prompt: &str,
+        run: &B::RunControl,
+    ) -> Result<Array3<f32>, PipelineError> {
         let tokens = self.tokenizer.encode(prompt)?;
-        let mut hidden = self
-            .backend
-            .encode_text(&tokens.input_ids, &tokens.attention_mask, 1)?;
+        let mut hidden =
+            self.backend
+                .encode_text(&tokens.input_ids, &tokens.attention_mask, 1, run)?;
         hidden.slice_mut(s![.., tokens.len.., ..]).fill(0.0);
         Ok(hidden)
     }
@@ -168,11 +212,31 @@ impl<B: Backend> Pipeline<B> {
         on_progress: &mut dyn FnMut(Progress),
         on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
     ) -> Result<Generated, PipelineError> {
+        // A cancel interrupts the run in progress; a run it interrupted fails, and that failure
+        // is the cancel.
+        let run = self.backend.run_control()?;
+        let interrupt = run.clone();
+        cancel.on_cancel(move || interrupt.interrupt());
+        let interrupted = |e: PipelineError| match e {
+            PipelineError::Backend(_) if cancel.is_cancelled() => PipelineError::Cancelled,
+            other => other,
+        };
+        self.run_job(req, cancel, &run, on_progress, on_frames)
+            .map_err(interrupted)
+    }
+
+    fn run_job(
+        &self,
+        req: &GenerateRequest,
+        cancel: &CancelToken,
+        run: &B::RunControl,
+        on_progress: &mut dyn FnMut(Progress),
+        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
+    ) -> Result<Generated, PipelineError> {
         let plan = self.plan(req)?;
         let guided = req.guidance_scale > 1.0;
         let mut scheduler =
             scheduler::UniPcScheduler::new(&self.manifest.scheduler, req.infer_steps)?;
-
         let started = std::time::Instant::now();
         on_progress(Progress {
             stage: Stage::EncodingText,
@@ -181,11 +245,11 @@ impl<B: Backend> Pipeline<B> {
         });
         let context = self
             .backend
-            .prepare_context(&self.encode_prompt(&req.prompt)?)?;
+            .prepare_context(&self.encode_prompt_with(&req.prompt, run)?)?;
         let negative = if guided {
             Some(
                 self.backend
-                    .prepare_context(&self.encode_prompt(&req.negative_prompt)?)?,
+                    .prepare_context(&self.encode_prompt_with(&req.negative_prompt, run)?)?,
             )
         } else {
             None
@@ -206,10 +270,11 @@ impl<B: Backend> Pipeline<B> {
         });
         for (i, &t) in timesteps.iter().enumerate() {
             check(cancel)?;
-            let cond = self.backend.predict(&latents, t, &context)?;
+            let cond = self.backend.predict(&latents, t, &context, run)?;
             let prediction = match &negative {
                 Some(negative) => {
-                    let uncond = self.backend.predict(&latents, t, negative)?;
+                    check(cancel)?;
+                    let uncond = self.backend.predict(&latents, t, negative, run)?;
                     // uncond + g·(cond − uncond)
                     let g = req.guidance_scale;
                     arithmetic.weighted_sum(&[(1.0 - g, &uncond), (g, &cond)])?
@@ -226,7 +291,7 @@ impl<B: Backend> Pipeline<B> {
         let latents = self.backend.download_latents(&latents)?;
 
         let denoise_done = std::time::Instant::now();
-        let frames = self.decode(&latents, &plan, req, cancel, on_progress, on_frames)?;
+        let frames = self.decode(&latents, req, cancel, run, on_progress, on_frames)?;
         tracing::info!(
             text_s = (text_done - started).as_secs_f32(),
             denoise_s = (denoise_done - text_done).as_secs_f32(),
@@ -241,9 +306,9 @@ impl<B: Backend> Pipeline<B> {
     fn decode(
         &self,
         latents: &Array5<f32>,
-        plan: &Plan,
         req: &GenerateRequest,
         cancel: &CancelToken,
+        run: &B::RunControl,
         on_progress: &mut dyn FnMut(Progress),
         on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
     ) -> Result<usize, PipelineError> {
@@ -255,7 +320,8 @@ impl<B: Backend> Pipeline<B> {
             let mean = vae.latents_mean[c];
             channel.mapv_inplace(|x| x / inv_std + mean);
         }
-        let chunks = plan.latent_shape[2];
+        // One latent frame per chunk.
+        let chunks = latents.shape()[2];
         let mut cache = None;
         let mut emitted = 0usize;
         let mut rgb = Vec::new();
@@ -268,8 +334,8 @@ impl<B: Backend> Pipeline<B> {
             check(cancel)?;
             let latent: ArrayView5<f32> = scaled.slice(s![.., .., i..i + 1, .., ..]);
             let (video, next) = match cache.take() {
-                None => self.backend.decode_first(latent)?,
-                Some(c) => self.backend.decode_next(latent, c)?,
+                None => self.backend.decode_first(latent, run)?,
+                Some(c) => self.backend.decode_next(latent, c, run)?,
             };
             cache = Some(next);
             let wanted = (req.num_frames - emitted).min(video.shape()[2]);

@@ -8,11 +8,12 @@
 //!
 //! Every update UniPC makes to a tensor is a weighted sum of tensors it already has (the sample,
 //! the model output, its history). The scheduler computes the weights and leaves the sums to a
-//! [`TensorArithmetic`], so the same code runs over host memory ([`HostTensors`]) or, in a
+//! [`TensorArithmetic`] (`crate::tensor`), so the same code runs over host memory, or, in a
 //! backend that keeps latents on the GPU, over device buffers. diffusers forms the differences
 //! `(m_i - m_0) / r_k` first; the expanded sums round differently, by about 1e-7 per step.
 
 use crate::model::SchedulerConfig;
+use crate::tensor::{ArithmeticError, HostTensors, TensorArithmetic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -22,43 +23,10 @@ pub enum SchedulerError {
     Finished(usize, usize),
     #[error("model output has {0} values but the sample has {1}")]
     ShapeMismatch(usize, usize),
-    #[error("tensor arithmetic failed: {0}")]
-    Arithmetic(String),
-}
-
-/// Weighted sums of same-shaped tensors: all the tensor math UniPC needs.
-pub trait TensorArithmetic {
-    type Tensor;
-    /// Σ weight · tensor. `terms` is never empty.
-    fn weighted_sum(&self, terms: &[(f32, &Self::Tensor)]) -> Result<Self::Tensor, SchedulerError>;
-}
-
-/// [`TensorArithmetic`] over `Vec<f32>` in host memory.
-pub struct HostTensors;
-
-impl TensorArithmetic for HostTensors {
-    type Tensor = Vec<f32>;
-
-    fn weighted_sum(&self, terms: &[(f32, &Vec<f32>)]) -> Result<Vec<f32>, SchedulerError> {
-        let len = terms.first().map_or(0, |(_, t)| t.len());
-        if let Some((_, t)) = terms.iter().find(|(_, t)| t.len() != len) {
-            return Err(SchedulerError::ShapeMismatch(t.len(), len));
-        }
-        // Block by block so that each block of the output stays in L1 while every term is
-        // added to it: one pass over memory instead of one per term.
-        const BLOCK: usize = 2048;
-        let mut out = vec![0f32; len];
-        for (b, block) in out.chunks_mut(BLOCK).enumerate() {
-            let start = b * BLOCK;
-            for (weight, tensor) in terms {
-                let part = &tensor[start..start + block.len()];
-                for (o, x) in block.iter_mut().zip(part) {
-                    *o += weight * x;
-                }
-            }
-        }
-        Ok(out)
-    }
+    #[error("no model output {0} steps back")]
+    MissingHistory(usize),
+    #[error(transparent)]
+    Arithmetic(#[from] ArithmeticError),
 }
 
 pub struct UniPcScheduler<T = Vec<f32>> {
@@ -205,7 +173,7 @@ impl<T> UniPcScheduler<T> {
             .len()
             .checked_sub(1 + back)
             .and_then(|i| self.model_outputs[i].as_ref())
-            .ok_or_else(|| SchedulerError::Arithmetic(format!("no model output {back} steps back")))
+            .ok_or(SchedulerError::MissingHistory(back))
     }
 
     /// h·φ and B(h) coefficients shared by predictor and corrector: returns (h_phi_1, B_h, R, b).
