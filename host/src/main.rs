@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wanserve::backend::{Device, OrtBackend};
-use wanserve::model::{ModelDir, bundled_model_dir};
+use wanserve::model::{ModelDir, Verify, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
 use wanserve::plugins::api_keys::hash_key;
 use wanserve::plugins::config::start_plugins;
@@ -167,6 +167,9 @@ struct GenerateArgs {
     /// A wanserve model directory (from models/export.py); default: the bundled tiny model.
     #[arg(long, env = "WANSERVE_MODEL_DIR")]
     model_dir: Option<PathBuf>,
+    /// Hash every model file, even those unchanged since they last verified on this machine.
+    #[arg(long, env = "WANSERVE_VERIFY_MODEL")]
+    verify_model: bool,
     #[arg(long, value_enum, default_value = "cpu", env = "WANSERVE_DEVICE")]
     device: Device,
     /// Intra-op threads per ONNX session (0: one per core).
@@ -207,7 +210,12 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         seed,
     };
     let model_dir = args.model_dir.unwrap_or_else(bundled_model_dir);
-    let model = ModelDir::open(&model_dir).map_err(|e| e.to_string())?;
+    let verify = if args.verify_model {
+        Verify::Full
+    } else {
+        Verify::Changed
+    };
+    let model = ModelDir::open_with(&model_dir, verify).map_err(|e| e.to_string())?;
     let backend = OrtBackend::load(&model, args.device, args.threads).map_err(|e| e.to_string())?;
     let pipeline = Pipeline::new(backend, &model).map_err(|e| e.to_string())?;
     pipeline.plan(&request).map_err(|e| e.to_string())?;

@@ -20,23 +20,13 @@ pub enum RuntimeError {
     Load { path: String, reason: String },
 }
 
-fn wanserve_home() -> Option<PathBuf> {
-    if let Some(home) = std::env::var_os("WANSERVE_HOME") {
-        return Some(PathBuf::from(home));
-    }
-    if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
-        return Some(PathBuf::from(data).join("wanserve"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/wanserve"))
-}
-
 /// Candidate library paths, in the order they are tried.
 pub fn candidates() -> Vec<PathBuf> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
         return vec![PathBuf::from(path)];
     }
     let mut paths = Vec::new();
-    if let Some(home) = wanserve_home() {
+    if let Some(home) = crate::home::wanserve_home() {
         for package in ["onnxruntime-gpu", "onnxruntime"] {
             paths.push(
                 home.join("onnxruntime")

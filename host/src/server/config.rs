@@ -3,7 +3,7 @@
 //! the config shows `[REDACTED]` for them whatever the caller does.
 
 use crate::backend::Device;
-use crate::model::bundled_model_dir;
+use crate::model::{Verify, bundled_model_dir};
 use secrecy::SecretString;
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr};
@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// A wanserve model directory [default: the bundled tiny random-weight model].
     #[arg(long, env = "WANSERVE_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// Hash every model file at start, even those unchanged since they last verified on this
+    /// machine.
+    #[arg(long, env = "WANSERVE_VERIFY_MODEL")]
+    pub verify_model: bool,
     /// Where the model runs [default: cpu].
     #[arg(long, env = "WANSERVE_DEVICE", value_enum)]
     pub device: Option<Device>,
@@ -87,6 +91,7 @@ struct ServerTable {
     port: Option<u16>,
     data_dir: Option<PathBuf>,
     model_dir: Option<PathBuf>,
+    verify_model: Option<bool>,
     device: Option<String>,
     threads: Option<usize>,
     slots: Option<usize>,
@@ -123,6 +128,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub model_dir: PathBuf,
     pub bundled_model: bool,
+    pub verify_model: Verify,
     pub device: Device,
     pub threads: usize,
     pub slots: usize,
@@ -208,6 +214,11 @@ impl ServeConfig {
                 .unwrap_or_else(|| PathBuf::from("data")),
             bundled_model: model_dir.is_none(),
             model_dir: model_dir.unwrap_or_else(bundled_model_dir),
+            verify_model: if args.verify_model || t.verify_model.unwrap_or(false) {
+                Verify::Full
+            } else {
+                Verify::Changed
+            },
             device,
             threads: args.threads.or(t.threads).unwrap_or(0),
             slots,

@@ -356,9 +356,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
 
-    // The model's files are hashed once here (ModelDir::open checks every SHA-256).
+    // The model's files are checked here: hashed unless unchanged since they last verified on
+    // this machine (`--verify-model` hashes them all).
     let model_dir = config.model_dir.clone();
-    let model = tokio::task::spawn_blocking(move || ModelDir::open(&model_dir))
+    let verify = config.verify_model;
+    let model = tokio::task::spawn_blocking(move || ModelDir::open_with(&model_dir, verify))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
