@@ -8,7 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use wanserve::backend::{Device, OrtBackend};
+use wanserve::backend::{Device, LoadOptions, OrtBackend};
 use wanserve::model::{ModelDir, Verify, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
 use wanserve::plugins::api_keys::hash_key;
@@ -172,6 +172,9 @@ struct GenerateArgs {
     verify_model: bool,
     #[arg(long, value_enum, default_value = "cpu", env = "WANSERVE_DEVICE")]
     device: Device,
+    /// Where the text encoder runs, if not on --device: `cpu` keeps its weights off the GPU.
+    #[arg(long, value_enum, env = "WANSERVE_TEXT_ENCODER_DEVICE")]
+    text_encoder_device: Option<Device>,
     /// Intra-op threads per ONNX session (0: one per core).
     #[arg(long, default_value_t = 0, env = "WANSERVE_THREADS")]
     threads: usize,
@@ -216,7 +219,15 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         Verify::Changed
     };
     let model = ModelDir::open_with(&model_dir, verify).map_err(|e| e.to_string())?;
-    let backend = OrtBackend::load(&model, args.device, args.threads).map_err(|e| e.to_string())?;
+    let backend = OrtBackend::load_with(
+        &model,
+        LoadOptions {
+            device: args.device,
+            text_encoder_device: args.text_encoder_device,
+            threads: args.threads,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let pipeline = Pipeline::new(backend, &model).map_err(|e| e.to_string())?;
     pipeline.plan(&request).map_err(|e| e.to_string())?;
     if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty())

@@ -123,13 +123,45 @@ fn load(
     })
 }
 
+/// Where and how the sessions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// The text encoder's device, when not `device`: on the CPU it leaves the GPU's memory to
+    /// the DiT and the VAE (it runs once or twice per job; its output crosses to the GPU once).
+    pub text_encoder_device: Option<Device>,
+    /// Intra-op threads per session; 0 lets ORT choose (one per core).
+    pub threads: usize,
+}
+
 impl OrtBackend {
-    /// Builds the four sessions and every tensor-arithmetic graph. `threads` = 0 lets ORT choose
-    /// (one per core).
+    /// Builds the four sessions and every tensor-arithmetic graph on `device`. `threads` = 0
+    /// lets ORT choose (one per core).
     pub fn load(model: &ModelDir, device: Device, threads: usize) -> Result<Self, BackendError> {
+        Self::load_with(
+            model,
+            LoadOptions {
+                device,
+                text_encoder_device: None,
+                threads,
+            },
+        )
+    }
+
+    pub fn load_with(model: &ModelDir, options: LoadOptions) -> Result<Self, BackendError> {
+        let LoadOptions {
+            device, threads, ..
+        } = options;
+        let text_device = options.text_encoder_device.unwrap_or(device);
         let m = &model.manifest;
         let backend = Self {
-            text_encoder: load(model, &m.text_encoder.file, "text encoder", device, threads)?,
+            text_encoder: load(
+                model,
+                &m.text_encoder.file,
+                "text encoder",
+                text_device,
+                threads,
+            )?,
             transformer: load(model, &m.transformer.file, "transformer", device, threads)?,
             vae_init: load(
                 model,

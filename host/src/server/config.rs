@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Where the model runs [default: cpu].
     #[arg(long, env = "WANSERVE_DEVICE", value_enum)]
     pub device: Option<Device>,
+    /// Where the text encoder runs, if not on --device: `cpu` keeps its weights off the GPU.
+    #[arg(long, env = "WANSERVE_TEXT_ENCODER_DEVICE", value_enum)]
+    pub text_encoder_device: Option<Device>,
     /// Intra-op threads per ONNX session, 0 = one per core [default: 0].
     #[arg(long, env = "WANSERVE_THREADS")]
     pub threads: Option<usize>,
@@ -93,6 +96,7 @@ struct ServerTable {
     model_dir: Option<PathBuf>,
     verify_model: Option<bool>,
     device: Option<String>,
+    text_encoder_device: Option<String>,
     threads: Option<usize>,
     slots: Option<usize>,
     queue_limit: Option<u64>,
@@ -130,6 +134,7 @@ pub struct ServeConfig {
     pub bundled_model: bool,
     pub verify_model: Verify,
     pub device: Device,
+    pub text_encoder_device: Option<Device>,
     pub threads: usize,
     pub slots: usize,
     pub queue_limit: u64,
@@ -152,17 +157,24 @@ impl ServeConfig {
             Some(path) => read_file(path)?,
         };
         let t = file.server;
+        let device_named = |key: &'static str, name: &str| {
+            <Device as clap::ValueEnum>::from_str(name, true).map_err(|_| {
+                ServeConfigError::Invalid {
+                    key,
+                    reason: format!("{name:?} is not cpu or cuda"),
+                }
+            })
+        };
         let device = match (args.device, t.device.as_deref()) {
             (Some(d), _) => d,
             (None, None) => Device::Cpu,
-            (None, Some(name)) => {
-                <Device as clap::ValueEnum>::from_str(name, true).map_err(|_| {
-                    ServeConfigError::Invalid {
-                        key: "server.device",
-                        reason: format!("{name:?} is not cpu or cuda"),
-                    }
-                })?
-            }
+            (None, Some(name)) => device_named("server.device", name)?,
+        };
+        let text_encoder_device = match (args.text_encoder_device, t.text_encoder_device.as_deref())
+        {
+            (Some(d), _) => Some(d),
+            (None, None) => None,
+            (None, Some(name)) => Some(device_named("server.text_encoder_device", name)?),
         };
         let model_dir = args.model_dir.or(t.model_dir);
         let slots = args.slots.or(t.slots).unwrap_or(2);
@@ -220,6 +232,7 @@ impl ServeConfig {
                 Verify::Changed
             },
             device,
+            text_encoder_device,
             threads: args.threads.or(t.threads).unwrap_or(0),
             slots,
             queue_limit: args.queue_limit.or(t.queue_limit).unwrap_or(100),
@@ -259,4 +272,77 @@ fn read_file(path: &Path) -> Result<ConfigFile, ServeConfigError> {
         return Err(fail(format!("unknown table [{unknown}]")));
     }
     toml::from_str(&text).map_err(|e| fail(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn resolve(flags: &[&str], toml: &str) -> Result<ServeConfig, ServeConfigError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("wanserve.toml");
+        std::fs::write(&path, toml).expect("config file");
+        let mut argv = vec!["wanserve", "--config", path.to_str().expect("utf-8 path")];
+        argv.extend_from_slice(flags);
+        ServeConfig::resolve(Cli::try_parse_from(argv).expect("flags parse").serve)
+    }
+
+    #[test]
+    fn the_text_encoder_follows_the_device_unless_it_is_named() {
+        let default = resolve(&[], "").expect("config");
+        assert_eq!(
+            (default.device, default.text_encoder_device),
+            (Device::Cpu, None)
+        );
+        let split = resolve(
+            &["--device", "cuda"],
+            "[server]\ntext_encoder_device = \"cpu\"\n",
+        )
+        .expect("config");
+        assert_eq!(
+            (split.device, split.text_encoder_device),
+            (Device::Cuda, Some(Device::Cpu))
+        );
+        // The flag wins over the file.
+        let flag = resolve(
+            &["--text-encoder-device", "cuda"],
+            "[server]\ntext_encoder_device = \"cpu\"\n",
+        )
+        .expect("config");
+        assert_eq!(flag.text_encoder_device, Some(Device::Cuda));
+        match resolve(&[], "[server]\ntext_encoder_device = \"tpu\"\n") {
+            Err(e) => assert!(
+                e.to_string().contains("server.text_encoder_device"),
+                "names the key: {e}"
+            ),
+            Ok(_) => panic!("an unknown device was accepted"),
+        }
+    }
+
+    #[test]
+    fn verify_model_comes_from_the_flag_or_the_file() {
+        assert_eq!(
+            resolve(&[], "").expect("config").verify_model,
+            Verify::Changed
+        );
+        assert_eq!(
+            resolve(&["--verify-model"], "")
+                .expect("config")
+                .verify_model,
+            Verify::Full
+        );
+        assert_eq!(
+            resolve(&[], "[server]\nverify_model = true\n")
+                .expect("config")
+                .verify_model,
+            Verify::Full
+        );
+    }
 }

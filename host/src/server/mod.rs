@@ -9,7 +9,7 @@ pub mod config;
 pub mod error;
 pub mod plugin_pool;
 
-use crate::backend::OrtBackend;
+use crate::backend::{LoadOptions, OrtBackend};
 use crate::jobs::retention::Sweeper;
 use crate::jobs::scheduler::{Scheduler, SchedulerConfig};
 use crate::jobs::sqlite::SqliteJobStore;
@@ -306,8 +306,15 @@ fn prometheus() -> Result<PrometheusHandle, String> {
 /// not pay for lazy initialisation.
 fn load_and_warm(model: &ModelDir, config: &ServeConfig) -> Result<Pipeline<OrtBackend>, String> {
     let started = Instant::now();
-    let backend =
-        OrtBackend::load(model, config.device, config.threads).map_err(|e| e.to_string())?;
+    let backend = OrtBackend::load_with(
+        model,
+        LoadOptions {
+            device: config.device,
+            text_encoder_device: config.text_encoder_device,
+            threads: config.threads,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let pipeline = Pipeline::new(backend, model).map_err(|e| e.to_string())?;
     let side = pipeline.size_multiple();
     let warm = GenerateRequest {
