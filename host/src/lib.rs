@@ -4,6 +4,7 @@ pub mod backend;
 pub mod home;
 pub mod jobs;
 pub mod model;
+pub mod peak_memory;
 pub mod pipeline;
 pub mod plugins;
 mod private_file;

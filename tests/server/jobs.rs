@@ -64,6 +64,15 @@ fn a_job_succeeds_and_its_url_opens_without_a_key() {
     // The post-process plugin's metadata comes with the result.
     assert_eq!(done["metadata"]["size"], "832x480", "{done}");
     assert_eq!(done["metadata"]["seed"], "7", "{done}");
+    // The operator's log gives the job's peak memory.
+    let log = server.log();
+    let peak = log
+        .lines()
+        .find(|l| l.contains("job ended") && l.contains(id.as_str()))
+        .and_then(|l| l.split("peak_rss_mib=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(peak.is_some_and(|mib| mib > 10), "no peak in the log:\n{log}");
     assert!(
         done["results"]["timings"]["inference"]
             .as_f64()

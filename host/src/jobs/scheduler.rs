@@ -312,7 +312,12 @@ impl Inner {
         let cancel = CancelToken::default();
         let request = &job.request;
         let work = request.width as f64 * request.height as f64 * request.num_frames as f64;
-        lock(&self.running).insert(
+        let mut running = lock(&self.running);
+        // Alone, this job's peak is the process's from here (see `peak_memory`).
+        if running.is_empty() {
+            crate::peak_memory::reset();
+        }
+        running.insert(
             job.id.clone(),
             Running {
                 attempt: job.attempt,
@@ -325,6 +330,7 @@ impl Inner {
                 work,
             },
         );
+        drop(running);
         // A shutdown or a cancel may have come between the claim and the line above.
         let still_ours = !self.stopping.load(Ordering::SeqCst)
             && matches!(
@@ -364,7 +370,8 @@ impl Inner {
         if matches!(outcome, Outcome::Published) {
             lock(&self.timing).last_job_seconds = Some(seconds);
         }
-        tracing::info!(request_id = %job.id, outcome = label, seconds, "job ended");
+        let peak_rss_mib = crate::peak_memory::peak_bytes().map(|b| b >> 20);
+        tracing::info!(request_id = %job.id, outcome = label, seconds, peak_rss_mib, "job ended");
     }
 
     fn requeue(&self, job: &Job) -> Outcome {
