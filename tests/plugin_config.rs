@@ -238,6 +238,45 @@ fn the_watched_directory_swaps_good_files_and_ignores_broken_ones() {
     assert_eq!(host.installed(Slot::Validate).unwrap().sha256, original);
 }
 
+/// Reading a plugin file (another server starting, a backup tool) is not a change: a plugin
+/// installed by other means (the admin API) keeps serving.
+#[test]
+fn opening_a_watched_file_does_not_undo_an_uploaded_plugin() {
+    let plugins = default_plugin_dir();
+    let config = PluginsConfig::load(
+        None,
+        env(&[("WANSERVE_PLUGIN_DIR", plugins.path().to_str().unwrap())]),
+    )
+    .unwrap();
+    let host = Arc::new(PluginHost::new(PluginLimits::default()).unwrap());
+    host.install(config.slot(Slot::Validate).unwrap()).unwrap();
+    let watcher = PluginWatcher::start(host.clone(), &config).unwrap();
+    let validator = plugins.path().join("validate_seed.wasm");
+    // What `PUT /admin/plugins/validate` does.
+    host.replace(
+        Slot::Validate,
+        &std::fs::read(plugin_wasm("test-trap")).unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    let uploaded = host.installed(Slot::Validate).unwrap().sha256;
+    for _ in 0..3 {
+        let _ = std::fs::read(&validator).unwrap();
+    }
+    std::thread::sleep(wanserve::plugins::watch::DEBOUNCE * 4);
+    assert_eq!(host.installed(Slot::Validate).unwrap().sha256, uploaded);
+    assert_eq!(watcher.swaps(), 0);
+
+    // A real change to the file still installs it.
+    let permissive = std::fs::read(plugin_wasm("test-permissive")).unwrap();
+    deploy(&validator, &permissive);
+    wait_for("the file's plugin to serve", || watcher.swaps() == 1);
+    assert_eq!(
+        host.installed(Slot::Validate).unwrap().sha256,
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&permissive))
+    );
+}
+
 #[test]
 fn plugin_load_prints_a_generated_key_once_and_hash_key_hashes() {
     let plugins = default_plugin_dir();

@@ -72,7 +72,10 @@ fn a_job_succeeds_and_its_url_opens_without_a_key() {
         .and_then(|l| l.split("peak_rss_mib=").nth(1))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse::<u64>().ok());
-    assert!(peak.is_some_and(|mib| mib > 10), "no peak in the log:\n{log}");
+    assert!(
+        peak.is_some_and(|mib| mib > 10),
+        "no peak in the log:\n{log}"
+    );
     assert!(
         done["results"]["timings"]["inference"]
             .as_f64()

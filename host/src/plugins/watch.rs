@@ -20,6 +20,10 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 struct Outcomes {
     last_error: BTreeMap<Slot, String>,
     swaps: u64,
+    /// SHA-256 of each slot's file as the watcher last read it. Only a file whose content
+    /// changed is installed: inotify also reports opens (another process reading the file),
+    /// and reinstalling on those would undo a plugin uploaded through the admin API.
+    seen_files: BTreeMap<Slot, String>,
 }
 
 /// Watches the plugin directory while it lives.
@@ -30,8 +34,19 @@ pub struct PluginWatcher {
 
 impl PluginWatcher {
     pub fn start(host: Arc<PluginHost>, config: &PluginsConfig) -> Result<Self, String> {
-        let outcomes = Arc::new(Mutex::new(Outcomes::default()));
         let specs: Vec<SlotSpec> = config.slots.clone();
+        // The files as they are now (what start-up installed from them).
+        let seen_files = specs
+            .iter()
+            .filter_map(|spec| {
+                let bytes = std::fs::read(&spec.path).ok()?;
+                Some((spec.slot, hex::encode(Sha256::digest(&bytes))))
+            })
+            .collect();
+        let outcomes = Arc::new(Mutex::new(Outcomes {
+            seen_files,
+            ..Outcomes::default()
+        }));
         let seen = outcomes.clone();
         let mut debouncer = new_debouncer(DEBOUNCE, move |events: DebounceEventResult| {
             let paths: Vec<PathBuf> = match events {
@@ -90,9 +105,13 @@ fn reload(host: &PluginHost, spec: &SlotSpec, outcomes: &Mutex<Outcomes>) {
             return;
         }
     };
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    if lock(outcomes).seen_files.insert(spec.slot, sha256.clone()) == Some(sha256.clone()) {
+        return;
+    }
     let unchanged = host
         .installed(spec.slot)
-        .is_some_and(|info| info.sha256 == hex::encode(Sha256::digest(&bytes)));
+        .is_some_and(|info| info.sha256 == sha256);
     if unchanged {
         return;
     }
