@@ -180,8 +180,9 @@ fn deploy(path: &Path, bytes: &[u8]) {
     std::fs::rename(&staged, path).unwrap();
 }
 
-#[test]
-fn the_watched_directory_swaps_good_files_and_ignores_broken_ones() {
+/// A plugin directory with the default plugins, a host serving its validate plugin, and a
+/// watcher on the directory.
+fn watched_validate_slot() -> (tempfile::TempDir, Arc<PluginHost>, PluginWatcher) {
     let plugins = default_plugin_dir();
     let config = PluginsConfig::load(
         None,
@@ -191,6 +192,12 @@ fn the_watched_directory_swaps_good_files_and_ignores_broken_ones() {
     let host = Arc::new(PluginHost::new(PluginLimits::default()).unwrap());
     host.install(config.slot(Slot::Validate).unwrap()).unwrap();
     let watcher = PluginWatcher::start(host.clone(), &config).unwrap();
+    (plugins, host, watcher)
+}
+
+#[test]
+fn the_watched_directory_swaps_good_files_and_ignores_broken_ones() {
+    let (plugins, host, watcher) = watched_validate_slot();
     let validator = plugins.path().join("validate_seed.wasm");
     let original = host.installed(Slot::Validate).unwrap().sha256;
 
@@ -242,15 +249,7 @@ fn the_watched_directory_swaps_good_files_and_ignores_broken_ones() {
 /// installed by other means (the admin API) keeps serving.
 #[test]
 fn opening_a_watched_file_does_not_undo_an_uploaded_plugin() {
-    let plugins = default_plugin_dir();
-    let config = PluginsConfig::load(
-        None,
-        env(&[("WANSERVE_PLUGIN_DIR", plugins.path().to_str().unwrap())]),
-    )
-    .unwrap();
-    let host = Arc::new(PluginHost::new(PluginLimits::default()).unwrap());
-    host.install(config.slot(Slot::Validate).unwrap()).unwrap();
-    let watcher = PluginWatcher::start(host.clone(), &config).unwrap();
+    let (plugins, host, watcher) = watched_validate_slot();
     let validator = plugins.path().join("validate_seed.wasm");
     // What `PUT /admin/plugins/validate` does.
     host.replace(
