@@ -153,11 +153,6 @@ impl OrtTensors {
         tensor.to_host()
     }
 
-    /// Where this arithmetic's graphs (and the model's, on the same device) leave their outputs.
-    pub fn output_memory(&self) -> ort::Result<MemoryInfo<'static>> {
-        output_memory(self.device)
-    }
-
     /// The tensor converted to `to` (float32 or bfloat16), on the device.
     pub fn cast(
         &self,
@@ -334,7 +329,7 @@ pub fn output_memory(device: Device) -> ort::Result<MemoryInfo<'static>> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CopyDirection {
+enum CopyDirection {
     ToDevice,
     ToHost,
 }

@@ -75,13 +75,7 @@ impl ModelDir {
             return Err(ModelError::MissingDir(root.to_path_buf()));
         }
         let path = root.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => ModelError::MissingFile(path.clone()),
-            _ => ModelError::Io {
-                path: path.clone(),
-                source,
-            },
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(file_error(&path))?;
         let manifest: Manifest =
             serde_json::from_str(&text).map_err(|source| ModelError::BadManifest {
                 path: path.clone(),
@@ -111,15 +105,8 @@ impl ModelDir {
             let file = root.join(name);
             // Before hashing: a file changed while it hashes does not match its fingerprint
             // next time.
-            let seen = stamp::Fingerprint::of(&std::fs::metadata(&file).map_err(|source| {
-                match source.kind() {
-                    std::io::ErrorKind::NotFound => ModelError::MissingFile(file.clone()),
-                    _ => ModelError::Io {
-                        path: file.clone(),
-                        source,
-                    },
-                }
-            })?);
+            let seen =
+                stamp::Fingerprint::of(&std::fs::metadata(&file).map_err(file_error(&file))?);
             if !known.trusts(name, expected, &seen) {
                 hashed_files += 1;
                 let actual = sha256_file(&file)?;
@@ -158,14 +145,19 @@ impl ModelDir {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let mut file = std::fs::File::open(path).map_err(|source| match source.kind() {
+/// A model file that cannot be opened: missing, or another I/O error.
+fn file_error(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
+    move |source| match source.kind() {
         std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
         _ => ModelError::Io {
             path: path.to_path_buf(),
             source,
         },
-    })?;
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, ModelError> {
+    let mut file = std::fs::File::open(path).map_err(file_error(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
