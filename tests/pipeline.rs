@@ -183,20 +183,73 @@ fn a_sink_error_stops_the_job_with_that_error() {
     }
 }
 
+/// Runs one job, appending `(job, step)` to `log` as each denoising step ends.
+fn run_logged(
+    pipeline: &Pipeline<OrtBackend>,
+    req: &GenerateRequest,
+    job: char,
+    log: &std::sync::Mutex<Vec<(char, usize)>>,
+) -> (Vec<u8>, Vec<f32>) {
+    let mut rgb = Vec::new();
+    let generated = pipeline
+        .generate(
+            req,
+            &CancelToken::default(),
+            &mut |p| {
+                if p.stage == Stage::Denoising && p.step > 0 {
+                    log.lock().unwrap().push((job, p.step));
+                }
+            },
+            &mut |chunk| {
+                rgb.extend_from_slice(chunk.rgb);
+                Ok(())
+            },
+        )
+        .unwrap();
+    (rgb, generated.latents.iter().copied().collect())
+}
+
 #[test]
-fn two_concurrent_jobs_share_the_sessions_and_match_their_solo_runs() {
+fn two_concurrent_jobs_share_the_sessions_take_turns_and_match_their_solo_runs() {
     let pipeline = pipeline();
-    let (a, b) = (request(10, 3), request(11, 3));
+    // Steps long enough (larger frames) that one job's denoising spans the other's text encoding.
+    let steps = 8;
+    let sized = |seed| GenerateRequest {
+        width: 320,
+        height: 192,
+        ..request(seed, steps)
+    };
+    let (a, b) = (sized(10), sized(11));
     let solo_a = run(&pipeline, &a);
     let solo_b = run(&pipeline, &b);
+    let log = std::sync::Mutex::new(Vec::new());
     let (together_a, together_b) = std::thread::scope(|s| {
-        let ta = s.spawn(|| run(&pipeline, &a));
-        let tb = s.spawn(|| run(&pipeline, &b));
+        let ta = s.spawn(|| run_logged(&pipeline, &a, 'a', &log));
+        let tb = s.spawn(|| run_logged(&pipeline, &b, 'b', &log));
         (ta.join().unwrap(), tb.join().unwrap())
     });
     assert_eq!(together_a, solo_a);
     assert_eq!(together_b, solo_b);
     assert_ne!(solo_a.0, solo_b.0);
+
+    // Fairness: once both jobs have finished a step, and until one of them has finished all of
+    // its steps, neither finishes two steps in a row while the other waits.
+    let log = log.into_inner().unwrap();
+    assert_eq!(log.len(), 2 * steps, "{log:?}");
+    let first_of = |job: char| log.iter().position(|&(j, _)| j == job).unwrap();
+    let last_of = |job: char| log.iter().rposition(|&(j, _)| j == job).unwrap();
+    let start = first_of('a').max(first_of('b'));
+    let end = last_of('a').min(last_of('b'));
+    assert!(
+        end > start + 2,
+        "the jobs' denoising did not overlap: {log:?}"
+    );
+    for pair in log[start..=end].windows(2) {
+        assert_ne!(
+            pair[0].0, pair[1].0,
+            "one job got two steps ahead of the other: {log:?}"
+        );
+    }
 }
 
 #[test]

@@ -140,6 +140,21 @@ pub struct Pipeline<B> {
     backend: B,
     tokenizer: PromptTokenizer,
     manifest: Manifest,
+    denoise_turns: StepTurns,
+}
+
+/// One denoising step at a time across jobs, handed over first-come first-served: a job holds
+/// its turn for a whole step (both guidance passes and the update), and on release a waiting job
+/// gets it before the releasing one can take it back. So with two jobs denoising, their steps
+/// alternate and neither gets more than one step ahead of the other. (With only the per-graph
+/// mutexes, which are not fair, a job could re-take the DiT before a waiting job woke up.)
+#[derive(Default)]
+struct StepTurns(parking_lot::FairMutex<()>);
+
+impl StepTurns {
+    fn take(&self) -> parking_lot::FairMutexGuard<'_, ()> {
+        self.0.lock()
+    }
 }
 
 impl<B: Backend> Pipeline<B> {
@@ -154,6 +169,7 @@ impl<B: Backend> Pipeline<B> {
             backend,
             tokenizer,
             manifest: m.clone(),
+            denoise_turns: StepTurns::default(),
         })
     }
 
@@ -269,6 +285,7 @@ impl<B: Backend> Pipeline<B> {
             total: timesteps.len(),
         });
         for (i, &t) in timesteps.iter().enumerate() {
+            let turn = self.denoise_turns.take();
             check(cancel)?;
             let cond = self.backend.predict(&latents, t, &context, run)?;
             let prediction = match &negative {
@@ -282,6 +299,7 @@ impl<B: Backend> Pipeline<B> {
                 None => cond,
             };
             latents = scheduler.step_with(arithmetic, prediction, latents)?;
+            drop(turn);
             on_progress(Progress {
                 stage: Stage::Denoising,
                 step: i + 1,
@@ -433,5 +451,35 @@ pub fn to_rgb24(video: &Array5<f32>, count: usize, out: &mut Vec<u8>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepTurns;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// The property the fairness bound rests on: a job that ends its step while another waits
+    /// cannot start its next step first, however quickly it asks again.
+    #[test]
+    fn a_waiting_job_gets_the_turn_before_the_job_that_just_released_it() {
+        let turns = StepTurns::default();
+        let order = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            let first = turns.take();
+            let waiter = s.spawn(|| {
+                let _turn = turns.take();
+                order.lock().unwrap().push("waiter");
+            });
+            // Let the waiter block on the turn.
+            std::thread::sleep(Duration::from_millis(100));
+            drop(first);
+            let _again = turns.take();
+            order.lock().unwrap().push("releaser again");
+            drop(_again);
+            waiter.join().unwrap();
+        });
+        assert_eq!(order.into_inner().unwrap(), ["waiter", "releaser again"]);
     }
 }
