@@ -1,5 +1,6 @@
 //! Hot paths of one generation, on the bundled tiny model at the API's 832x480 size:
-//! a denoising step (two DiT calls with guidance + the scheduler), the scheduler alone at the
+//! a denoising step (two DiT calls with guidance + the scheduler, and the same with one batch-2
+//! call), the scheduler alone at the
 //! real 480p/81-frame latent size, one VAE chunk, the seeded noise, and H.264 encoding of 81
 //! frames. `cargo bench -p wanserve --bench pipeline`.
 
@@ -70,6 +71,31 @@ fn denoise_and_decode(c: &mut Criterion) {
                     .arithmetic()
                     .weighted_sum(&[(-4.0, &uncond), (5.0, &cond)])
                     .unwrap();
+                black_box(
+                    scheduler
+                        .step_with(backend.arithmetic(), guided, x)
+                        .unwrap(),
+                )
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The same step with both guidance passes in one batch-2 call (`--batch-cfg`).
+    let pair = backend
+        .prepare_context_pair(
+            &pipeline.encode_prompt(&req.prompt).unwrap(),
+            &pipeline.encode_prompt("").unwrap(),
+        )
+        .unwrap();
+    group.bench_function("denoise_step_cfg_batched", |b| {
+        b.iter_batched(
+            || {
+                let scheduler = UniPcScheduler::new(&pipeline.manifest().scheduler, 20).unwrap();
+                (scheduler, backend.upload_latents(&latents).unwrap())
+            },
+            |(mut scheduler, x)| {
+                let t = scheduler.timesteps()[0];
+                let guided = backend.predict_guided(&x, t, &pair, 5.0, &run).unwrap();
                 black_box(
                     scheduler
                         .step_with(backend.arithmetic(), guided, x)

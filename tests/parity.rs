@@ -28,14 +28,22 @@ struct Case {
     negative_prompt_ids: Option<Vec<i64>>,
 }
 
+fn load_pipeline() -> Pipeline<OrtBackend> {
+    let model = ModelDir::open(&common::tiny_model()).expect("bundled model opens");
+    let backend =
+        OrtBackend::load(&model, Device::Cpu, 2).expect("ONNX Runtime loads the bundled model");
+    Pipeline::new(backend, &model).expect("pipeline")
+}
+
 fn pipeline() -> &'static Pipeline<OrtBackend> {
     static PIPELINE: OnceLock<Pipeline<OrtBackend>> = OnceLock::new();
-    PIPELINE.get_or_init(|| {
-        let model = ModelDir::open(&common::tiny_model()).expect("bundled model opens");
-        let backend =
-            OrtBackend::load(&model, Device::Cpu, 2).expect("ONNX Runtime loads the bundled model");
-        Pipeline::new(backend, &model).expect("pipeline")
-    })
+    PIPELINE.get_or_init(load_pipeline)
+}
+
+/// Guidance as one batch-2 DiT call per step.
+fn batched_guidance_pipeline() -> &'static Pipeline<OrtBackend> {
+    static PIPELINE: OnceLock<Pipeline<OrtBackend>> = OnceLock::new();
+    PIPELINE.get_or_init(|| load_pipeline().with_batched_guidance(true))
 }
 
 fn case_dir(name: &str) -> PathBuf {
@@ -56,10 +64,13 @@ fn max_abs_diff<'a>(
 }
 
 fn check_case(name: &str) {
+    check_case_with(pipeline(), name)
+}
+
+fn check_case_with(pipeline: &Pipeline<OrtBackend>, name: &str) {
     let dir = case_dir(name);
     let case: Case =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let pipeline = pipeline();
     let request = GenerateRequest {
         prompt: case.prompt.clone(),
         negative_prompt: case.negative_prompt.clone(),
@@ -152,6 +163,13 @@ fn check_case(name: &str) {
     eprintln!(
         "{name}: max |Δ| embeddings {d_embeds:.1e}, noise {d_noise:.1e}, latents {d_latents:.1e}, frames {worst}/255"
     );
+}
+
+/// The same diffusers reference, with the conditional and unconditional passes in one batch-2
+/// call per step.
+#[test]
+fn negative_prompt_with_batched_guidance() {
+    check_case_with(batched_guidance_pipeline(), "negative_prompt");
 }
 
 #[test]

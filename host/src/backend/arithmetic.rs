@@ -90,7 +90,13 @@ pub struct OrtTensors {
     sessions: [OnceLock<Mutex<Session>>; MAX_TERMS],
     /// float32 → bfloat16 and bfloat16 → float32, for bf16 graphs' inputs and outputs.
     casts: [OnceLock<Mutex<Session>>; 2],
+    /// For guidance in one batch-2 DiT call: `x → [x, x]` on axis 0, and
+    /// `(pair, weights) → weights[0]·pair[0] + weights[1]·pair[1]`.
+    pair: [OnceLock<Mutex<Session>>; 2],
 }
+
+const DUPLICATE: usize = 0;
+const COMBINE: usize = 1;
 
 impl OrtTensors {
     /// Arithmetic over tensors of `rank` dimensions (5 for latents); `threads` as for the
@@ -102,6 +108,7 @@ impl OrtTensors {
             threads,
             sessions: Default::default(),
             casts: Default::default(),
+            pair: Default::default(),
         }
     }
 
@@ -123,7 +130,41 @@ impl OrtTensors {
                 cached(&self.casts[index], || self.build_cast(from, to)).map_err(&failed)?;
             }
         }
+        cached(&self.pair[DUPLICATE], || self.build_duplicate()).map_err(&failed)?;
+        cached(&self.pair[COMBINE], || self.build_combine()).map_err(&failed)?;
         Ok(())
+    }
+
+    /// `[x, x]`: a batch of two copies of `x` (batch 1), on the device.
+    pub fn duplicate(&self, x: &DeviceTensor) -> Result<DeviceTensor, BackendError> {
+        let session = cached(&self.pair[DUPLICATE], || self.build_duplicate())
+            .map_err(device_error("building the duplicate graph"))?;
+        run_on_device(session, self.device, &[("x", &x.0)], "pair", None)
+            .map(DeviceTensor)
+            .map_err(device_error("duplicating a tensor"))
+    }
+
+    /// `weights[0]·pair[0] + weights[1]·pair[1]` for a batch-2 `pair`: the same products and sum
+    /// as [`TensorArithmetic::weighted_sum`] of the two halves.
+    pub fn combine_pair(
+        &self,
+        pair: &DeviceTensor,
+        weights: [f32; 2],
+    ) -> Result<DeviceTensor, BackendError> {
+        let session = cached(&self.pair[COMBINE], || self.build_combine())
+            .map_err(device_error("building the combine graph"))?;
+        let weights = Tensor::from_array(([2i64], weights.to_vec()))
+            .map_err(device_error("building the weights"))?
+            .upcast();
+        run_on_device(
+            session,
+            self.device,
+            &[("pair", &pair.0), ("weights", &weights)],
+            "sum",
+            None,
+        )
+        .map(DeviceTensor)
+        .map_err(device_error("combining a batch of two"))
     }
 
     /// Moves a host tensor to the device (a no-op on the CPU). `what` names it in the copy log.
@@ -235,30 +276,53 @@ impl OrtTensors {
         ));
         graph.set_inputs(inputs)?;
         graph.set_outputs([Outlet::new("sum", float())])?;
-        let mut products = Vec::with_capacity(terms);
-        for i in 0..terms {
-            let mut index = Tensor::<i64>::new(&Allocator::default(), Shape::new([]))?;
-            index.extract_tensor_mut().1[0] = i as i64;
-            graph.add_initializer(format!("index{i}"), index, false)?;
-            graph.add_node(Node::new(
-                "Gather",
-                ONNX_DOMAIN,
-                format!("weight{i}"),
-                ["weights".to_string(), format!("index{i}")],
-                [format!("w{i}")],
-                [],
-            )?)?;
-            graph.add_node(Node::new(
-                "Mul",
-                ONNX_DOMAIN,
-                format!("scale{i}"),
-                [format!("t{i}"), format!("w{i}")],
-                [format!("p{i}")],
-                [],
-            )?)?;
-            products.push(format!("p{i}"));
-        }
-        graph.add_node(Node::new("Sum", ONNX_DOMAIN, "sum", products, ["sum"], [])?)?;
+        add_weighted_sum(&mut graph, terms)?;
+        self.session_for(graph)
+    }
+
+    fn build_duplicate(&self) -> ort::Result<Session> {
+        let float = || self.tensor_type(TensorElementType::Float32);
+        let mut graph = Graph::new()?;
+        graph.set_inputs([Outlet::new("x", float())])?;
+        graph.set_outputs([Outlet::new("pair", float())])?;
+        graph.add_node(Node::new(
+            "Concat",
+            ONNX_DOMAIN,
+            "duplicate",
+            ["x", "x"],
+            ["pair"],
+            [Attribute::new("axis", 0i64)?],
+        )?)?;
+        self.session_for(graph)
+    }
+
+    fn build_combine(&self) -> ort::Result<Session> {
+        let float = || self.tensor_type(TensorElementType::Float32);
+        let mut graph = Graph::new()?;
+        graph.set_inputs([
+            Outlet::new("pair", float()),
+            Outlet::new(
+                "weights",
+                ValueType::Tensor {
+                    ty: TensorElementType::Float32,
+                    shape: Shape::new([2]),
+                    dimension_symbols: SymbolicDimensions::empty(1),
+                },
+            ),
+        ])?;
+        graph.set_outputs([Outlet::new("sum", float())])?;
+        graph.add_node(Node::new(
+            "Split",
+            ONNX_DOMAIN,
+            "halves",
+            ["pair"],
+            ["t0", "t1"],
+            [
+                Attribute::new("axis", 0i64)?,
+                Attribute::new("num_outputs", 2i64)?,
+            ],
+        )?)?;
+        add_weighted_sum(&mut graph, 2)?;
         self.session_for(graph)
     }
 }
@@ -294,6 +358,35 @@ impl TensorArithmetic for OrtTensors {
             .map(DeviceTensor)
             .map_err(arithmetic_error)
     }
+}
+
+/// `sum = Σ weights[i] · t{i}` for `terms` tensors `t0..` already in `graph`.
+fn add_weighted_sum(graph: &mut Graph, terms: usize) -> ort::Result<()> {
+    let mut products = Vec::with_capacity(terms);
+    for i in 0..terms {
+        let mut index = Tensor::<i64>::new(&Allocator::default(), Shape::new([]))?;
+        index.extract_tensor_mut().1[0] = i as i64;
+        graph.add_initializer(format!("index{i}"), index, false)?;
+        graph.add_node(Node::new(
+            "Gather",
+            ONNX_DOMAIN,
+            format!("weight{i}"),
+            ["weights".to_string(), format!("index{i}")],
+            [format!("w{i}")],
+            [],
+        )?)?;
+        graph.add_node(Node::new(
+            "Mul",
+            ONNX_DOMAIN,
+            format!("scale{i}"),
+            [format!("t{i}"), format!("w{i}")],
+            [format!("p{i}")],
+            [],
+        )?)?;
+        products.push(format!("p{i}"));
+    }
+    graph.add_node(Node::new("Sum", ONNX_DOMAIN, "sum", products, ["sum"], [])?)?;
+    Ok(())
 }
 
 /// The session in `slot`, built on first use.

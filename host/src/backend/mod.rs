@@ -65,6 +65,24 @@ pub trait Backend: Send + Sync {
     fn download_latents(&self, latents: &Self::Latents) -> Result<Array5<f32>, BackendError>;
     /// `[1, L, D]` prompt embeddings → what [`Backend::predict`] takes as context.
     fn prepare_context(&self, context: &Array3<f32>) -> Result<Self::Context, BackendError>;
+    /// Conditional and unconditional `[1, L, D]` embeddings as one batch-2 context for
+    /// [`Backend::predict_guided`].
+    fn prepare_context_pair(
+        &self,
+        cond: &Array3<f32>,
+        uncond: &Array3<f32>,
+    ) -> Result<Self::Context, BackendError>;
+    /// Classifier-free guidance from one batch-2 DiT call on a context from
+    /// [`Backend::prepare_context_pair`]: `uncond + g·(cond − uncond)`, as two [`Backend::predict`]
+    /// calls and a weighted sum would give.
+    fn predict_guided(
+        &self,
+        latents: &Self::Latents,
+        timestep: i64,
+        pair: &Self::Context,
+        guidance_scale: f32,
+        run: &Self::RunControl,
+    ) -> Result<Self::Latents, BackendError>;
     /// DiT: latents `[1, C, F, H, W]`, timestep and text context → a prediction like latents.
     fn predict(
         &self,

@@ -136,8 +136,20 @@ pub struct Generated {
     pub frames: usize,
 }
 
+/// The text contexts of one job, as its denoising loop uses them.
+enum Contexts<C> {
+    /// Guidance scale ≤ 1: the conditional pass only.
+    Unguided(C),
+    /// Two DiT calls per step, then a weighted sum.
+    TwoCalls { cond: C, uncond: C },
+    /// One batch-2 DiT call per step (`Backend::predict_guided`).
+    Batched(C),
+}
+
 pub struct Pipeline<B> {
     backend: B,
+    /// Classifier-free guidance as one batch-2 DiT call per step instead of two calls.
+    batched_guidance: bool,
     tokenizer: PromptTokenizer,
     manifest: Manifest,
     denoise_turns: StepTurns,
@@ -170,7 +182,16 @@ impl<B: Backend> Pipeline<B> {
             tokenizer,
             manifest: m.clone(),
             denoise_turns: StepTurns::default(),
+            batched_guidance: false,
         })
+    }
+
+    /// Runs guidance as one batch-2 DiT call per step (conditional and unconditional contexts
+    /// stacked) instead of two calls. Same result within float rounding; which is faster
+    /// depends on the device (see ARCHITECTURE.md).
+    pub fn with_batched_guidance(mut self, batched: bool) -> Self {
+        self.batched_guidance = batched;
+        self
     }
 
     pub fn backend(&self) -> &B {
@@ -259,16 +280,19 @@ impl<B: Backend> Pipeline<B> {
             step: 0,
             total: 1 + usize::from(guided),
         });
-        let context = self
-            .backend
-            .prepare_context(&self.encode_prompt_with(&req.prompt, run)?)?;
-        let negative = if guided {
-            Some(
-                self.backend
-                    .prepare_context(&self.encode_prompt_with(&req.negative_prompt, run)?)?,
-            )
+        let cond = self.encode_prompt_with(&req.prompt, run)?;
+        let contexts = if !guided {
+            Contexts::Unguided(self.backend.prepare_context(&cond)?)
         } else {
-            None
+            let uncond = self.encode_prompt_with(&req.negative_prompt, run)?;
+            if self.batched_guidance {
+                Contexts::Batched(self.backend.prepare_context_pair(&cond, &uncond)?)
+            } else {
+                Contexts::TwoCalls {
+                    cond: self.backend.prepare_context(&cond)?,
+                    uncond: self.backend.prepare_context(&uncond)?,
+                }
+            }
         };
         check(cancel)?;
 
@@ -287,16 +311,19 @@ impl<B: Backend> Pipeline<B> {
         for (i, &t) in timesteps.iter().enumerate() {
             let turn = self.denoise_turns.take();
             check(cancel)?;
-            let cond = self.backend.predict(&latents, t, &context, run)?;
-            let prediction = match &negative {
-                Some(negative) => {
+            let g = req.guidance_scale;
+            let prediction = match &contexts {
+                Contexts::Unguided(context) => self.backend.predict(&latents, t, context, run)?,
+                Contexts::TwoCalls { cond, uncond } => {
+                    let cond = self.backend.predict(&latents, t, cond, run)?;
                     check(cancel)?;
-                    let uncond = self.backend.predict(&latents, t, negative, run)?;
+                    let uncond = self.backend.predict(&latents, t, uncond, run)?;
                     // uncond + g·(cond − uncond)
-                    let g = req.guidance_scale;
                     arithmetic.weighted_sum(&[(1.0 - g, &uncond), (g, &cond)])?
                 }
-                None => cond,
+                Contexts::Batched(pair) => {
+                    self.backend.predict_guided(&latents, t, pair, g, run)?
+                }
             };
             latents = scheduler.step_with(arithmetic, prediction, latents)?;
             drop(turn);

@@ -315,7 +315,9 @@ fn load_and_warm(model: &ModelDir, config: &ServeConfig) -> Result<Pipeline<OrtB
         },
     )
     .map_err(|e| e.to_string())?;
-    let pipeline = Pipeline::new(backend, model).map_err(|e| e.to_string())?;
+    let pipeline = Pipeline::new(backend, model)
+        .map_err(|e| e.to_string())?
+        .with_batched_guidance(config.batch_cfg);
     let side = pipeline.size_multiple();
     let warm = GenerateRequest {
         prompt: "warm-up".into(),
