@@ -2,7 +2,8 @@
 //! a denoising step (two DiT calls with guidance + the scheduler, and the same with one batch-2
 //! call), the scheduler alone at the
 //! real 480p/81-frame latent size, one VAE chunk, the seeded noise, and H.264 encoding of 81
-//! frames. `cargo bench -p wanserve --bench pipeline`.
+//! frames; and two jobs at once against one after the other. `cargo bench -p wanserve --bench
+//! pipeline`.
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use ndarray::{Array5, s};
@@ -13,7 +14,7 @@ use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
 use wanserve::backend::{Backend, Device, OrtBackend};
 use wanserve::model::{ModelDir, bundled_model_dir};
 use wanserve::pipeline::scheduler::UniPcScheduler;
-use wanserve::pipeline::{GenerateRequest, Pipeline, noise};
+use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, noise};
 use wanserve::tensor::TensorArithmetic;
 use wanserve::video::{EncoderSettings, Mp4Writer};
 
@@ -198,8 +199,50 @@ fn encode_81_frames(c: &mut Criterion) {
     group.finish();
 }
 
+/// Two jobs on one pipeline (shared sessions, steps in turns), at once against one after the
+/// other: what the second slot buys on this machine's cores.
+fn two_jobs(c: &mut Criterion) {
+    let pipeline = tiny_pipeline();
+    let job = |seed| GenerateRequest {
+        width: 416,
+        height: 224,
+        num_frames: 12,
+        infer_steps: 8,
+        seed,
+        ..request(12)
+    };
+    let (a, b) = (job(1), job(2));
+    let run = |req: &GenerateRequest| {
+        pipeline
+            .generate(req, &CancelToken::default(), &mut |_| {}, &mut |chunk| {
+                black_box(chunk.rgb.len());
+                Ok(())
+            })
+            .unwrap()
+            .frames
+    };
+    let mut group = c.benchmark_group("two_jobs_416x224_12f_8steps");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
+    group.bench_function("one_after_the_other", |bench| {
+        bench.iter(|| (run(&a), run(&b)))
+    });
+    group.bench_function("at_once", |bench| {
+        bench.iter(|| {
+            std::thread::scope(|s| {
+                let first = s.spawn(|| run(&a));
+                let second = run(&b);
+                (first.join().unwrap(), second)
+            })
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    two_jobs,
     denoise_and_decode,
     scheduler_and_noise,
     encode_81_frames
