@@ -11,8 +11,17 @@ pub fn reset() -> bool {
 
 /// Peak resident bytes since the process started or the last [`reset`].
 pub fn peak_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// Resident bytes now: after a job, what it did not give back.
+pub fn resident_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -26,6 +35,11 @@ mod tests {
         let big = vec![1u8; 64 << 20];
         std::hint::black_box(&big);
         let during = super::peak_bytes().expect("VmHWM");
+        let resident = super::resident_bytes().expect("VmRSS");
+        assert!(
+            resident >= 60 << 20 && resident <= during,
+            "{resident} of {during}"
+        );
         drop(big);
         assert!(during >= before + (60 << 20), "{before} → {during}");
         assert!(super::reset());

@@ -30,10 +30,15 @@ pub enum BackendError {
     Arithmetic(#[from] ArithmeticError),
 }
 
-/// Stops one job's runs: the graph running now fails within a kernel or two (not at the end of
-/// the step), and so does every later run made with the same control.
-pub trait Interrupt: Clone + Send + Sync + 'static {
+/// One job's handle on its runs.
+pub trait RunControl: Clone + Send + Sync + 'static {
+    /// Stops the job's runs: the graph running now fails within a kernel or two (not at the end
+    /// of the step), and so does every later run made with this control or one derived from it.
     fn interrupt(&self);
+    /// The same job's control for a run after which the backend gives back the memory it keeps
+    /// cached for that graph (ORT: shrinks the session's arena). For the job's last run of each
+    /// graph, so that memory returns between jobs without a cost inside the loop.
+    fn releasing(&self) -> Self;
 }
 
 pub trait Backend: Send + Sync {
@@ -46,8 +51,8 @@ pub trait Backend: Send + Sync {
     type Arithmetic: TensorArithmetic<Tensor = Self::Latents>;
     /// The VAE decoder's causal cache between chunks, opaque to the pipeline.
     type VaeCache;
-    /// One job's handle on its runs (see [`Interrupt`]).
-    type RunControl: Interrupt;
+    /// One job's handle on its runs (see [`RunControl`]).
+    type RunControl: RunControl;
 
     /// A fresh control for one job's runs.
     fn run_control(&self) -> Result<Self::RunControl, BackendError>;

@@ -5,7 +5,7 @@
 //! their weights exist once.
 
 use super::arithmetic::{DeviceTensor, OrtTensors, run_on_device};
-use super::{Backend, BackendError, Interrupt, runtime};
+use super::{Backend, BackendError, RunControl, runtime};
 use crate::model::ModelDir;
 use half::bf16;
 use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};
@@ -24,6 +24,7 @@ pub enum Device {
 struct Graph {
     name: &'static str,
     session: Mutex<Session>,
+    device: Device,
     /// Whether the graph's float inputs are bfloat16 (converted at the boundary).
     bf16: bool,
     /// Name of the first output (the one the pipeline uses).
@@ -37,12 +38,60 @@ pub struct OrtVaeCache(Vec<DynValue>);
 /// One job's ORT run options: terminating them stops the session run in progress (ORT checks
 /// the flag between kernels) and fails every later run made with them.
 #[derive(Clone)]
-pub struct OrtRunControl(Arc<RunOptions>);
+pub struct OrtRunControl {
+    options: Arc<JobRunOptions>,
+    releasing: bool,
+}
 
-impl Interrupt for OrtRunControl {
+struct JobRunOptions {
+    steady: RunOptions,
+    /// The same, plus arena shrinkage at the end of the run, per device (index: `Device as
+    /// usize`): ORT fails a run whose shrink list names a device the session has no arena on.
+    releasing: [RunOptions; 2],
+}
+
+impl OrtRunControl {
+    fn new() -> ort::Result<Self> {
+        let releasing = |devices: &str| -> ort::Result<RunOptions> {
+            let mut options = RunOptions::new()?;
+            options.set("memory.enable_memory_arena_shrinkage", devices)?;
+            Ok(options)
+        };
+        Ok(Self {
+            options: Arc::new(JobRunOptions {
+                steady: RunOptions::new()?,
+                releasing: [releasing("cpu:0")?, releasing("gpu:0")?],
+            }),
+            releasing: false,
+        })
+    }
+
+    /// The options for a run of a session on `device`.
+    fn for_device(&self, device: Device) -> &RunOptions {
+        if self.releasing {
+            &self.options.releasing[device as usize]
+        } else {
+            &self.options.steady
+        }
+    }
+}
+
+impl RunControl for OrtRunControl {
     fn interrupt(&self) {
-        if let Err(e) = self.0.terminate() {
-            tracing::warn!(error = %e, "cannot interrupt a run; it stops at the end of its step");
+        let all = [&self.options.steady]
+            .into_iter()
+            .chain(&self.options.releasing);
+        for options in all {
+            if let Err(e) = options.terminate() {
+                tracing::warn!(error = %e, "cannot interrupt a run; it stops at the end of its step");
+            }
+        }
+    }
+
+    fn releasing(&self) -> Self {
+        Self {
+            options: self.options.clone(),
+            releasing: true,
         }
     }
 }
@@ -118,6 +167,7 @@ fn load(
     Ok(Graph {
         name,
         session: Mutex::new(session),
+        device,
         bf16,
         output,
     })
@@ -221,7 +271,7 @@ fn run(
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let outputs = session
-        .run_with_options(inputs, &*control.0)
+        .run_with_options(inputs, control.for_device(graph.device))
         .map_err(|e| BackendError::Run {
             graph: graph.name,
             reason: e.to_string(),
@@ -277,7 +327,7 @@ impl OrtBackend {
                 ("encoder_hidden_states", context.value()),
             ],
             &graph.output,
-            Some(&control.0),
+            Some(control.for_device(graph.device)),
         )
         .map(DeviceTensor::new)
         .map_err(failed)?;
@@ -331,12 +381,10 @@ impl Backend for OrtBackend {
     type RunControl = OrtRunControl;
 
     fn run_control(&self) -> Result<OrtRunControl, BackendError> {
-        RunOptions::new()
-            .map(|options| OrtRunControl(Arc::new(options)))
-            .map_err(|e| BackendError::Run {
-                graph: "run options",
-                reason: e.to_string(),
-            })
+        OrtRunControl::new().map_err(|e| BackendError::Run {
+            graph: "run options",
+            reason: e.to_string(),
+        })
     }
 
     fn encode_text(

@@ -371,7 +371,15 @@ impl Inner {
             lock(&self.timing).last_job_seconds = Some(seconds);
         }
         let peak_rss_mib = crate::peak_memory::peak_bytes().map(|b| b >> 20);
-        tracing::info!(request_id = %job.id, outcome = label, seconds, peak_rss_mib, "job ended");
+        let rss_mib = crate::peak_memory::resident_bytes().map(|b| b >> 20);
+        tracing::info!(
+            request_id = %job.id,
+            outcome = label,
+            seconds,
+            peak_rss_mib,
+            rss_mib,
+            "job ended"
+        );
     }
 
     fn requeue(&self, job: &Job) -> Outcome {

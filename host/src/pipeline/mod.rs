@@ -9,7 +9,7 @@ pub mod noise;
 pub mod prompt;
 pub mod scheduler;
 
-use crate::backend::{Backend, BackendError, Interrupt};
+use crate::backend::{Backend, BackendError, RunControl};
 use crate::model::{Manifest, ModelDir};
 use crate::tensor::TensorArithmetic;
 use ndarray::{Array3, Array5, ArrayView5, Axis, s};
@@ -235,9 +235,13 @@ impl<B: Backend> Pipeline<B> {
         run: &B::RunControl,
     ) -> Result<Array3<f32>, PipelineError> {
         let tokens = self.tokenizer.encode(prompt)?;
-        let mut hidden =
-            self.backend
-                .encode_text(&tokens.input_ids, &tokens.attention_mask, 1, run)?;
+        // The encoder runs once or twice per job: its working memory goes back after each run.
+        let mut hidden = self.backend.encode_text(
+            &tokens.input_ids,
+            &tokens.attention_mask,
+            1,
+            &run.releasing(),
+        )?;
         hidden.slice_mut(s![.., tokens.len.., ..]).fill(0.0);
         Ok(hidden)
     }
@@ -311,6 +315,12 @@ impl<B: Backend> Pipeline<B> {
         for (i, &t) in timesteps.iter().enumerate() {
             let turn = self.denoise_turns.take();
             check(cancel)?;
+            // The last step gives the DiT's working memory back (ORT's arena) for between jobs.
+            let run = &if i + 1 == timesteps.len() {
+                run.releasing()
+            } else {
+                run.clone()
+            };
             let g = req.guidance_scale;
             let prediction = match &contexts {
                 Contexts::Unguided(context) => self.backend.predict(&latents, t, context, run)?,
@@ -378,8 +388,13 @@ impl<B: Backend> Pipeline<B> {
         for i in 0..chunks {
             check(cancel)?;
             let latent: ArrayView5<f32> = scaled.slice(s![.., .., i..i + 1, .., ..]);
+            // The first-chunk graph runs once per job, the other one until the last chunk: each
+            // gives its working memory back after its last run.
             let (video, next) = match cache.take() {
-                None => self.backend.decode_first(latent, run)?,
+                None => self.backend.decode_first(latent, &run.releasing())?,
+                Some(c) if i + 1 == chunks => {
+                    self.backend.decode_next(latent, c, &run.releasing())?
+                }
                 Some(c) => self.backend.decode_next(latent, c, run)?,
             };
             cache = Some(next);
