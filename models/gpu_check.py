@@ -1,0 +1,257 @@
+"""Every GPU claim of the engine, checked in one run: what `scripts/gpu-check` runs.
+
+    python models/gpu_check.py [--dry-run] [--wanserve PATH] [--work DIR] [--stages ...]
+
+On a machine with an NVIDIA GPU (onnxruntime-gpu 1.31.1 installed or ORT_DYLIB_PATH set, torch
+with CUDA, diffusers): builds Wan2.1-T2V-1.3B's real architecture with random weights
+(models/real_size.json), exports it in bf16, checks every node has a CUDA kernel, then with
+`wanserve --device cuda` at 832x480 / 81 frames:
+
+  export      make_tiny.py + export.py --dtype bf16 + check_ops.py
+  steps       a job of a few steps and a full 50-step job (`wanserve generate`): step time,
+              end-to-end time, peak GPU memory, host<->device copies per step (from the debug
+              log, the difference between the two jobs divided by the difference in steps:
+              what happens inside the loop)
+  concurrent  two 50-step jobs through one `wanserve serve --slots 2`, one after the other and
+              then at once: total times and peak GPU memory of each
+  torch       the same 50-step job in diffusers (bf16, same GPU), and one DiT forward in torch
+              against ORT (models/gpu_step.py)
+
+`--dry-run` runs the same stages on the CPU with the bundled tiny configuration (fp32, 96x64,
+9 frames, 3 and 6 steps; served jobs at the API's smallest, 832x480 / 24 frames / 20 steps), to
+prove the script
+on a machine without a GPU; its figures mean nothing for a GPU. Prints one summary at the end.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROMPT = "A beautiful sunset over the mountains, golden light on the snow"
+API_KEY = "gpu-check-key-0123456789"
+
+
+class GpuMemory:
+    """Peak used GPU memory (nvidia-smi, every 100 ms) over a block, minus the level before it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.peak_mib = None
+
+    @staticmethod
+    def used_mib() -> int:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              "--id=0"], check=True, capture_output=True, text=True).stdout
+        return int(out.strip().splitlines()[0])
+
+    def __enter__(self):
+        if self.enabled:
+            self.before = self.used_mib()
+            self.peak = self.before
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self.poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def poll(self):
+        while not self.stop.wait(0.1):
+            self.peak = max(self.peak, self.used_mib())
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            self.peak_mib = self.peak - self.before
+
+
+def run(cmd, **kwargs):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run([str(c) for c in cmd], check=True, **kwargs)
+
+
+def export(args, setup):
+    src, model = args.work / "src", args.work / "model"
+    run([sys.executable, HERE / "make_tiny.py", src, "--config", setup["config"]])
+    run([sys.executable, HERE / "export.py", src, model, "--dtype", setup["dtype"]])
+    run([sys.executable, HERE / "check_ops.py", model])
+    return {}
+
+
+def generate(args, setup, steps):
+    """One `wanserve generate` job; its log parsed for timings and copies."""
+    env = dict(os.environ, RUST_LOG="wanserve=debug")
+    out = args.work / f"job-{steps}.mp4"
+    cmd = [args.wanserve, "generate", "--model-dir", args.work / "model", "--device", setup["device"],
+           "--prompt", PROMPT, "--image-size", setup["size"], "--num-frames", setup["frames"],
+           "--infer-steps", steps, "--guidance-scale", 5, "--seed", 1, "--output", out]
+    if args.batch_cfg:
+        cmd.append("--batch-cfg")
+    with GpuMemory(setup["device"] == "cuda") as gpu:
+        start = time.perf_counter()
+        proc = run(cmd, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    log = proc.stdout + proc.stderr
+    generated = re.search(r"generated text_s=([\d.]+) denoise_s=([\d.]+) decode_and_sink_s=([\d.]+) steps=(\d+)", log)
+    if not generated:
+        sys.exit(f"no timing line in the wanserve log:\n{log[-4000:]}")
+    copies = [m.group(1) for m in re.finditer(r'host-device copy direction="?(\w+)"?', log)]
+    return {"steps": steps, "end_to_end_s": seconds, "text_s": float(generated.group(1)),
+            "denoise_s": float(generated.group(2)), "step_s": float(generated.group(2)) / steps,
+            "decode_and_encode_s": float(generated.group(3)), "copies": len(copies),
+            "gpu_peak_mib": gpu.peak_mib}
+
+
+def steps_stage(args, setup):
+    few = generate(args, setup, setup["few_steps"])
+    full = generate(args, setup, setup["full_steps"])
+    per_step = (full["copies"] - few["copies"]) / (full["steps"] - few["steps"])
+    return {"few": few, "full": full, "copies_per_step": per_step}
+
+
+def request(url, body=None, key=API_KEY):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def concurrent_stage(args, setup):
+    data = args.work / "serve-data"
+    env = dict(os.environ, WANSERVE_API_KEYS=API_KEY, RUST_LOG="wanserve=info")
+    cmd = [args.wanserve, "serve", "--host", "127.0.0.1", "--port", 0, "--data-dir", data, "--model-dir",
+           args.work / "model", "--device", setup["device"], "--slots", 2]
+    if args.batch_cfg:
+        cmd.append("--batch-cfg")
+    print("+", " ".join(map(str, cmd)), flush=True)
+    server = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    try:
+        url = None
+        for line in server.stdout:
+            found = re.search(r"listening on (http://\S+)", line)
+            if found:
+                url = found.group(1)
+                break
+        if url is None:
+            sys.exit("wanserve serve did not start")
+        while True:  # /ready: model loaded and warmed up
+            try:
+                with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        job = {"model": "Wan2.1-T2V-1.3B", "prompt": PROMPT, "image_size": setup["served_size"],
+               "num_frames": setup["served_frames"], "guidance_scale": 5.0, "infer_steps": setup["served_steps"]}
+
+        def jobs(seeds):
+            """Submits a job per seed at once and waits for all: seconds, statuses."""
+            start = time.perf_counter()
+            ids = [request(f"{url}/video/submit", dict(job, seed=seed))["requestId"] for seed in seeds]
+            final = {}
+            while len(final) < len(ids):
+                for rid in ids:
+                    status = request(f"{url}/video/status", {"requestId": rid})
+                    if status["status"] in ("Succeed", "Failed", "Cancelled"):
+                        final[rid] = status
+                time.sleep(0.25)
+            failed = [s for s in final.values() if s["status"] != "Succeed"]
+            if failed:
+                sys.exit(f"a job did not succeed: {failed}")
+            return time.perf_counter() - start, list(final.values())
+
+        with GpuMemory(setup["device"] == "cuda") as one_gpu:
+            serial_s = sum(jobs([seed])[0] for seed in (1, 2))
+        with GpuMemory(setup["device"] == "cuda") as two_gpu:
+            together_s, statuses = jobs([1, 2])
+        return {"jobs": 2, "size": setup["served_size"], "frames": setup["served_frames"],
+                "steps": setup["served_steps"], "one_after_the_other_s": serial_s, "at_once_s": together_s,
+                "at_once_vs_serial": together_s / serial_s,
+                "inference_s": [s["results"]["timings"]["inference"] for s in statuses],
+                "gpu_peak_mib_one_job": one_gpu.peak_mib, "gpu_peak_mib_two_jobs": two_gpu.peak_mib}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def torch_stage(args, setup):
+    import torch
+    from diffusers import WanPipeline
+
+    device = setup["device"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = WanPipeline.from_pretrained(args.work / "src", torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    width, height = map(int, setup["size"].split("x"))
+    result = {}
+    for steps in (setup["full_steps"],):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe(PROMPT, height=height, width=width, num_frames=setup["frames"], num_inference_steps=steps,
+                 guidance_scale=5.0, generator=torch.Generator(device).manual_seed(1), output_type="np")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        result = {"steps": steps, "end_to_end_s": time.perf_counter() - start,
+                  "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
+    del pipe
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        run([sys.executable, HERE / "gpu_step.py", args.work / "src", args.work / "model"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="the CPU rehearsal with the tiny configuration")
+    parser.add_argument("--wanserve", type=pathlib.Path, default=ROOT / "target" / "release" / "wanserve")
+    parser.add_argument("--work", type=pathlib.Path, help="keep the export here (default: a temp dir)")
+    parser.add_argument("--stages", nargs="+", default=["export", "steps", "concurrent", "torch"],
+                        choices=["export", "steps", "concurrent", "torch"])
+    parser.add_argument("--batch-cfg", action="store_true", help="run wanserve with --batch-cfg")
+    args = parser.parse_args()
+    if not args.wanserve.is_file():
+        sys.exit(f"{args.wanserve} not found: cargo build --release -p wanserve, or --wanserve PATH")
+    if args.dry_run:
+        setup = {"config": HERE / "tiny.json", "dtype": "fp32", "device": "cpu", "size": "96x64", "frames": 9,
+                 "few_steps": 3, "full_steps": 6, "served_size": "832x480", "served_frames": 24,
+                 "served_steps": 20}
+    else:
+        setup = {"config": HERE / "real_size.json", "dtype": "bf16", "device": "cuda", "size": "832x480",
+                 "frames": 81, "few_steps": 3, "full_steps": 50, "served_size": "832x480", "served_frames": 81,
+                 "served_steps": 50}
+    temp = None
+    if args.work is None:
+        temp = tempfile.TemporaryDirectory()
+        args.work = pathlib.Path(temp.name)
+    args.work.mkdir(parents=True, exist_ok=True)
+    stages = {"export": export, "steps": steps_stage, "concurrent": concurrent_stage, "torch": torch_stage}
+    summary = {"setup": {k: str(v) for k, v in setup.items()}, "batch_cfg": args.batch_cfg}
+    for name in args.stages:
+        print(f"== {name}", flush=True)
+        summary[name] = stages[name](args, setup)
+    if "steps" in summary and "torch" in summary:
+        summary["torch"]["wanserve_vs_torch"] = summary["steps"]["full"]["end_to_end_s"] / summary["torch"]["end_to_end_s"]
+    summary["host_peak_rss_mib_children"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print("== summary")
+    print(json.dumps(summary, indent=2))
+    if temp is not None:
+        temp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
