@@ -202,6 +202,24 @@ impl<B: Backend> Pipeline<B> {
         &self.manifest
     }
 
+    /// Runs one tiny guided job (one step, one frame, the smallest size) through every graph,
+    /// so that the first real job does not pay for ONNX Runtime's lazy initialisation.
+    pub fn warm_up(&self) -> Result<(), PipelineError> {
+        let side = self.size_multiple();
+        let warm = GenerateRequest {
+            prompt: "warm-up".into(),
+            negative_prompt: String::new(),
+            width: side,
+            height: side,
+            num_frames: 1,
+            infer_steps: 1,
+            guidance_scale: 2.0,
+            seed: 0,
+        };
+        self.generate(&warm, &CancelToken::default(), &mut |_| {}, &mut |_| Ok(()))
+            .map(|_| ())
+    }
+
     /// Width and height must be multiples of this (VAE scale × patch size).
     pub fn size_multiple(&self) -> usize {
         size_multiple(&self.manifest)

@@ -15,7 +15,7 @@ use crate::jobs::scheduler::{Scheduler, SchedulerConfig};
 use crate::jobs::sqlite::SqliteJobStore;
 use crate::jobs::{JobRequest, JobStore};
 use crate::model::ModelDir;
-use crate::pipeline::{CancelToken, GenerateRequest, Pipeline};
+use crate::pipeline::{GenerateRequest, Pipeline};
 use crate::plugins::config::{PluginsConfig, start_plugins};
 use crate::plugins::watch::PluginWatcher;
 use crate::plugins::{PluginHost, Slot};
@@ -318,19 +318,8 @@ fn load_and_warm(model: &ModelDir, config: &ServeConfig) -> Result<Pipeline<OrtB
     let pipeline = Pipeline::new(backend, model)
         .map_err(|e| e.to_string())?
         .with_batched_guidance(config.batch_cfg);
-    let side = pipeline.size_multiple();
-    let warm = GenerateRequest {
-        prompt: "warm-up".into(),
-        negative_prompt: String::new(),
-        width: side,
-        height: side,
-        num_frames: 1,
-        infer_steps: 1,
-        guidance_scale: 2.0,
-        seed: 0,
-    };
     pipeline
-        .generate(&warm, &CancelToken::default(), &mut |_| {}, &mut |_| Ok(()))
+        .warm_up()
         .map_err(|e| format!("warm-up failed: {e}"))?;
     tracing::info!(
         seconds = started.elapsed().as_secs_f32(),
