@@ -58,20 +58,15 @@ fn denoise_and_decode(c: &mut Criterion) {
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(8));
-    group.bench_function("denoise_step_cfg", |b| {
+    // One denoising step: the guided prediction `guide` gives, then the scheduler's update.
+    let step = |b: &mut criterion::Bencher, guide: &dyn Fn(&DeviceTensor, i64) -> DeviceTensor| {
         b.iter_batched(
             || {
                 let scheduler = UniPcScheduler::new(&pipeline.manifest().scheduler, 20).unwrap();
                 (scheduler, backend.upload_latents(&latents).unwrap())
             },
             |(mut scheduler, x)| {
-                let t = scheduler.timesteps()[0];
-                let cond = backend.predict(&x, t, &context, &run).unwrap();
-                let uncond = backend.predict(&x, t, &negative, &run).unwrap();
-                let guided = backend
-                    .arithmetic()
-                    .weighted_sum(&[(-4.0, &uncond), (5.0, &cond)])
-                    .unwrap();
+                let guided = guide(&x, scheduler.timesteps()[0]);
                 black_box(
                     scheduler
                         .step_with(backend.arithmetic(), guided, x)
@@ -80,6 +75,16 @@ fn denoise_and_decode(c: &mut Criterion) {
             },
             BatchSize::PerIteration,
         )
+    };
+    group.bench_function("denoise_step_cfg", |b| {
+        step(b, &|x, t| {
+            let cond = backend.predict(x, t, &context, &run).unwrap();
+            let uncond = backend.predict(x, t, &negative, &run).unwrap();
+            backend
+                .arithmetic()
+                .weighted_sum(&[(-4.0, &uncond), (5.0, &cond)])
+                .unwrap()
+        })
     });
     // The same step with both guidance passes in one batch-2 call (`--batch-cfg`).
     let pair = backend
@@ -89,22 +94,9 @@ fn denoise_and_decode(c: &mut Criterion) {
         )
         .unwrap();
     group.bench_function("denoise_step_cfg_batched", |b| {
-        b.iter_batched(
-            || {
-                let scheduler = UniPcScheduler::new(&pipeline.manifest().scheduler, 20).unwrap();
-                (scheduler, backend.upload_latents(&latents).unwrap())
-            },
-            |(mut scheduler, x)| {
-                let t = scheduler.timesteps()[0];
-                let guided = backend.predict_guided(&x, t, &pair, 5.0, &run).unwrap();
-                black_box(
-                    scheduler
-                        .step_with(backend.arithmetic(), guided, x)
-                        .unwrap(),
-                )
-            },
-            BatchSize::PerIteration,
-        )
+        step(b, &|x, t| {
+            backend.predict_guided(x, t, &pair, 5.0, &run).unwrap()
+        })
     });
     // A steady-state chunk: first chunk once for its cache, then time the next chunk.
     let first: Array5<f32> = latents.slice(s![.., .., 0..1, .., ..]).to_owned();

@@ -293,51 +293,6 @@ fn owned_input(graph: &Graph, view: ArrayView5<f32>) -> Result<DynValue, Backend
 }
 
 impl OrtBackend {
-    /// The DiT on a batch of latents (each at `timestep`) and as many contexts.
-    fn transformer_run(
-        &self,
-        latents: &DeviceTensor,
-        timestep: i64,
-        context: &DeviceTensor,
-        control: &OrtRunControl,
-    ) -> Result<DeviceTensor, BackendError> {
-        let graph = &self.transformer;
-        let failed = |e: ort::Error| BackendError::Run {
-            graph: graph.name,
-            reason: e.to_string(),
-        };
-        let batch = latents.value().shape().first().copied().unwrap_or(1).max(1);
-        let timestep =
-            Tensor::from_array((vec![batch], vec![timestep; batch as usize])).map_err(failed)?;
-        // bf16 graphs: latents are cast on the device, both ways; the scheduler stays in f32.
-        let cast;
-        let hidden = if graph.bf16 {
-            cast = self.arithmetic.cast(latents, TensorElementType::Bfloat16)?;
-            &cast
-        } else {
-            latents
-        };
-        let timestep = timestep.upcast();
-        let out = run_on_device(
-            &graph.session,
-            self.device,
-            &[
-                ("hidden_states", hidden.value()),
-                ("timestep", &timestep),
-                ("encoder_hidden_states", context.value()),
-            ],
-            &graph.output,
-            Some(control.for_device(graph.device)),
-        )
-        .map(DeviceTensor::new)
-        .map_err(failed)?;
-        if graph.bf16 {
-            Ok(self.arithmetic.cast(&out, TensorElementType::Float32)?)
-        } else {
-            Ok(out)
-        }
-    }
-
     fn decode(
         &self,
         graph: &Graph,
@@ -484,7 +439,7 @@ impl Backend for OrtBackend {
         control: &OrtRunControl,
     ) -> Result<DeviceTensor, BackendError> {
         let batch = self.arithmetic.duplicate(latents)?;
-        let predictions = self.transformer_run(&batch, timestep, pair, control)?;
+        let predictions = self.predict(&batch, timestep, pair, control)?;
         // Batch index 0 is the conditional context.
         self.arithmetic
             .combine_pair(&predictions, [guidance_scale, 1.0 - guidance_scale])
@@ -497,7 +452,42 @@ impl Backend for OrtBackend {
         context: &DeviceTensor,
         control: &OrtRunControl,
     ) -> Result<DeviceTensor, BackendError> {
-        self.transformer_run(latents, timestep, context, control)
+        // Any batch: one timestep per latent, one context each.
+        let graph = &self.transformer;
+        let failed = |e: ort::Error| BackendError::Run {
+            graph: graph.name,
+            reason: e.to_string(),
+        };
+        let batch = latents.value().shape().first().copied().unwrap_or(1).max(1);
+        let timestep =
+            Tensor::from_array((vec![batch], vec![timestep; batch as usize])).map_err(failed)?;
+        // bf16 graphs: latents are cast on the device, both ways; the scheduler stays in f32.
+        let cast;
+        let hidden = if graph.bf16 {
+            cast = self.arithmetic.cast(latents, TensorElementType::Bfloat16)?;
+            &cast
+        } else {
+            latents
+        };
+        let timestep = timestep.upcast();
+        let out = run_on_device(
+            &graph.session,
+            self.device,
+            &[
+                ("hidden_states", hidden.value()),
+                ("timestep", &timestep),
+                ("encoder_hidden_states", context.value()),
+            ],
+            &graph.output,
+            Some(control.for_device(graph.device)),
+        )
+        .map(DeviceTensor::new)
+        .map_err(failed)?;
+        if graph.bf16 {
+            Ok(self.arithmetic.cast(&out, TensorElementType::Float32)?)
+        } else {
+            Ok(out)
+        }
     }
 
     fn decode_first(
