@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled tiny model (models/tiny/) and its diffusers references
 # (models/references/) from scratch. Needs the models venv:
-#   python3 -m venv models/.venv && models/.venv/bin/pip install -r models/requirements.txt
+#   python3.12 -m venv models/.venv && models/.venv/bin/pip install -r models/requirements.txt
 # make_tiny.py is deterministic (fixed seeds), so this reproduces the committed files up to
 # ONNX serialisation details; the parity tests must pass afterwards.
 set -euo pipefail
