@@ -132,6 +132,21 @@ impl Server {
         std::fs::read_to_string(self.data_dir.with_file_name("server.log")).unwrap_or_default()
     }
 
+    /// The first log line that `matches`, waiting up to 10 s for it: the log reaches the file
+    /// through a copying thread, so a line logged just before a response may not be there yet.
+    pub fn log_line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.log().lines().find(|l| matches(l)) {
+                return Some(line.to_string());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {

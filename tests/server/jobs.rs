@@ -67,11 +67,9 @@ fn a_job_succeeds_and_its_url_opens_without_a_key() {
     // The operator's log gives the job's peak memory, and what stays resident after it: the
     // sessions give their working memory back at each graph's last run (ORT arena shrinkage),
     // so well under the peak (without it the resident size stayed at the peak).
-    let log = server.log();
-    let ended = log
-        .lines()
-        .find(|l| l.contains("job ended") && l.contains(id.as_str()))
-        .unwrap_or_else(|| panic!("no end of the job in the log:\n{log}"));
+    let ended = server
+        .log_line(|l| l.contains("job ended") && l.contains(id.as_str()))
+        .unwrap_or_else(|| panic!("no end of the job in the log:\n{}", server.log()));
     let mib = |field: &str| {
         ended
             .split(&format!(" {field}="))
@@ -441,7 +439,10 @@ fn failures_are_reported_not_leaked() {
         .next()
         .expect("id")
         .to_string();
-    assert!(server.log().contains(&error_id), "the id is in the log");
+    assert!(
+        server.log_line(|l| l.contains(&error_id)).is_some(),
+        "the id is in the log"
+    );
     // The slot is free and the next job runs.
     std::fs::remove_file(&work).expect("remove file");
     std::fs::create_dir(&work).expect("work dir back");
@@ -484,7 +485,10 @@ fn failures_are_reported_not_leaked() {
         .strip_prefix("internal error (error id ")
         .and_then(|m| m.strip_suffix(')'))
         .unwrap_or_else(|| panic!("generic message: {message}"));
-    assert!(server.log().contains(id), "500's id {id} is in the log");
+    assert!(
+        server.log_line(|l| l.contains(id)).is_some(),
+        "500's id {id} is in the log"
+    );
     // Other jobs are unaffected.
     assert_eq!(state(&server.status(ALICE, &next)), "Succeed");
 }
