@@ -195,19 +195,18 @@ def torch_stage(args, setup):
     pipe = WanPipeline.from_pretrained(args.work / "src", torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     width, height = map(int, setup["size"].split("x"))
-    result = {}
-    for steps in (setup["full_steps"],):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            pipe(PROMPT, height=height, width=width, num_frames=setup["frames"], num_inference_steps=steps,
-                 guidance_scale=5.0, generator=torch.Generator(device).manual_seed(1), output_type="np")
-        if device == "cuda":
-            torch.cuda.synchronize()
-        result = {"steps": steps, "end_to_end_s": time.perf_counter() - start,
-                  "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
+    steps = setup["full_steps"]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe(PROMPT, height=height, width=width, num_frames=setup["frames"], num_inference_steps=steps,
+             guidance_scale=5.0, generator=torch.Generator(device).manual_seed(1), output_type="np")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    result = {"steps": steps, "end_to_end_s": time.perf_counter() - start,
+              "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
     del pipe
     if device == "cuda":
         torch.cuda.empty_cache()

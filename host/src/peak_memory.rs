@@ -1,5 +1,5 @@
-//! The process's peak resident memory (Linux `VmHWM`), for the per-job log line: an operator
-//! sizing a machine needs the peak, not the resident size at the end. The peak is reset when a
+//! The process's peak (Linux `VmHWM`) and current (`VmRSS`) resident memory, for the per-job log
+//! line: an operator sizing a machine needs the peak, and what a job did not give back. The peak is reset when a
 //! job starts alone, so with one job at a time it is that job's; with two it covers both.
 //! Host memory only: GPU memory is ORT's arena (not measured here).
 
