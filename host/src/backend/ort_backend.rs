@@ -107,8 +107,14 @@ pub struct OrtBackend {
     arithmetic: OrtTensors,
 }
 
-/// Session options for `device`: CUDA with CPU fallback disabled, so that a node the GPU cannot
-/// run is a load error, never a silent CPU slowdown. `threads` = 0 lets ORT choose.
+/// Session options for `device`. `threads` = 0 lets ORT choose.
+///
+/// CPU fallback stays allowed on CUDA: the CUDA EP itself hands shape arithmetic (small int64
+/// `Shape`/`Gather`/`Concat` chains feeding `Reshape`) to the CPU EP, and ORT's
+/// `session.disable_cpu_ep_fallback` refuses any session with a node on the CPU EP, so every
+/// graph with dynamic shapes would fail to load. That no compute node lands on the CPU is checked
+/// offline instead (`models/check_ops.py` against the CUDA kernel list) and on a GPU by
+/// `scripts/gpu-check`, which keeps ORT's placement warnings from the log.
 pub(crate) fn session_builder(
     env: &ort::environment::Environment,
     device: Device,
@@ -125,8 +131,6 @@ pub(crate) fn session_builder(
     if device == Device::Cuda {
         builder = builder
             .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-            .map_err(ort::Error::<()>::from)?
-            .with_disable_cpu_fallback()
             .map_err(ort::Error::<()>::from)?;
     }
     Ok(builder)
@@ -204,6 +208,23 @@ impl OrtBackend {
         } = options;
         let text_device = options.text_encoder_device.unwrap_or(device);
         let m = &model.manifest;
+        let text_dtype = m.text_encoder.dtype.as_deref().unwrap_or(&m.dtype);
+        for (file, dtype, on) in [
+            (&m.text_encoder.file, text_dtype, text_device),
+            (&m.transformer.file, m.transformer.dtype.as_str(), device),
+        ] {
+            // Said before ORT tries: its own error names a missing MatMul kernel.
+            if dtype == "bf16" && on == Device::Cpu {
+                return Err(BackendError::Load {
+                    graph: model.file(file).display().to_string(),
+                    reason: "a bf16 graph cannot run on the CPU (ONNX Runtime's CPU provider has \
+                             no bf16 kernels): run it on cuda, or export it in fp32 \
+                             (models/export.py --dtype fp32, or --text-encoder-dtype fp32 for \
+                             --text-encoder-device cpu)"
+                        .into(),
+                });
+            }
+        }
         let backend = Self {
             text_encoder: load(
                 model,
@@ -246,18 +267,32 @@ fn float_input(graph: &Graph, shape: &[usize], data: Vec<f32>) -> Result<DynValu
     })
 }
 
-fn float_output(graph: &Graph, value: &DynValue) -> Result<ndarray::ArrayD<f32>, BackendError> {
+/// A float output on the host as f32, whatever float type the graph gives: decided by the value,
+/// not by the graph's inputs (a bf16 text encoder takes int64 ids and returns bf16 states).
+fn float_output(
+    graph: &'static str,
+    value: &DynValue,
+) -> Result<ndarray::ArrayD<f32>, BackendError> {
     let bad = |e: ort::Error| BackendError::Output {
-        graph: graph.name,
+        graph,
         reason: e.to_string(),
     };
-    if graph.bf16 {
-        Ok(value
+    match value.dtype() {
+        ValueType::Tensor {
+            ty: TensorElementType::Bfloat16,
+            ..
+        } => Ok(value
             .try_extract_array::<bf16>()
             .map_err(bad)?
-            .mapv(f32::from))
-    } else {
-        Ok(value.try_extract_array::<f32>().map_err(bad)?.to_owned())
+            .mapv(f32::from)),
+        ValueType::Tensor {
+            ty: TensorElementType::Float32,
+            ..
+        } => Ok(value.try_extract_array::<f32>().map_err(bad)?.to_owned()),
+        other => Err(BackendError::Output {
+            graph,
+            reason: format!("expected a float32 or bfloat16 tensor, got {other}"),
+        }),
     }
 }
 
@@ -312,7 +347,7 @@ impl OrtBackend {
             graph: graph.name,
             reason: "no video output".into(),
         })?;
-        let video = dims5(graph, float_output(graph, &video)?)?;
+        let video = dims5(graph, float_output(graph.name, &video)?)?;
         let cache: Vec<DynValue> = outputs.collect();
         if cache.len() != self.cache_slots {
             return Err(BackendError::Output {
@@ -371,7 +406,7 @@ impl Backend for OrtBackend {
             graph: graph.name,
             reason: "no output".into(),
         })?;
-        float_output(graph, hidden)?
+        float_output(graph.name, hidden)?
             .into_dimensionality::<Ix3>()
             .map_err(|e| BackendError::Output {
                 graph: graph.name,
@@ -505,5 +540,53 @@ impl Backend for OrtBackend {
         control: &OrtRunControl,
     ) -> Result<(Array5<f32>, OrtVaeCache), BackendError> {
         self.decode(&self.vae_step, latent, Some(cache), control)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_graphs_on_the_cpu_are_refused_with_the_way_out() {
+        let cpu = LoadOptions {
+            device: Device::Cpu,
+            text_encoder_device: None,
+            threads: 1,
+        };
+        let mut model = ModelDir::open(&crate::model::bundled_model_dir()).expect("bundled model");
+        model.manifest.text_encoder.dtype = Some("bf16".into());
+        let err = OrtBackend::load_with(&model, cpu).err().expect("refused");
+        let message = err.to_string();
+        assert!(message.contains("text_encoder.onnx"), "{message}");
+        assert!(message.contains("--text-encoder-dtype fp32"), "{message}");
+
+        model.manifest.text_encoder.dtype = Some("fp32".into());
+        model.manifest.transformer.dtype = "bf16".into();
+        let err = OrtBackend::load_with(&model, cpu).err().expect("refused");
+        assert!(err.to_string().contains("transformer.onnx"), "{err}");
+    }
+
+    #[test]
+    fn float_outputs_are_read_by_their_own_element_type() {
+        runtime::environment().expect("ONNX Runtime loads");
+        let states = [0.5f32, -1.25, 3.0];
+        let as_bf16: Vec<bf16> = states.iter().copied().map(bf16::from_f32).collect();
+        let bf16_value = Tensor::from_array((vec![1i64, 3], as_bf16))
+            .expect("bf16 tensor")
+            .into_dyn();
+        let f32_value = Tensor::from_array((vec![1i64, 3], states.to_vec()))
+            .expect("f32 tensor")
+            .into_dyn();
+        for value in [&bf16_value, &f32_value] {
+            let read = float_output("text encoder", value).expect("a float output");
+            assert_eq!(read.shape(), &[1, 3]);
+            assert_eq!(read.iter().copied().collect::<Vec<_>>(), states);
+        }
+        let ids = Tensor::from_array((vec![2i64], vec![1i64, 2]))
+            .expect("i64 tensor")
+            .into_dyn();
+        let err = float_output("text encoder", &ids).expect_err("int64 is not a float output");
+        assert!(err.to_string().contains("text encoder"), "{err}");
     }
 }

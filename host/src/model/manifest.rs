@@ -20,6 +20,9 @@ pub struct Manifest {
 #[derive(Debug, Clone, Deserialize)]
 pub struct TextEncoderSpec {
     pub file: String,
+    /// `fp32` or `bf16`; the manifest's `dtype` when absent.
+    #[serde(default)]
+    pub dtype: Option<String>,
     pub dim: usize,
     pub max_length: usize,
 }
