@@ -137,6 +137,12 @@ def export_transformer(src, out, dtype, attention="contrib"):
     # Exported with ExportAttnProcessor; checked afterwards against diffusers' own processors.
     stock_processors = transformer.attn_processors
     transformer.set_attn_processor(ExportAttnProcessor())
+    # The output norm's table as a buffer, same fp32 values: torch 2.11's exporter (the GPU
+    # machine's) fails on `scale_shift_table.to(temb.device) + temb` when the table is a parameter
+    # held in fp32 beside bf16 weights (its type-promotion pass traces prim.device instead of add).
+    table = transformer.scale_shift_table.data
+    del transformer.scale_shift_table
+    transformer.register_buffer("scale_shift_table", table)
     cfg = transformer.config
     pt, ph, pw = cfg.patch_size
     batch = torch.export.Dim("batch", min=1, max=8)
@@ -402,6 +408,9 @@ def main() -> None:
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--text-encoder-layers", type=int, default=None)
+    parser.add_argument("--text-encoder-dtype", choices=["fp32", "bf16"], default=None,
+                        help="the text encoder's precision (default: --dtype); fp32 for --text-encoder-device cpu "
+                             "(ONNX Runtime's CPU provider has no bf16 kernels)")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--attention", choices=["contrib", "onnx"], default="contrib",
                         help="the transformer's attention as com.microsoft.MultiHeadAttention (default: fused "
@@ -416,11 +425,13 @@ def main() -> None:
                 .get("_name_or_path", "Wan2.1-T2V"), "dtype": args.dtype}
     files = {}
     if "text_encoder" not in args.skip:
-        encoder = export_text_encoder(args.src, args.out, dtype, args.text_encoder_layers)
+        text_dtype = args.text_encoder_dtype or args.dtype
+        encoder = export_text_encoder(args.src, args.out, torch.bfloat16 if text_dtype == "bf16" else torch.float32,
+                                      args.text_encoder_layers)
         te = encoder.config
-        if args.check and args.dtype == "fp32":
+        if args.check and text_dtype == "fp32":
             check_text_encoder(encoder, args.out)
-        manifest["text_encoder"] = {"file": "text_encoder.onnx", "dtype": args.dtype, "dim": te.d_model,
+        manifest["text_encoder"] = {"file": "text_encoder.onnx", "dtype": text_dtype, "dim": te.d_model,
                                     "max_length": MAX_TEXT_LEN, "layers": te.num_layers}
         shutil.copy(args.src / "tokenizer" / "tokenizer.json", args.out / "tokenizer.json")
         manifest["tokenizer"] = {"file": "tokenizer.json", "pad_id": 0}

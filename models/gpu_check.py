@@ -90,7 +90,7 @@ def export(args, setup):
 
 def generate(args, setup, steps):
     """One `wanserve generate` job; its log parsed for timings and copies."""
-    env = dict(os.environ, RUST_LOG="wanserve=debug")
+    env = dict(os.environ, RUST_LOG="wanserve=debug,ort=warn")
     out = args.work / f"job-{steps}.mp4"
     cmd = [args.wanserve, "generate", "--model-dir", args.work / "model", "--device", setup["device"],
            "--prompt", PROMPT, "--image-size", setup["size"], "--num-frames", setup["frames"],
@@ -99,16 +99,24 @@ def generate(args, setup, steps):
         cmd.append("--batch-cfg")
     with GpuMemory(setup["device"] == "cuda") as gpu:
         start = time.perf_counter()
-        proc = run(cmd, env=env, capture_output=True, text=True)
+        print("+", " ".join(map(str, cmd)), flush=True)
+        proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
     log = proc.stdout + proc.stderr
+    (args.work / f"job-{steps}.log").write_text(log)
+    if proc.returncode != 0:
+        sys.exit(f"wanserve generate failed ({proc.returncode}):\n{log[-4000:]}")
     generated = re.search(r"generated text_s=([\d.]+) denoise_s=([\d.]+) decode_and_sink_s=([\d.]+) steps=(\d+)", log)
     if not generated:
         sys.exit(f"no timing line in the wanserve log:\n{log[-4000:]}")
     copies = [m.group(1) for m in re.finditer(r'host-device copy direction="?(\w+)"?', log)]
+    # ORT warns when it places nodes on the CPU EP (the CUDA EP leaves shape arithmetic there).
+    placement = [line for line in log.splitlines() if "not assigned to the preferred execution providers" in line]
     return {"steps": steps, "end_to_end_s": seconds, "text_s": float(generated.group(1)),
             "denoise_s": float(generated.group(2)), "step_s": float(generated.group(2)) / steps,
             "decode_and_encode_s": float(generated.group(3)), "copies": len(copies),
+            "copies_by_direction": {d: copies.count(d) for d in sorted(set(copies))},
+            "cpu_placement_warnings": placement[:8],
             "gpu_peak_mib": gpu.peak_mib}
 
 
@@ -129,14 +137,15 @@ def request(url, body=None, key=API_KEY):
 
 def concurrent_stage(args, setup):
     data = args.work / "serve-data"
-    env = dict(os.environ, WANSERVE_API_KEYS=API_KEY, RUST_LOG="wanserve=info")
+    env = dict(os.environ, WANSERVE_API_KEYS=API_KEY, RUST_LOG="wanserve=info,ort=warn")
     cmd = [args.wanserve, "serve", "--host", "127.0.0.1", "--port", 0, "--data-dir", data, "--model-dir",
            args.work / "model", "--device", setup["device"], "--slots", 2]
     if args.batch_cfg:
         cmd.append("--batch-cfg")
     print("+", " ".join(map(str, cmd)), flush=True)
-    server = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
+    server_log = args.work / "serve.log"
+    with open(server_log, "w") as log_file:
+        server = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
         url = None
         for line in server.stdout:
@@ -145,8 +154,14 @@ def concurrent_stage(args, setup):
                 url = found.group(1)
                 break
         if url is None:
-            sys.exit("wanserve serve did not start")
+            sys.exit(f"wanserve serve did not start:\n{server_log.read_text()[-4000:]}")
+        deadline = time.monotonic() + 900
         while True:  # /ready: model loaded and warmed up
+            if server.poll() is not None:
+                sys.exit(f"wanserve serve exited ({server.returncode}):\n{server_log.read_text()[-4000:]}")
+            # A model that fails to load or warm up leaves the server up with /ready at 503.
+            if "cannot load the model" in server_log.read_text() or time.monotonic() > deadline:
+                sys.exit(f"wanserve serve did not become ready:\n{server_log.read_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/ready", timeout=5) as r:
                     if r.status == 200:
@@ -169,7 +184,7 @@ def concurrent_stage(args, setup):
                 time.sleep(0.25)
             failed = [s for s in final.values() if s["status"] != "Succeed"]
             if failed:
-                sys.exit(f"a job did not succeed: {failed}")
+                sys.exit(f"a job did not succeed: {failed}\n{server_log.read_text()[-4000:]}")
             return time.perf_counter() - start, list(final.values())
 
         with GpuMemory(setup["device"] == "cuda") as one_gpu:
@@ -199,18 +214,30 @@ def torch_stage(args, setup):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
+    step_ends = []
+
+    def step_ended(_pipe, _step, _timestep, outputs):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step_ends.append(time.perf_counter())
+        return outputs
+
     start = time.perf_counter()
     with torch.no_grad():
         pipe(PROMPT, height=height, width=width, num_frames=setup["frames"], num_inference_steps=steps,
-             guidance_scale=5.0, generator=torch.Generator(device).manual_seed(1), output_type="np")
+             guidance_scale=5.0, generator=torch.Generator(device).manual_seed(1), output_type="np",
+             callback_on_step_end=step_ended)
     if device == "cuda":
         torch.cuda.synchronize()
+    # Step time as wanserve's: the denoising loop (first step's end to last's) over its steps.
     result = {"steps": steps, "end_to_end_s": time.perf_counter() - start,
+              "step_s": (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1),
               "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
     del pipe
     if device == "cuda":
         torch.cuda.empty_cache()
-        run([sys.executable, HERE / "gpu_step.py", args.work / "src", args.work / "model"])
+        if args.gpu_step:
+            run([sys.executable, HERE / "gpu_step.py", args.work / "src", args.work / "model"])
     return result
 
 
@@ -222,6 +249,13 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=["export", "steps", "concurrent", "torch"],
                         choices=["export", "steps", "concurrent", "torch"])
     parser.add_argument("--batch-cfg", action="store_true", help="run wanserve with --batch-cfg")
+    parser.add_argument("--few-steps", type=int, help="the short job's steps (default 3)")
+    parser.add_argument("--full-steps", type=int, help="the long job's steps, diffusers' too (default 50)")
+    parser.add_argument("--served-frames", type=int, help="frames of the served jobs (default 81)")
+    parser.add_argument("--served-steps", type=int, help="steps of the served jobs (default 50)")
+    parser.add_argument("--gpu-step", action="store_true",
+                        help="also models/gpu_step.py (needs the onnxruntime-gpu Python package)")
+    parser.add_argument("--summary", type=pathlib.Path, help="also write the summary here, after each stage")
     args = parser.parse_args()
     if not args.wanserve.is_file():
         sys.exit(f"{args.wanserve} not found: cargo build --release -p wanserve, or --wanserve PATH")
@@ -233,6 +267,9 @@ def main() -> None:
         setup = {"config": HERE / "real_size.json", "dtype": "bf16", "device": "cuda", "size": "832x480",
                  "frames": 81, "few_steps": 3, "full_steps": 50, "served_size": "832x480", "served_frames": 81,
                  "served_steps": 50}
+    for key in ("few_steps", "full_steps", "served_frames", "served_steps"):
+        if getattr(args, key) is not None:
+            setup[key] = getattr(args, key)
     temp = None
     if args.work is None:
         temp = tempfile.TemporaryDirectory()
@@ -240,16 +277,33 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     stages = {"export": export, "steps": steps_stage, "concurrent": concurrent_stage, "torch": torch_stage}
     summary = {"setup": {k: str(v) for k, v in setup.items()}, "batch_cfg": args.batch_cfg}
+    failed = False
     for name in args.stages:
         print(f"== {name}", flush=True)
-        summary[name] = stages[name](args, setup)
-    if "steps" in summary and "torch" in summary:
+        started = time.perf_counter()
+        # A stage that breaks is reported and the next one still runs: on a lent GPU every
+        # minute counts, and the other stages' figures stand on their own.
+        try:
+            summary[name] = stages[name](args, setup)
+        except (Exception, SystemExit) as error:  # noqa: BLE001
+            failed = True
+            summary[name] = {"error": str(error)[-4000:]}
+        summary[name]["stage_s"] = time.perf_counter() - started
+        print(json.dumps({name: summary[name]}), flush=True)
+        if args.summary:
+            args.summary.write_text(json.dumps(summary, indent=2))
+    if "end_to_end_s" in summary.get("steps", {}).get("full", {}) and "end_to_end_s" in summary.get("torch", {}):
         summary["torch"]["wanserve_vs_torch"] = summary["steps"]["full"]["end_to_end_s"] / summary["torch"]["end_to_end_s"]
+        summary["torch"]["wanserve_vs_torch_step"] = summary["steps"]["full"]["step_s"] / summary["torch"]["step_s"]
     summary["host_peak_rss_mib_children"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print("== summary")
     print(json.dumps(summary, indent=2))
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, indent=2))
     if temp is not None:
         temp.cleanup()
+    if failed:
+        sys.exit("gpu-check: a stage failed (see its error above)")
 
 
 if __name__ == "__main__":
