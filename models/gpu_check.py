@@ -77,7 +77,10 @@ class GpuMemory:
 
 def run(cmd, **kwargs):
     print("+", " ".join(map(str, cmd)), flush=True)
-    return subprocess.run([str(c) for c in cmd], check=True, **kwargs)
+    started = time.perf_counter()
+    done = subprocess.run([str(c) for c in cmd], check=True, **kwargs)
+    print(f"  ({time.perf_counter() - started:.1f} s)", flush=True)
+    return done
 
 
 def export(args, setup):
