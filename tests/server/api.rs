@@ -289,6 +289,60 @@ fn another_principals_job_does_not_exist() {
 }
 
 #[test]
+fn a_model_that_cannot_load_is_reported_failed_by_ready() {
+    // The bundled model, its manifest claiming a bf16 transformer: refused on the CPU at load.
+    let model = tempfile::tempdir().expect("temp dir");
+    for entry in std::fs::read_dir(common::tiny_model()).expect("bundled model") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), model.path().join(entry.file_name())).expect("copy");
+    }
+    let manifest_path = model.path().join("wanserve-model.json");
+    let mut manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest"))
+            .expect("JSON");
+    manifest["transformer"]["dtype"] = json!("bf16");
+    std::fs::write(&manifest_path, manifest.to_string()).expect("write manifest");
+
+    let server = Server::start(Options {
+        extra_args: vec!["--model-dir".into(), model.path().display().to_string()],
+        no_ready_wait: true,
+        ..Options::default()
+    });
+    let ready = |server: &Server| {
+        let response = server
+            .client()
+            .get(format!("{}/ready", server.url))
+            .send()
+            .expect("sent");
+        (response.status(), response.json::<Value>().expect("JSON"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (status, body) = loop {
+        let (status, body) = ready(&server);
+        if body["model_state"] != "loading" || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["model_state"], "failed", "{body}");
+    assert_eq!(body["ready"], false, "{body}");
+    let health = server
+        .client()
+        .get(format!("{}/health", server.url))
+        .send()
+        .expect("sent");
+    assert_eq!(health.status(), 200);
+    assert!(
+        server
+            .log_line(|l| l.contains("cannot load the model") && l.contains("bf16"))
+            .is_some(),
+        "the log says why:\n{}",
+        server.log()
+    );
+}
+
+#[test]
 fn health_ready_docs_and_metrics() {
     let server = shared();
     let get = |path: &str| {
@@ -301,6 +355,7 @@ fn health_ready_docs_and_metrics() {
     assert_eq!(get("/health").status(), 200);
     let ready: Value = get("/ready").json().expect("JSON");
     assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(ready["model_state"], "ready", "{ready}");
     let docs = get("/docs/");
     assert_eq!(docs.status(), 200);
     let html = docs.text().expect("text");

@@ -24,6 +24,8 @@ pub struct Options {
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub plugin_dir: Option<PathBuf>,
+    /// Return once the server listens, without waiting for /ready.
+    pub no_ready_wait: bool,
 }
 
 pub struct Server {
@@ -125,7 +127,9 @@ impl Server {
             }
         };
         self.child = Some(child);
-        self.wait_ready();
+        if !self.options.no_ready_wait {
+            self.wait_ready();
+        }
     }
 
     pub fn log(&self) -> String {

@@ -124,6 +124,9 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Sessions loaded and warmed up.
     pub model_ready: AtomicBool,
+    /// Loading or warming up failed: the server stays up (jobs' statuses and videos remain
+    /// reachable) but will not run jobs until restarted.
+    pub model_failed: AtomicBool,
 }
 
 #[derive(OpenApi)]
@@ -175,6 +178,10 @@ pub async fn health() -> Json<Health> {
 pub struct Readiness {
     ready: bool,
     model: bool,
+    /// `loading`, `ready`, or `failed` (it will not become ready without a restart; the log
+    /// says why).
+    #[schema(example = "loading")]
+    model_state: &'static str,
     plugins: bool,
     store: bool,
 }
@@ -195,9 +202,17 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             false
         }
     };
+    let model_state = if model {
+        "ready"
+    } else if state.model_failed.load(Ordering::Acquire) {
+        "failed"
+    } else {
+        "loading"
+    };
     let body = Readiness {
         ready: model && plugins && store,
         model,
+        model_state,
         plugins,
         store,
     };
@@ -492,6 +507,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         admin_key_hash,
         metrics: handle,
         model_ready: AtomicBool::new(false),
+        model_failed: AtomicBool::new(false),
     });
 
     // The model loads beside the listener: /health answers at once, /ready once it is warm.
@@ -505,7 +521,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
                     state.scheduler.set_pipeline(Arc::new(pipeline));
                     state.model_ready.store(true, Ordering::Release);
                 }
-                Err(e) => tracing::error!(error = %e, "cannot load the model; /ready stays 503"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load the model; /ready says failed");
+                    state.model_failed.store(true, Ordering::Release);
+                }
             })
             .map_err(|e| e.to_string())?;
     }
