@@ -335,7 +335,7 @@ fn encode_key(key: &str) -> &str {
 }
 
 /// Reads the signing secret, or creates 32 random bytes (mode 0600, written then renamed).
-fn load_or_create_secret(path: &Path) -> Result<SecretSlice<u8>, StorageError> {
+pub(crate) fn load_or_create_secret(path: &Path) -> Result<SecretSlice<u8>, StorageError> {
     let io_error = |e: std::io::Error| StorageError::Io {
         path: path.to_path_buf(),
         reason: e.to_string(),

@@ -6,6 +6,7 @@
 mod common;
 
 mod api;
+mod events;
 mod harness;
 mod jobs;
 mod s3;

@@ -80,6 +80,8 @@ struct Inner {
     running: Mutex<HashMap<String, Running>>,
     stopping: AtomicBool,
     timing: Mutex<Timing>,
+    /// The id of a job whose state or progress just changed (for live progress streams).
+    changes: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 pub struct Scheduler {
@@ -119,6 +121,9 @@ impl Scheduler {
             running: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             timing: Mutex::new(Timing::default()),
+            // Subscribers re-read the job on each id; one that falls this far behind re-reads
+            // it once (a lagged receiver), so the bound only limits memory.
+            changes: tokio::sync::broadcast::channel(256).0,
         });
         let mut workers = Vec::with_capacity(slots);
         for slot in 0..slots {
@@ -169,6 +174,17 @@ impl Scheduler {
 
     pub fn running(&self) -> usize {
         lock(&self.inner.running).len()
+    }
+
+    /// Ids of jobs whose state or progress changed in this process, as they change.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Tells [`Scheduler::changes`] subscribers that `id` changed outside the workers (a cancel
+    /// of a queued job).
+    pub fn changed(&self, id: &str) {
+        self.inner.changed(id);
     }
 
     /// Progress of `id` if this process runs it.
@@ -358,6 +374,7 @@ impl Inner {
             }
         };
         lock(&self.running).remove(&job.id);
+        self.changed(&job.id);
         let seconds = started.elapsed().as_secs_f64();
         let label = match outcome {
             Outcome::Published => "succeeded",
@@ -448,6 +465,12 @@ impl Inner {
         if let Err(e) = self.block_on(self.store.set_progress(&job.id, job.attempt, &stored)) {
             tracing::warn!(request_id = %job.id, error = %e, "cannot record progress");
         }
+        self.changed(&job.id);
+    }
+
+    fn changed(&self, id: &str) {
+        // No subscriber is the usual case, not an error.
+        let _ = self.changes.send(Arc::from(id));
     }
 
     fn generate(

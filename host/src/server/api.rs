@@ -5,7 +5,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, FieldProblem};
 use crate::jobs::{
-    CancelOutcome, JobPrincipal, JobRequest, JobState, NewJob, Submitted, is_request_id,
+    CancelOutcome, Job, JobPrincipal, JobRequest, JobState, NewJob, Submitted, is_request_id,
     new_request_id, now_ms,
 };
 use crate::plugins::{PluginError, Slot};
@@ -181,7 +181,10 @@ fn json_object(
 
 /// The body's `requestId` (422 when missing or not a string). An id that cannot have been
 /// issued is 404 here, before any lookup.
-fn request_id_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<String, ApiError> {
+pub(super) fn request_id_of(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<String, ApiError> {
     let map = json_object(body, limit)?;
     match map.get("requestId") {
         None => Err(ApiError::field("requestId", "is required")),
@@ -336,6 +339,14 @@ pub async fn status(
         .map_err(ApiError::internal)?
         .filter(|job| job.principal.id == principal.id)
         .ok_or(ApiError::NotFound)?;
+    Ok(Json(status_view(&state, job).await?))
+}
+
+/// What `/video/status` (and each live progress event) says about `job`.
+pub(super) async fn status_view(
+    state: &AppState,
+    job: Arc<Job>,
+) -> Result<StatusResponse, ApiError> {
     let now = now_ms();
     let mut response = StatusResponse {
         request_id: job.id.clone(),
@@ -412,7 +423,7 @@ pub async fn status(
             response.progress = stored_progress;
         }
     }
-    Ok(Json(response))
+    Ok(response)
 }
 
 /// Cancel a job (POST or DELETE). A queued job leaves the queue at once; a running one stops
@@ -439,7 +450,8 @@ pub async fn cancel(
         .await
         .map_err(ApiError::internal)?;
     match outcome {
-        CancelOutcome::Dequeued | CancelOutcome::AlreadyCancelled => {}
+        CancelOutcome::Dequeued => state.scheduler.changed(&id),
+        CancelOutcome::AlreadyCancelled => {}
         CancelOutcome::StopRequested => {
             state.scheduler.cancel_running(&id);
         }

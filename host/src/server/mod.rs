@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod plugin_pool;
 
 use crate::backend::{LoadOptions, OrtBackend};
@@ -127,6 +128,11 @@ pub struct AppState {
     /// Loading or warming up failed: the server stays up (jobs' statuses and videos remain
     /// reachable) but will not run jobs until restarted.
     pub model_failed: AtomicBool,
+    /// Signs the tokens that open live progress streams (`events-secret` in the data dir).
+    pub events_secret: secrecy::SecretSlice<u8>,
+    /// Becomes true when shutdown begins: live progress streams end then, since a graceful
+    /// shutdown waits for every open response.
+    pub shutting_down: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(OpenApi)]
@@ -134,7 +140,8 @@ pub struct AppState {
     info(title = "wanserve", description = "Text-to-video with Wan2.1-T2V-1.3B. \
         Every /video endpoint needs `Authorization: Bearer <API key>`; video URLs are signed and \
         need none. Errors: `{\"error\": {\"code\", \"message\", \"fields\"}}`."),
-    paths(api::submit, api::status, api::cancel, api::cancel_delete, api::video,
+    paths(api::submit, api::status, api::cancel, api::cancel_delete, events::events_token,
+        events::events, api::video,
         health, ready, metrics_text, admin::list, admin::upload, admin::rollback),
     components(schemas(error::ErrorBody, error::ErrorDetail, error::FieldProblem)),
     modifiers(&SecuritySchemes),
@@ -275,6 +282,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/video/submit", post(api::submit))
         .route("/video/status", post(api::status))
+        .route("/video/events-token", post(events::events_token))
+        .route("/video/events/{request_id}", get(events::events))
         .route(
             "/video/cancel",
             post(api::cancel).delete(api::cancel_delete),
@@ -417,6 +426,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     }
     let (admin_key_hash, generated_admin) =
         auth::admin_key_hash(config.admin_key.as_ref(), &config.data_dir)?;
+    let (shutdown_begun, shutting_down) = tokio::sync::watch::channel(false);
+    let events_secret =
+        crate::storage::load_or_create_secret(&config.data_dir.join(events::EVENTS_SECRET_FILE))
+            .map_err(|e| e.to_string())?;
     if let Some(key) = generated_admin {
         println!("No admin key was configured; generated one (shown only now, stored hashed):");
         println!("admin key: {key}");
@@ -508,6 +521,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         metrics: handle,
         model_ready: AtomicBool::new(false),
         model_failed: AtomicBool::new(false),
+        events_secret,
+        shutting_down,
     });
 
     // The model loads beside the listener: /health answers at once, /ready once it is warm.
@@ -562,7 +577,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = shutdown_begun.send(true);
+    })
     .await
     .map_err(|e| e.to_string())?;
 

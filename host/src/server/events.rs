@@ -1,0 +1,306 @@
+//! Live progress of one job as Server-Sent Events: `GET /video/events/{requestId}` sends the
+//! job's status now, again on each change (state, stage, step, ETA), the final status last, and
+//! then ends.
+//!
+//! A browser's `EventSource` cannot send an `Authorization` header, and an API key in a URL ends
+//! up in logs and history. So a page first asks, with its key, for a token bound to one job and
+//! its principal that expires in five minutes (`POST /video/events-token`), and puts that in the
+//! URL (`?token=`). Other clients may send their `Authorization` header instead.
+
+use super::AppState;
+use super::api::{StatusName, StatusResponse, request_id_of, status_view};
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::Stream;
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretSlice};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::ToSchema;
+
+/// The token-signing secret's file in the data directory.
+pub const EVENTS_SECRET_FILE: &str = "events-secret";
+/// How long an events token opens a stream (a stream already open runs to its end).
+const TOKEN_SECONDS: i64 = 300;
+/// A stream re-reads its job at least this often (queue positions move when other jobs end).
+const REREAD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// The job.
+    rid: String,
+    /// The principal that submitted it.
+    pid: String,
+    /// Expiry, Unix seconds.
+    exp: i64,
+}
+
+fn mac(secret: &SecretSlice<u8>, payload: &str) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret())
+        .expect("HMAC takes a key of any length");
+    // Domain separation: this secret signs nothing else, but a MAC should say what it is for.
+    mac.update(b"wanserve events token\0");
+    mac.update(payload.as_bytes());
+    mac
+}
+
+fn sign(secret: &SecretSlice<u8>, claims: &Claims) -> String {
+    let json = serde_json::to_vec(claims).expect("claims serialize");
+    let payload = URL_SAFE_NO_PAD.encode(json);
+    let tag = URL_SAFE_NO_PAD.encode(mac(secret, &payload).finalize().into_bytes());
+    format!("{payload}.{tag}")
+}
+
+/// The claims of a token this server signed and that has not expired at `now` (Unix seconds).
+fn verify(secret: &SecretSlice<u8>, token: &str, now: i64) -> Option<Claims> {
+    let (payload, tag) = token.split_once('.')?;
+    let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+    mac(secret, payload).verify_slice(&tag).ok()?; // constant time
+    let claims: Claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
+    (claims.exp > now).then_some(claims)
+}
+
+fn now_seconds() -> i64 {
+    crate::jobs::now_ms() / 1000
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsToken {
+    /// For `GET /video/events/{requestId}?token=…`.
+    pub token: String,
+    /// Seconds the token can open a stream.
+    #[schema(example = 300)]
+    pub expires_in: i64,
+}
+
+/// A short-lived token that opens the live progress stream of one of the caller's jobs, for
+/// clients that cannot send headers (a browser's `EventSource`).
+#[utoipa::path(post, path = "/video/events-token", tag = "video",
+    request_body = super::api::JobRef,
+    responses(
+        (status = 200, description = "The token", body = EventsToken),
+        (status = 401, description = "Authentication failed", body = ErrorBody),
+        (status = 404, description = "No such job for this caller", body = ErrorBody),
+        (status = 422, description = "requestId missing or not a string", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn events_token(
+    State(state): State<Arc<AppState>>,
+    Caller(principal): Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<EventsToken>, ApiError> {
+    let id = request_id_of(body, state.limits.body_limit)?;
+    let job = state
+        .store
+        .get(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .filter(|job| job.principal.id == principal.id)
+        .ok_or(ApiError::NotFound)?;
+    let claims = Claims {
+        rid: job.id.clone(),
+        pid: principal.id,
+        exp: now_seconds() + TOKEN_SECONDS,
+    };
+    Ok(Json(EventsToken {
+        token: sign(&state.events_secret, &claims),
+        expires_in: TOKEN_SECONDS,
+    }))
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Who may follow a job: the holder of a valid token, else whoever the auth plugin accepts.
+pub enum Follower {
+    Token(Claims),
+    Principal(String),
+}
+
+impl FromRequestParts<Arc<AppState>> for Follower {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = Query::<TokenQuery>::try_from_uri(&parts.uri)
+            .ok()
+            .and_then(|q| q.0.token);
+        match token {
+            Some(token) => verify(&state.events_secret, &token, now_seconds())
+                .map(Follower::Token)
+                .ok_or_else(|| ApiError::Unauthorized {
+                    reason: "invalid or expired events token (POST /video/events-token)".into(),
+                    challenge: None,
+                }),
+            None => {
+                let Caller(principal) = Caller::from_request_parts(parts, state).await?;
+                Ok(Follower::Principal(principal.id))
+            }
+        }
+    }
+}
+
+/// Live progress of a job (Server-Sent Events, each `event: status` with the body
+/// `/video/status` would give). The first event is the status now; the stream ends after the
+/// final one (`Succeed`, `Failed`, `Cancelled`). Authenticate with `Authorization`, or with
+/// `?token=` from `POST /video/events-token` (for `EventSource`).
+#[utoipa::path(get, path = "/video/events/{requestId}", tag = "video",
+    params(("requestId" = String, Path, description = "The job"),
+           ("token" = Option<String>, Query, description = "From POST /video/events-token")),
+    responses(
+        (status = 200, description = "text/event-stream of status events", content_type = "text/event-stream",
+         body = StatusResponse),
+        (status = 401, description = "Authentication failed or token invalid", body = ErrorBody),
+        (status = 404, description = "No such job for this caller", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    follower: Follower,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let owner = match follower {
+        Follower::Token(claims) if claims.rid == id => claims.pid,
+        Follower::Token(_) => return Err(ApiError::NotFound),
+        Follower::Principal(id) => id,
+    };
+    // Subscribed before the first read, so no change between the two is missed.
+    let changes = state.scheduler.changes();
+    let job = state
+        .store
+        .get(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .filter(|job| job.principal.id == owner)
+        .ok_or(ApiError::NotFound)?;
+    let first = status_view(&state, job).await?;
+    let follow = Follow {
+        shutting_down: state.shutting_down.clone(),
+        state,
+        id,
+        changes,
+        next: Some(first),
+        last: None,
+        done: false,
+        sent: 0,
+    };
+    let stream = futures::stream::unfold(follow, |mut follow| async move {
+        let event = follow.next_event().await?;
+        Some((Ok(event), follow))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+struct Follow {
+    state: Arc<AppState>,
+    shutting_down: tokio::sync::watch::Receiver<bool>,
+    id: String,
+    changes: tokio::sync::broadcast::Receiver<Arc<str>>,
+    /// A status read but not sent yet (the first).
+    next: Option<StatusResponse>,
+    /// The last status sent, as sent.
+    last: Option<String>,
+    done: bool,
+    sent: u64,
+}
+
+impl Follow {
+    /// The next status that differs from the last one sent; `None` once the final one was sent,
+    /// the server is shutting down, or the job cannot be read any more.
+    async fn next_event(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let status = match self.next.take() {
+                Some(status) => status,
+                None => {
+                    let changed =
+                        tokio::time::timeout(REREAD, job_changed(&mut self.changes, &self.id));
+                    tokio::select! {
+                        _ = changed => {}
+                        // The client reconnects (to another host, or after the restart).
+                        _ = self.shutting_down.wait_for(|stopping| *stopping) => return None,
+                    }
+                    let job = self.state.store.get(&self.id).await.ok().flatten()?;
+                    status_view(&self.state, job).await.ok()?
+                }
+            };
+            let json = serde_json::to_string(&status).ok()?;
+            if self.last.as_deref() == Some(json.as_str()) {
+                continue;
+            }
+            self.done = matches!(
+                status.status,
+                StatusName::Succeed | StatusName::Failed | StatusName::Cancelled
+            );
+            self.sent += 1;
+            let event = Event::default()
+                .event("status")
+                .id(self.sent.to_string())
+                .data(&json);
+            self.last = Some(json);
+            return Some(event);
+        }
+    }
+}
+
+/// Returns when `id` is announced on `changes` (or some announcements were missed).
+async fn job_changed(changes: &mut tokio::sync::broadcast::Receiver<Arc<str>>, id: &str) {
+    loop {
+        match changes.recv().await {
+            Ok(changed) if *changed == *id => return,
+            Ok(_) => {}
+            // Fell behind: whatever happened, re-read.
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(byte: u8) -> SecretSlice<u8> {
+        vec![byte; 32].into()
+    }
+
+    #[test]
+    fn tokens_verify_only_unaltered_unexpired_and_with_the_right_secret() {
+        let claims = Claims {
+            rid: "a".repeat(32),
+            pid: "alice".into(),
+            exp: 1_000,
+        };
+        let token = sign(&secret(1), &claims);
+        assert_eq!(verify(&secret(1), &token, 999), Some(claims));
+        assert_eq!(verify(&secret(1), &token, 1_000), None, "expired");
+        assert_eq!(verify(&secret(2), &token, 999), None, "another server's");
+        // Another principal's claims under the same tag.
+        let (_, tag) = token.split_once('.').expect("payload.tag");
+        let forged = Claims {
+            rid: "a".repeat(32),
+            pid: "mallory".into(),
+            exp: 1_000,
+        };
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).expect("json"));
+        assert_eq!(verify(&secret(1), &format!("{payload}.{tag}"), 999), None);
+        assert_eq!(verify(&secret(1), "not a token", 0), None);
+    }
+}
