@@ -332,14 +332,23 @@ pub async fn status(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<StatusResponse>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
-    let job = state
+    let job = owned_job(&state, &id, &principal.id).await?;
+    Ok(Json(status_view(&state, job).await?))
+}
+
+/// Job `id` if `owner` submitted it; to anyone else it does not exist (404).
+pub(super) async fn owned_job(
+    state: &AppState,
+    id: &str,
+    owner: &str,
+) -> Result<Arc<Job>, ApiError> {
+    state
         .store
-        .get(&id)
+        .get(id)
         .await
         .map_err(ApiError::internal)?
-        .filter(|job| job.principal.id == principal.id)
-        .ok_or(ApiError::NotFound)?;
-    Ok(Json(status_view(&state, job).await?))
+        .filter(|job| job.principal.id == owner)
+        .ok_or(ApiError::NotFound)
 }
 
 /// What `/video/status` (and each live progress event) says about `job`.

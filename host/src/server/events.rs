@@ -8,7 +8,7 @@
 //! URL (`?token=`). Other clients may send their `Authorization` header instead.
 
 use super::AppState;
-use super::api::{StatusName, StatusResponse, request_id_of, status_view};
+use super::api::{StatusName, StatusResponse, owned_job, request_id_of, status_view};
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use axum::Json;
@@ -102,13 +102,7 @@ pub async fn events_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EventsToken>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
-    let job = state
-        .store
-        .get(&id)
-        .await
-        .map_err(ApiError::internal)?
-        .filter(|job| job.principal.id == principal.id)
-        .ok_or(ApiError::NotFound)?;
+    let job = owned_job(&state, &id, &principal.id).await?;
     let claims = Claims {
         rid: job.id.clone(),
         pid: principal.id,
@@ -181,13 +175,7 @@ pub async fn events(
     };
     // Subscribed before the first read, so no change between the two is missed.
     let changes = state.scheduler.changes();
-    let job = state
-        .store
-        .get(&id)
-        .await
-        .map_err(ApiError::internal)?
-        .filter(|job| job.principal.id == owner)
-        .ok_or(ApiError::NotFound)?;
+    let job = owned_job(&state, &id, &owner).await?;
     let first = status_view(&state, job).await?;
     let follow = Follow {
         shutting_down: state.shutting_down.clone(),
