@@ -171,7 +171,7 @@ pub async fn events(
     let owner = match follower {
         Follower::Token(claims) if claims.rid == id => claims.pid,
         Follower::Token(_) => return Err(ApiError::NotFound),
-        Follower::Principal(id) => id,
+        Follower::Principal(principal) => principal,
     };
     // Subscribed before the first read, so no change between the two is missed.
     let changes = state.scheduler.changes();
