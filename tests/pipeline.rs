@@ -226,8 +226,10 @@ fn run_logged(
 fn two_concurrent_jobs_share_the_sessions_take_turns_and_match_their_solo_runs() {
     let _alone = alone();
     let pipeline = pipeline();
-    // Steps long enough (larger frames) that one job's denoising spans the other's text encoding.
-    let steps = 8;
+    // Enough steps, long enough (larger frames), that one job's denoising outlasts the other's
+    // text encoding, which waits for the first job's: with 8 steps, fresh-clone CI once saw the
+    // first job take 7 of them before the second's first.
+    let steps = 24;
     let sized = |seed| GenerateRequest {
         width: 320,
         height: 192,
