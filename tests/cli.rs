@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{probe, stderr, tiny_model, wanserve};
+use common::{probe, stderr, wanserve};
 use std::path::Path;
 use std::process::Output;
 
@@ -133,11 +133,7 @@ fn missing_model_directory_is_refused() {
 
 #[test]
 fn corrupt_model_file_is_refused_by_checksum() {
-    let model = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(tiny_model()).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), model.path().join(entry.file_name())).unwrap();
-    }
+    let model = common::tiny_model_copy();
     let victim = model.path().join("transformer.onnx");
     let mut bytes = std::fs::read(&victim).unwrap();
     let middle = bytes.len() / 2;

@@ -16,6 +16,16 @@ pub fn tiny_model() -> PathBuf {
     repo_root().join("models").join("tiny")
 }
 
+/// A writable copy of the bundled model, for tests that alter or break it.
+pub fn tiny_model_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for entry in std::fs::read_dir(tiny_model()).expect("bundled model") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    dir
+}
+
 /// `ffprobe` of the first video stream: (codec, width, height, frame rate, frame count, pix_fmt).
 pub fn probe(path: &Path) -> (String, usize, usize, String, usize, String) {
     let out = Command::new("ffprobe")

@@ -291,11 +291,7 @@ fn another_principals_job_does_not_exist() {
 #[test]
 fn a_model_that_cannot_load_is_reported_failed_by_ready() {
     // The bundled model, its manifest claiming a bf16 transformer: refused on the CPU at load.
-    let model = tempfile::tempdir().expect("temp dir");
-    for entry in std::fs::read_dir(common::tiny_model()).expect("bundled model") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), model.path().join(entry.file_name())).expect("copy");
-    }
+    let model = common::tiny_model_copy();
     let manifest_path = model.path().join("wanserve-model.json");
     let mut manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest"))

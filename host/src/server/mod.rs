@@ -35,7 +35,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -123,16 +123,37 @@ pub struct AppState {
     pub queue_limit: u64,
     pub admin_key_hash: [u8; 32],
     pub metrics: PrometheusHandle,
-    /// Sessions loaded and warmed up.
-    pub model_ready: AtomicBool,
-    /// Loading or warming up failed: the server stays up (jobs' statuses and videos remain
-    /// reachable) but will not run jobs until restarted.
-    pub model_failed: AtomicBool,
+    /// Loading, ready (sessions loaded and warmed up), or failed: then the server stays up (jobs'
+    /// statuses and videos remain reachable) but will not run jobs until restarted.
+    pub model: ModelStatus,
     /// Signs the tokens that open live progress streams (`events-secret` in the data dir).
     pub events_secret: secrecy::SecretSlice<u8>,
     /// Becomes true when shutdown begins: live progress streams end then, since a graceful
     /// shutdown waits for every open response.
     pub shutting_down: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Where the model is, one state in one atomic: loading (0, the default) until the loading
+/// thread sets it once.
+#[derive(Default)]
+pub struct ModelStatus(AtomicU8);
+
+impl ModelStatus {
+    pub const READY: u8 = 1;
+    pub const FAILED: u8 = 2;
+
+    pub fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Release);
+    }
+
+    /// As `/ready` says it.
+    pub fn name(&self) -> &'static str {
+        match self.0.load(Ordering::Acquire) {
+            Self::READY => "ready",
+            Self::FAILED => "failed",
+            _ => "loading",
+        }
+    }
 }
 
 #[derive(OpenApi)]
@@ -198,7 +219,8 @@ pub struct Readiness {
 #[utoipa::path(get, path = "/ready", tag = "ops",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let model = state.model_ready.load(Ordering::Acquire);
+    let model_state = state.model.name();
+    let model = model_state == "ready";
     let plugins = Slot::ALL
         .into_iter()
         .all(|s| state.plugins.installed(s).is_some());
@@ -208,13 +230,6 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
             tracing::warn!(error = %e, "object store is not writable");
             false
         }
-    };
-    let model_state = if model {
-        "ready"
-    } else if state.model_failed.load(Ordering::Acquire) {
-        "failed"
-    } else {
-        "loading"
     };
     let body = Readiness {
         ready: model && plugins && store,
@@ -519,8 +534,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         queue_limit: config.queue_limit,
         admin_key_hash,
         metrics: handle,
-        model_ready: AtomicBool::new(false),
-        model_failed: AtomicBool::new(false),
+        model: ModelStatus::default(),
         events_secret,
         shutting_down,
     });
@@ -534,11 +548,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             .spawn(move || match load_and_warm(&model, &config) {
                 Ok(pipeline) => {
                     state.scheduler.set_pipeline(Arc::new(pipeline));
-                    state.model_ready.store(true, Ordering::Release);
+                    state.model.set(ModelStatus::READY);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot load the model; /ready says failed");
-                    state.model_failed.store(true, Ordering::Release);
+                    state.model.set(ModelStatus::FAILED);
                 }
             })
             .map_err(|e| e.to_string())?;
