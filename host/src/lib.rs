@@ -1,6 +1,7 @@
 //! wanserve: text-to-video with Wan2.1 over ONNX Runtime. See ARCHITECTURE.md for the map.
 
 pub mod backend;
+pub mod client;
 pub mod home;
 pub mod jobs;
 pub mod model;

@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wanserve::backend::{Device, LoadOptions, OrtBackend};
+use wanserve::client;
 use wanserve::model::{ModelDir, Verify, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
 use wanserve::plugins::api_keys::hash_key;
@@ -37,6 +38,13 @@ enum Command {
     /// Policy plugins (WebAssembly components).
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Submit a job to a server; prints its requestId (with --wait: follows it with a progress
+    /// bar and downloads the video).
+    Submit(Box<client::cli::SubmitArgs>),
+    /// Print a job's status as JSON.
+    Status(client::cli::JobArgs),
+    /// Cancel a job (queued: it leaves the queue; running: it stops before its next step).
+    Cancel(client::cli::JobArgs),
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
@@ -322,6 +330,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(*args),
         Command::Plugin(command) => plugin(command),
+        Command::Submit(args) => client::cli::submit(*args),
+        Command::Status(args) => client::cli::status(args),
+        Command::Cancel(args) => client::cli::cancel(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

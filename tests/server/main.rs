@@ -6,6 +6,7 @@
 mod common;
 
 mod api;
+mod client;
 mod events;
 mod harness;
 mod jobs;

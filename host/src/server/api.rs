@@ -55,7 +55,7 @@ pub struct SubmitBody {
     seed: Option<u32>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubmitResponse {
     /// 32 characters, `[a-z0-9]`.
@@ -70,26 +70,26 @@ pub struct JobRef {
     pub request_id: String,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Video {
     /// Opens without an API key until the video expires (signed).
     pub url: String,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Timings {
     /// Seconds from the start of generation to the stored video; null until it succeeds.
     pub inference: Option<f64>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Results {
     /// One video once `Succeed`, none before or after it expired.
     pub videos: Vec<Video>,
     pub timings: Timings,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ProgressView {
     /// `encoding_text`, `denoising` or `decoding`.
     pub stage: String,
@@ -98,7 +98,7 @@ pub struct ProgressView {
     pub total: u32,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum StatusName {
     InQueue,
     InProgress,
@@ -107,7 +107,14 @@ pub enum StatusName {
     Cancelled,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+impl StatusName {
+    /// `Succeed`, `Failed` or `Cancelled`: the job will not change state again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeed | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusResponse {
     pub request_id: String,
@@ -140,7 +147,7 @@ pub struct StatusResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
     /// What the post-process plugin attached to a `Succeed` job's video.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
 }
 

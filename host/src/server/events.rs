@@ -8,7 +8,7 @@
 //! URL (`?token=`). Other clients may send their `Authorization` header instead.
 
 use super::AppState;
-use super::api::{StatusName, StatusResponse, owned_job, request_id_of, status_view};
+use super::api::{StatusResponse, owned_job, request_id_of, status_view};
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use axum::Json;
@@ -233,10 +233,7 @@ impl Follow {
             if self.last.as_deref() == Some(json.as_str()) {
                 continue;
             }
-            self.done = matches!(
-                status.status,
-                StatusName::Succeed | StatusName::Failed | StatusName::Cancelled
-            );
+            self.done = status.status.is_final();
             self.sent += 1;
             let event = Event::default()
                 .event("status")
