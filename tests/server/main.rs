@@ -11,3 +11,4 @@ mod events;
 mod harness;
 mod jobs;
 mod s3;
+mod webhooks;

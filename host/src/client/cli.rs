@@ -56,6 +56,9 @@ pub struct SubmitArgs {
     /// safe to retry after a network error.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// A URL the server POSTs the final status to (signed; see the README).
+    #[arg(long)]
+    webhook: Option<String>,
     /// Follow the job to its end (progress on standard error) and download the video.
     #[arg(long)]
     wait: bool,
@@ -93,6 +96,9 @@ pub fn submit(args: SubmitArgs) -> Result<(), String> {
     }
     if let Some(negative) = args.negative_prompt {
         body["negative_prompt"] = negative.into();
+    }
+    if let Some(webhook) = args.webhook {
+        body["webhook"] = webhook.into();
     }
     let wait = args.wait || args.output.is_some();
     let output = args.output;

@@ -289,7 +289,7 @@ async fn send(
 }
 
 /// reqwest's own message is "error sending request"; the cause (refused, DNS, TLS) is below.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

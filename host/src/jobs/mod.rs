@@ -168,6 +168,8 @@ pub struct Job {
     pub metadata: Vec<(String, String)>,
     pub reason: Option<String>,
     pub progress: Option<StoredProgress>,
+    /// Where the final state is POSTed (checked against the server's policy at submit).
+    pub webhook_url: Option<String>,
 }
 
 /// A job to insert.
@@ -178,6 +180,43 @@ pub struct NewJob {
     pub request: JobRequest,
     /// `Idempotency-Key` and the hash of the request it came with.
     pub idempotency: Option<(String, String)>,
+    pub webhook_url: Option<String>,
+}
+
+/// The delivery of a job's final state to its webhook (one per job, created with that state).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookDelivery {
+    /// The `webhook-id` every attempt carries.
+    pub id: String,
+    pub job_id: String,
+    pub url: String,
+    /// The body, fixed by the first attempt.
+    pub payload: Option<String>,
+    pub created_at: i64,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+    pub gave_up_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// How an attempt to deliver a webhook ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WebhookAttempt {
+    Delivered {
+        at: i64,
+    },
+    /// Failed; try again at `next_at`.
+    Retry {
+        at: i64,
+        next_at: i64,
+        error: String,
+    },
+    /// Failed, and the time for retries is spent.
+    GaveUp {
+        at: i64,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,6 +308,23 @@ pub trait JobStore: Send + Sync {
     async fn mark_video_kept(&self, id: &str, at_ms: i64) -> Result<(), StoreError>;
     /// Forgets idempotency keys older than the window.
     async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Up to `limit` webhook deliveries due at `now_ms`, leased until `lease_until_ms` (another
+    /// claim skips them until then; a process that dies mid-send leaves them due again).
+    async fn claim_due_webhooks(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>, StoreError>;
+    /// Records one attempt (and the payload it sent, kept for the next ones).
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        payload: &str,
+        attempt: &WebhookAttempt,
+    ) -> Result<(), StoreError>;
+    /// The delivery of job `job_id`'s final state, once it has one.
+    async fn webhook_delivery(&self, job_id: &str) -> Result<Option<WebhookDelivery>, StoreError>;
 }
 
 pub fn now_ms() -> i64 {

@@ -4,7 +4,8 @@
 
 use super::{
     CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobPrincipal, JobRequest,
-    JobState, JobStore, NewJob, StoreError, StoredProgress, Submitted, now_ms,
+    JobState, JobStore, NewJob, StoreError, StoredProgress, Submitted, WebhookAttempt,
+    WebhookDelivery, now_ms,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
@@ -69,7 +70,10 @@ impl JobCache {
 
 const COLUMNS: &str = "seq, id, principal, request, status, attempt, created_at, started_at, \
     finished_at, inference_seconds, pending_key, object_key, expires_at, video_deleted_at, \
-    metadata, reason, progress_stage, progress_step, progress_total";
+    metadata, reason, progress_stage, progress_step, progress_total, webhook_url";
+
+const WEBHOOK_COLUMNS: &str = "id, job_id, url, payload, created_at, attempts, next_attempt_at, \
+    delivered_at, gave_up_at, last_error";
 
 impl SqliteJobStore {
     /// Opens (creating if needed) the database at `path` and applies the migrations.
@@ -162,7 +166,23 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
         metadata,
         reason: row.try_get("reason")?,
         progress,
+        webhook_url: row.try_get("webhook_url")?,
         id,
+    })
+}
+
+fn delivery_from_row(row: &SqliteRow) -> Result<WebhookDelivery, StoreError> {
+    Ok(WebhookDelivery {
+        id: row.try_get("id")?,
+        job_id: row.try_get("job_id")?,
+        url: row.try_get("url")?,
+        payload: row.try_get("payload")?,
+        created_at: row.try_get("created_at")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        gave_up_at: row.try_get("gave_up_at")?,
+        last_error: row.try_get("last_error")?,
     })
 }
 
@@ -203,14 +223,15 @@ impl JobStore for SqliteJobStore {
             return Ok(Submitted::QueueFull { queued });
         }
         sqlx::query(
-            "INSERT INTO jobs (id, principal_id, principal, request, status, created_at)
-             VALUES (?, ?, ?, ?, 'queued', ?)",
+            "INSERT INTO jobs (id, principal_id, principal, request, status, created_at, webhook_url)
+             VALUES (?, ?, ?, ?, 'queued', ?, ?)",
         )
         .bind(&job.id)
         .bind(&job.principal.id)
         .bind(to_json(&job.principal))
         .bind(to_json(&job.request))
         .bind(now)
+        .bind(&job.webhook_url)
         .execute(&mut *tx)
         .await?;
         if let Some((key, hash)) = &job.idempotency {
@@ -478,5 +499,68 @@ impl JobStore for SqliteJobStore {
             .execute(&self.writer)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_due_webhooks(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        sqlx::query(&format!(
+            "UPDATE webhook_deliveries SET next_attempt_at = ?
+             WHERE id IN (SELECT id FROM webhook_deliveries
+                          WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= ?
+                          ORDER BY next_attempt_at LIMIT ?)
+             RETURNING {WEBHOOK_COLUMNS}"
+        ))
+        .bind(lease_until_ms)
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.writer)
+        .await?
+        .iter()
+        .map(delivery_from_row)
+        .collect()
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        payload: &str,
+        attempt: &WebhookAttempt,
+    ) -> Result<(), StoreError> {
+        let (next_at, delivered_at, gave_up_at, error) = match attempt {
+            WebhookAttempt::Delivered { at } => (*at, Some(*at), None, None),
+            WebhookAttempt::Retry { next_at, error, .. } => (*next_at, None, None, Some(error)),
+            WebhookAttempt::GaveUp { at, error } => (*at, None, Some(*at), Some(error)),
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, payload = coalesce(payload, ?),
+                 next_attempt_at = ?, delivered_at = ?, gave_up_at = ?,
+                 last_error = coalesce(?, last_error)
+             WHERE id = ?",
+        )
+        .bind(payload)
+        .bind(next_at)
+        .bind(delivered_at)
+        .bind(gave_up_at)
+        .bind(error)
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook_delivery(&self, job_id: &str) -> Result<Option<WebhookDelivery>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE job_id = ?"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .as_ref()
+        .map(delivery_from_row)
+        .transpose()
     }
 }

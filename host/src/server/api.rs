@@ -5,8 +5,8 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, FieldProblem};
 use crate::jobs::{
-    CancelOutcome, Job, JobPrincipal, JobRequest, JobState, NewJob, Submitted, is_request_id,
-    new_request_id, now_ms,
+    CancelOutcome, Job, JobPrincipal, JobRequest, JobState, NewJob, Submitted, WebhookDelivery,
+    is_request_id, new_request_id, now_ms,
 };
 use crate::plugins::{PluginError, Slot};
 use axum::Json;
@@ -53,6 +53,11 @@ pub struct SubmitBody {
     /// 0–2147483647; drawn at random when absent (and reported by status).
     #[schema(minimum = 0, maximum = 2147483647)]
     seed: Option<u32>,
+    /// An http(s) URL the final status is POSTed to (signed; see the README). Checked by the
+    /// server, not the validate plugin: internal addresses are refused unless the operator
+    /// allowed them.
+    #[schema(max_length = 2048, example = "https://example.com/hooks/video")]
+    webhook: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -149,6 +154,44 @@ pub struct StatusResponse {
     /// What the post-process plugin attached to a `Succeed` job's video.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The delivery of the final status to the job's webhook, once the job has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookView {
+    /// The `webhook-id` header of every attempt (receivers deduplicate on it).
+    pub id: String,
+    /// `pending` (being tried), `delivered`, or `failed` (retries spent).
+    pub state: String,
+    pub attempts: i64,
+    /// Why the last failed attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<i64>,
+}
+
+impl From<WebhookDelivery> for WebhookView {
+    fn from(d: WebhookDelivery) -> Self {
+        let state = if d.delivered_at.is_some() {
+            "delivered"
+        } else if d.gave_up_at.is_some() {
+            "failed"
+        } else {
+            "pending"
+        };
+        Self {
+            id: d.id,
+            state: state.into(),
+            attempts: d.attempts,
+            last_error: d.last_error,
+            delivered_at: d.delivered_at,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -253,10 +296,26 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
-    let body = json_object(body, state.limits.body_limit)?;
+    let mut body = json_object(body, state.limits.body_limit)?;
     let body_hash = hex::encode(Sha256::digest(
         serde_json::to_vec(&body).unwrap_or_default(),
     ));
+    // The webhook is the server's to check (where it may call is the operator's network
+    // policy); the validate plugin sees the rest.
+    let webhook = match body.remove("webhook") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(url)) => state
+            .webhooks
+            .policy
+            .check(&url)
+            .await
+            .map(|url| Some(url.to_string())),
+        Some(_) => Err("must be a string (an http or https URL)".to_string()),
+    }
+    .map_err(|reason| FieldProblem {
+        field: "webhook".into(),
+        reason,
+    });
     let fields = crate::plugins::json_fields(&body);
     let plugins = state.plugins.clone();
     let caller = principal.clone();
@@ -266,21 +325,25 @@ pub async fn submit(
         .run(move || plugins.validate(&caller, &fields))
         .await
         .map_err(ApiError::internal)?;
-    let request = match verdict {
-        Ok(Ok(request)) => request,
-        Ok(Err(errors)) => {
-            return Err(ApiError::invalid(
-                errors
-                    .into_iter()
-                    .map(|e| FieldProblem {
-                        field: e.field,
-                        reason: e.reason,
-                    })
-                    .collect(),
-            ));
+    let request = match (verdict, webhook.as_ref()) {
+        (Ok(Ok(request)), Ok(_)) => request,
+        (Ok(verdict), webhook) => {
+            // Every bad field at once: the plugin's and the webhook's.
+            let mut problems: Vec<FieldProblem> = verdict
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| FieldProblem {
+                    field: e.field,
+                    reason: e.reason,
+                })
+                .collect();
+            problems.extend(webhook.err().cloned());
+            return Err(ApiError::invalid(problems));
         }
-        Err(e) => return Err(plugin_failure(Slot::Validate, &e)),
+        (Err(e), _) => return Err(plugin_failure(Slot::Validate, &e)),
     };
+    let webhook_url = webhook.ok().flatten();
     let request = JobRequest::from(&request);
     state.limits.check(&request)?;
     let outcome = state
@@ -291,6 +354,7 @@ pub async fn submit(
                 principal: JobPrincipal::from(&principal),
                 request,
                 idempotency: key.map(|k| (k, body_hash)),
+                webhook_url,
             },
             state.queue_limit,
         )
@@ -382,7 +446,16 @@ pub(super) async fn status_view(
         started_at: job.started_at,
         finished_at: job.finished_at,
         metadata: BTreeMap::new(),
+        webhook: None,
     };
+    if job.webhook_url.is_some() && job.state.is_final() {
+        response.webhook = state
+            .store
+            .webhook_delivery(&job.id)
+            .await
+            .map_err(ApiError::internal)?
+            .map(WebhookView::from);
+    }
     let stored_progress = job.progress.as_ref().map(|p| ProgressView {
         stage: p.stage.clone(),
         step: p.step,

@@ -88,6 +88,21 @@ pub struct ServeArgs {
     /// API keys, comma-separated (hashed at start, never stored).
     #[arg(long, env = "WANSERVE_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<SecretString>,
+    /// Networks webhooks may reach although they are loopback/private/internal, comma-separated
+    /// CIDRs (e.g. 10.1.0.0/16,127.0.0.1/32) [default: none; public addresses are always allowed].
+    #[arg(long, env = "WANSERVE_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub webhook_allow: Option<Vec<String>>,
+    /// Wait before the first webhook retry, in milliseconds; doubled for each next one (at most
+    /// 10 minutes) [default: 5000].
+    #[arg(long, env = "WANSERVE_WEBHOOK_FIRST_RETRY_MS")]
+    pub webhook_first_retry_ms: Option<u64>,
+    /// Webhook retries stop this long after the job ended [default: 3600].
+    #[arg(long, env = "WANSERVE_WEBHOOK_GIVE_UP_SECONDS")]
+    pub webhook_give_up_seconds: Option<u64>,
+    /// The webhook signing secret, `whsec_<base64>` (every host of a fleet needs the same)
+    /// [default: <data-dir>/webhook-secret, generated once].
+    #[arg(long, env = "WANSERVE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<SecretString>,
 }
 
 /// The `[server]` table: the same settings, minus secrets (keep those in the environment).
@@ -112,6 +127,9 @@ struct ServerTable {
     max_pixel_frames: Option<u64>,
     max_steps: Option<u32>,
     body_limit: Option<usize>,
+    webhook_allow: Option<Vec<String>>,
+    webhook_first_retry_ms: Option<u64>,
+    webhook_give_up_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +172,10 @@ pub struct ServeConfig {
     pub body_limit: usize,
     pub admin_key: Option<SecretString>,
     pub api_keys: Option<SecretString>,
+    pub webhook_allow: Vec<ipnet::IpNet>,
+    pub webhook_first_retry: Duration,
+    pub webhook_give_up: Duration,
+    pub webhook_secret: Option<SecretString>,
 }
 
 impl ServeConfig {
@@ -219,6 +241,13 @@ impl ServeConfig {
                 });
             }
         }
+        let webhook_allow = args
+            .webhook_allow
+            .or(t.webhook_allow)
+            .unwrap_or_default()
+            .iter()
+            .map(|net| parse_network(net))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             config_file: args.config,
             host: args
@@ -260,8 +289,32 @@ impl ServeConfig {
             body_limit,
             admin_key: args.admin_key,
             api_keys: args.api_keys,
+            webhook_allow,
+            webhook_first_retry: Duration::from_millis(
+                args.webhook_first_retry_ms
+                    .or(t.webhook_first_retry_ms)
+                    .unwrap_or(5_000)
+                    .max(1),
+            ),
+            webhook_give_up: Duration::from_secs(
+                args.webhook_give_up_seconds
+                    .or(t.webhook_give_up_seconds)
+                    .unwrap_or(3600),
+            ),
+            webhook_secret: args.webhook_secret,
         })
     }
+}
+
+/// `10.0.0.0/8`, or one address (`127.0.0.1`, `::1`) for just that address.
+fn parse_network(text: &str) -> Result<ipnet::IpNet, ServeConfigError> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| ServeConfigError::Invalid {
+            key: "webhook_allow",
+            reason: format!("{text:?} is not a network (CIDR) or an address"),
+        })
 }
 
 fn read_file(path: &Path) -> Result<ConfigFile, ServeConfigError> {

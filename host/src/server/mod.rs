@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod plugin_pool;
+pub mod webhooks;
 
 use crate::backend::{LoadOptions, OrtBackend};
 use crate::jobs::retention::Sweeper;
@@ -131,6 +132,8 @@ pub struct AppState {
     /// Becomes true when shutdown begins: live progress streams end then, since a graceful
     /// shutdown waits for every open response.
     pub shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// Where jobs' final states are POSTed, and where they may be.
+    pub webhooks: webhooks::Webhooks,
 }
 
 /// Where the model is, one state in one atomic: loading (0, the default) until the loading
@@ -445,6 +448,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let events_secret =
         crate::storage::load_or_create_secret(&config.data_dir.join(events::EVENTS_SECRET_FILE))
             .map_err(|e| e.to_string())?;
+    let webhooks = webhooks::Webhooks::new(
+        webhooks::WebhookSettings {
+            policy: webhooks::WebhookPolicy {
+                allowed: config.webhook_allow.clone(),
+            },
+            first_retry: config.webhook_first_retry,
+            give_up_after: config.webhook_give_up,
+        },
+        webhooks::load_secret(config.webhook_secret.as_ref(), &config.data_dir)
+            .map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     if let Some(key) = generated_admin {
         println!("No admin key was configured; generated one (shown only now, stored hashed):");
         println!("admin key: {key}");
@@ -537,6 +552,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         model: ModelStatus::default(),
         events_secret,
         shutting_down,
+        webhooks,
     });
 
     // The model loads beside the listener: /health answers at once, /ready once it is warm.
@@ -582,6 +598,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         .run(stop_rx),
     );
 
+    let webhook_sender = tokio::spawn(webhooks::run(state.clone()));
+
     println!("listening on http://{local}");
     println!("docs: {base_url}/docs");
     tracing::info!(%local, public_url, store = videos.describe(), slots = config.slots, "listening; docs at {base_url}/docs");
@@ -600,6 +618,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
 
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
+    let _ = webhook_sender.await;
     tokio::task::spawn_blocking(move || scheduler.shutdown())
         .await
         .map_err(|e| e.to_string())?;
