@@ -53,12 +53,15 @@ fn submit_wait_shows_progress_and_writes_the_video() {
     let id = stdout.trim();
     assert_eq!(id.len(), 32, "stdout is the requestId: {stdout:?}");
 
-    // Progress: denoising steps only go forward and end at 20/20; then the file is written.
+    // Progress: denoising steps only go forward (a line per change: the ETA may change within
+    // a step; a busy stream skips to the latest state), then the job succeeds and the file is
+    // written.
     let steps = denoising_steps(&stderr);
     assert!(steps.len() >= 3, "too few progress lines:\n{stderr}");
-    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{stderr}");
-    assert_eq!(steps.last(), Some(&20), "{stderr}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{stderr}");
+    assert!(steps.last() > steps.first(), "{stderr}");
     assert!(stderr.contains("ETA"), "{stderr}");
+    assert!(stderr.lines().any(|l| l == "Succeed"), "{stderr}");
     assert!(
         stderr.contains(&format!("wrote {}", output.display())),
         "{stderr}"

@@ -8,6 +8,7 @@ mod common;
 mod api;
 mod client;
 mod events;
+mod fleet;
 mod harness;
 mod jobs;
 mod s3;

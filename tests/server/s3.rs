@@ -10,13 +10,40 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ACCESS_KEY: &str = "wanserve-test-access";
-const SECRET_KEY: &str = "wanserve-test-secret-0123456789";
+pub const ACCESS_KEY: &str = "wanserve-test-access";
+pub const SECRET_KEY: &str = "wanserve-test-secret-0123456789";
 
-struct S3Server {
+pub struct S3Server {
     child: Child,
-    port: u16,
-    root: tempfile::TempDir,
+    pub port: u16,
+    pub root: tempfile::TempDir,
+}
+
+impl S3Server {
+    /// The environment a server needs to use this S3 server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
+            ("AWS_ENDPOINT".into(), self.endpoint()),
+            ("AWS_ALLOW_HTTP".into(), "true".into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+        ]
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Objects in `bucket`, as `bucket/key` (s3s-fs's own bookkeeping left out).
+    pub fn objects(&self, bucket: &str) -> Vec<String> {
+        files_under(&self.root.path().join(bucket))
+            .iter()
+            .filter_map(|p| p.strip_prefix(self.root.path()).ok())
+            .map(|p| p.display().to_string())
+            .filter(|p| !p.contains(".s3s"))
+            .collect()
+    }
 }
 
 impl Drop for S3Server {
@@ -40,14 +67,14 @@ fn s3s_fs() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
 }
 
-fn start_s3(bucket: &str) -> S3Server {
+pub fn start_s3(bucket: &str) -> S3Server {
     let root = tempfile::tempdir().expect("temp");
     std::fs::create_dir_all(root.path().join(bucket)).expect("bucket dir");
     let port = free_port();
@@ -70,16 +97,10 @@ fn start_s3(bucket: &str) -> S3Server {
 #[test]
 fn videos_go_to_s3_and_presigned_urls_download_without_credentials() {
     let s3 = start_s3("videos");
-    let endpoint = format!("http://127.0.0.1:{}", s3.port);
+    let endpoint = s3.endpoint();
     let server = Server::start(Options {
         extra_args: vec!["--store".into(), "s3://videos/wanserve".into()],
-        env: vec![
-            ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
-            ("AWS_ENDPOINT".into(), endpoint.clone()),
-            ("AWS_ALLOW_HTTP".into(), "true".into()),
-            ("AWS_REGION".into(), "us-east-1".into()),
-        ],
+        env: s3.env(),
         ..Options::default()
     });
     let id = server.submit(ALICE, &small_job());
@@ -100,14 +121,7 @@ fn videos_go_to_s3_and_presigned_urls_download_without_credentials() {
     assert!(expires <= 3600, "{expires}");
 
     // The object is in the bucket under the prefix; nothing else is.
-    let objects = files_under(&s3.root.path().join("videos"));
-    let names: Vec<String> = objects
-        .iter()
-        .filter_map(|p| p.strip_prefix(s3.root.path()).ok())
-        .map(|p| p.display().to_string())
-        .filter(|p| !p.contains(".s3s"))
-        .collect();
-    assert_eq!(names, [format!("videos/wanserve/{id}.mp4")], "{objects:?}");
+    assert_eq!(s3.objects("videos"), [format!("videos/wanserve/{id}.mp4")]);
 
     // Downloaded with no credentials at all.
     let response = reqwest::blocking::get(&url).expect("presigned GET");

@@ -6,6 +6,7 @@
 //! `running` is fenced on the job's attempt number, so a worker that lost its job (cancelled,
 //! re-queued) cannot overwrite what happened since.
 
+pub mod postgres;
 pub mod retention;
 pub mod scheduler;
 pub mod sqlite;
@@ -141,11 +142,13 @@ impl From<&JobPrincipal> for Principal {
 }
 
 /// Where a job is in its run, as last recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StoredProgress {
     pub stage: String,
     pub step: u32,
     pub total: u32,
+    /// The worker's estimate of the seconds left, when it had one.
+    pub eta_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +175,93 @@ pub struct Job {
     pub webhook_url: Option<String>,
 }
 
+/// The columns of a job row read by every query, in both databases' schemas.
+pub(crate) const JOB_COLUMNS: &str = "seq, id, principal, request, status, attempt, created_at, \
+    started_at, finished_at, inference_seconds, pending_key, object_key, expires_at, \
+    video_deleted_at, metadata, reason, progress_stage, progress_step, progress_total, \
+    progress_eta, webhook_url";
+
+pub(crate) const WEBHOOK_COLUMNS: &str = "id, job_id, url, payload, created_at, attempts, \
+    next_attempt_at, delivered_at, gave_up_at, last_error";
+
+/// A job row as the database has it (JSON as text), for either store.
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobRow {
+    seq: i64,
+    id: String,
+    principal: String,
+    request: String,
+    status: String,
+    attempt: i64,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    inference_seconds: Option<f64>,
+    pending_key: Option<String>,
+    object_key: Option<String>,
+    expires_at: Option<i64>,
+    video_deleted_at: Option<i64>,
+    metadata: Option<String>,
+    reason: Option<String>,
+    progress_stage: Option<String>,
+    progress_step: Option<i64>,
+    progress_total: Option<i64>,
+    progress_eta: Option<f64>,
+    webhook_url: Option<String>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+
+    fn try_from(row: JobRow) -> Result<Self, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            id: row.id.clone(),
+            reason,
+        };
+        let principal: JobPrincipal =
+            serde_json::from_str(&row.principal).map_err(|e| corrupt(format!("principal: {e}")))?;
+        let request: JobRequest =
+            serde_json::from_str(&row.request).map_err(|e| corrupt(format!("request: {e}")))?;
+        let state = JobState::parse(&row.status)
+            .ok_or_else(|| corrupt(format!("status {:?}", row.status)))?;
+        let metadata = match &row.metadata {
+            None => Vec::new(),
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?
+            }
+        };
+        let progress = match (row.progress_stage, row.progress_step, row.progress_total) {
+            (Some(stage), Some(step), Some(total)) => Some(StoredProgress {
+                stage,
+                step: step.clamp(0, u32::MAX as i64) as u32,
+                total: total.clamp(0, u32::MAX as i64) as u32,
+                eta_seconds: row.progress_eta,
+            }),
+            _ => None,
+        };
+        Ok(Job {
+            seq: row.seq,
+            id: row.id,
+            principal,
+            request,
+            state,
+            attempt: row.attempt,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            inference_seconds: row.inference_seconds,
+            pending_key: row.pending_key,
+            object_key: row.object_key,
+            expires_at: row.expires_at,
+            video_deleted_at: row.video_deleted_at,
+            metadata,
+            reason: row.reason,
+            progress,
+            webhook_url: row.webhook_url,
+        })
+    }
+}
+
 /// A job to insert.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -184,7 +274,7 @@ pub struct NewJob {
 }
 
 /// The delivery of a job's final state to its webhook (one per job, created with that state).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct WebhookDelivery {
     /// The `webhook-id` every attempt carries.
     pub id: String,
@@ -217,6 +307,17 @@ pub enum WebhookAttempt {
         at: i64,
         error: String,
     },
+}
+
+impl WebhookAttempt {
+    /// (next_attempt_at, delivered_at, gave_up_at, last_error) as a store records them.
+    pub(crate) fn recorded(&self) -> (i64, Option<i64>, Option<i64>, Option<&str>) {
+        match self {
+            Self::Delivered { at } => (*at, Some(*at), None, None),
+            Self::Retry { next_at, error, .. } => (*next_at, None, None, Some(error)),
+            Self::GaveUp { at, error } => (*at, None, Some(*at), Some(error)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,8 +376,22 @@ pub trait JobStore: Send + Sync {
     async fn counts(&self) -> Result<Counts, StoreError>;
     /// Cancels `id` if `principal_id` owns it and it has not ended.
     async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError>;
-    /// The oldest queued job, now `running` with its attempt incremented.
+    /// The oldest queued job (or, in a shared store, a running one whose host's lease ran
+    /// out), now `running` with its attempt incremented and leased to this process. Its
+    /// `pending_key` is the key an earlier attempt was publishing, if any, for the caller to
+    /// delete before it runs the job again.
     async fn claim_next(&self) -> Result<Option<Job>, StoreError>;
+    /// Extends this process's leases on the jobs it runs (id, attempt) and returns those it
+    /// no longer holds (cancelled elsewhere, or taken over after its lease ran out): their
+    /// workers stop. A store only this process uses has no leases and returns none.
+    async fn renew_leases(&self, _held: &[(String, i64)]) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Ids of jobs cancelled by another process, as they are cancelled (a shared store);
+    /// `None` where every cancel happens in this process.
+    fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
     async fn set_progress(
         &self,
         id: &str,

@@ -34,6 +34,9 @@ pub struct SchedulerConfig {
     /// How often an idle worker looks at the queue without being woken (other processes may
     /// add jobs; a missed wake-up costs at most this).
     pub idle_poll: Duration,
+    /// How often the leases of running jobs are renewed in a shared store (a third of the
+    /// lease, so two renewals may fail before it runs out).
+    pub lease_renewal: Duration,
 }
 
 /// What a running job is doing, for `/video/status`.
@@ -108,7 +111,9 @@ impl Scheduler {
         for entry in std::fs::read_dir(&config.work_dir)?.flatten() {
             let _ = std::fs::remove_file(entry.path());
         }
-        let slots = config.slots.max(1);
+        // 0 on an API-only host: it takes requests and reads progress, other hosts run jobs.
+        let slots = config.slots;
+        let renewal = config.lease_renewal;
         let inner = Arc::new(Inner {
             store,
             videos,
@@ -125,6 +130,7 @@ impl Scheduler {
             // it once (a lagged receiver), so the bound only limits memory.
             changes: tokio::sync::broadcast::channel(256).0,
         });
+        inner.runtime.spawn(inner.clone().keep_leases(renewal));
         let mut workers = Vec::with_capacity(slots);
         for slot in 0..slots {
             let inner = inner.clone();
@@ -189,36 +195,7 @@ impl Scheduler {
 
     /// Progress of `id` if this process runs it.
     pub fn progress(&self, id: &str) -> Option<LiveProgress> {
-        let decode_per_unit = lock(&self.inner.timing).decode_per_unit;
-        let running = lock(&self.inner.running);
-        let r = running.get(id)?;
-        let stage = match r.stage {
-            Stage::EncodingText => "encoding_text",
-            Stage::Denoising => "denoising",
-            Stage::Decoding => "decoding",
-        };
-        let decode_estimate = decode_per_unit.map(|per| per * r.work);
-        let eta_seconds = match (r.stage, r.denoise_started, r.last_step) {
-            (Stage::Denoising, Some(started), Some(last)) if r.step > 0 => {
-                let per_step = (last - started).as_secs_f64() / r.step as f64;
-                let remaining = per_step * (r.total - r.step.min(r.total)) as f64;
-                // The current step is partly done already.
-                let in_step = last.elapsed().as_secs_f64().min(per_step);
-                // Before any job has been decoded, the estimate covers denoising only.
-                Some((remaining - in_step).max(0.0) + decode_estimate.unwrap_or(0.0))
-            }
-            (Stage::Decoding, _, Some(last)) if r.step > 0 => decode_estimate.map(|d| {
-                let done = r.step as f64 / r.total.max(1) as f64;
-                (d * (1.0 - done) - last.elapsed().as_secs_f64()).max(0.0)
-            }),
-            _ => None,
-        };
-        Some(LiveProgress {
-            stage,
-            step: r.step as u32,
-            total: r.total as u32,
-            eta_seconds,
-        })
+        self.inner.live_progress(id)
     }
 
     /// Seconds a client could wait before a slot is likely free (for `Retry-After`).
@@ -288,6 +265,81 @@ enum Outcome {
 }
 
 impl Inner {
+    /// Renews the leases of the jobs this process runs, and stops those it no longer holds or
+    /// that another process cancelled (a shared store tells at once; the renewal is the
+    /// fallback). Runs for the life of the process.
+    async fn keep_leases(self: Arc<Self>, every: Duration) {
+        let mut cancellations = self.store.cancellations();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let cancelled_elsewhere = async {
+                match cancellations.as_mut() {
+                    Some(rx) => rx.recv().await.ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => {
+                    let held: Vec<(String, i64)> = lock(&self.running)
+                        .iter()
+                        .map(|(id, r)| (id.clone(), r.attempt))
+                        .collect();
+                    match self.store.renew_leases(&held).await {
+                        Ok(lost) => {
+                            for id in lost {
+                                if let Some(r) = lock(&self.running).get(&id) {
+                                    tracing::warn!(request_id = %id, attempt = r.attempt, "no longer this process's job (cancelled, or its lease passed to another host); stopping it");
+                                    r.cancel.cancel();
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot renew job leases"),
+                    }
+                }
+                Some(id) = cancelled_elsewhere => {
+                    if let Some(r) = lock(&self.running).get(&id) {
+                        r.cancel.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Progress of `id` if this process runs it, with the ETA.
+    fn live_progress(&self, id: &str) -> Option<LiveProgress> {
+        let decode_per_unit = lock(&self.timing).decode_per_unit;
+        let running = lock(&self.running);
+        let r = running.get(id)?;
+        let stage = match r.stage {
+            Stage::EncodingText => "encoding_text",
+            Stage::Denoising => "denoising",
+            Stage::Decoding => "decoding",
+        };
+        let decode_estimate = decode_per_unit.map(|per| per * r.work);
+        let eta_seconds = match (r.stage, r.denoise_started, r.last_step) {
+            (Stage::Denoising, Some(started), Some(last)) if r.step > 0 => {
+                let per_step = (last - started).as_secs_f64() / r.step as f64;
+                let remaining = per_step * (r.total - r.step.min(r.total)) as f64;
+                // The current step is partly done already.
+                let in_step = last.elapsed().as_secs_f64().min(per_step);
+                // Before any job has been decoded, the estimate covers denoising only.
+                Some((remaining - in_step).max(0.0) + decode_estimate.unwrap_or(0.0))
+            }
+            (Stage::Decoding, _, Some(last)) if r.step > 0 => decode_estimate.map(|d| {
+                let done = r.step as f64 / r.total.max(1) as f64;
+                (d * (1.0 - done) - last.elapsed().as_secs_f64()).max(0.0)
+            }),
+            _ => None,
+        };
+        Some(LiveProgress {
+            stage,
+            step: r.step as u32,
+            total: r.total as u32,
+            eta_seconds,
+        })
+    }
+
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.runtime.block_on(f)
     }
@@ -347,6 +399,13 @@ impl Inner {
             },
         );
         drop(running);
+        // An earlier attempt that stopped (its host died) may have published under the key it
+        // recorded: the run below publishes the only copy.
+        if let Some(stale) = &job.pending_key
+            && let Err(e) = self.block_on(self.videos.delete(stale))
+        {
+            tracing::warn!(request_id = %job.id, error = %e, "cannot remove an earlier attempt's video");
+        }
         // A shutdown or a cancel may have come between the claim and the line above.
         let still_ours = !self.stopping.load(Ordering::SeqCst)
             && matches!(
@@ -459,6 +518,11 @@ impl Inner {
             .into(),
             step: step as u32,
             total: total as u32,
+            // Stored so that other hosts of a fleet can report it.
+            eta_seconds: self
+                .live_progress(&job.id)
+                .and_then(|p| p.eta_seconds)
+                .map(|s| (s * 10.0).round() / 10.0),
         };
         // The last recorded step is what a cancelled job reports; losing one on a store error
         // only makes progress stale.
@@ -615,9 +679,19 @@ impl Inner {
         match self.block_on(self.store.complete(&job.id, job.attempt, &done)) {
             Ok(true) => Outcome::Published,
             Ok(false) => {
-                // Cancelled while publishing: the client asked for no video.
-                if let Err(e) = self.block_on(self.videos.delete(&key)) {
-                    tracing::warn!(request_id = %job.id, error = %e, "cannot delete a cancelled job's video");
+                // Cancelled while publishing: the client asked for no video. Otherwise another
+                // attempt runs the job now (this one's lease passed): the key may be that
+                // attempt's too, so the object is left to it.
+                let cancelled = matches!(
+                    self.block_on(self.store.get(&job.id)),
+                    Ok(Some(j)) if j.state == super::JobState::Cancelled
+                );
+                if cancelled {
+                    if let Err(e) = self.block_on(self.videos.delete(&key)) {
+                        tracing::warn!(request_id = %job.id, error = %e, "cannot delete a cancelled job's video");
+                    }
+                } else {
+                    tracing::warn!(request_id = %job.id, attempt = job.attempt, key, "lost the job to a later attempt while publishing; leaving the object to it");
                 }
                 Outcome::Cancelled
             }

@@ -3,12 +3,12 @@
 //! which WAL lets run beside the writer.
 
 use super::{
-    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobPrincipal, JobRequest,
-    JobState, JobStore, NewJob, StoreError, StoredProgress, Submitted, WebhookAttempt,
+    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, JOB_COLUMNS, Job, JobRow, JobState,
+    JobStore, NewJob, StoreError, StoredProgress, Submitted, WEBHOOK_COLUMNS, WebhookAttempt,
     WebhookDelivery, now_ms,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
+use sqlx::{FromRow, Row, SqlitePool, sqlite::SqliteRow};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,13 +68,6 @@ impl JobCache {
     }
 }
 
-const COLUMNS: &str = "seq, id, principal, request, status, attempt, created_at, started_at, \
-    finished_at, inference_seconds, pending_key, object_key, expires_at, video_deleted_at, \
-    metadata, reason, progress_stage, progress_step, progress_total, webhook_url";
-
-const WEBHOOK_COLUMNS: &str = "id, job_id, url, payload, created_at, attempts, next_attempt_at, \
-    delivered_at, gave_up_at, last_error";
-
 impl SqliteJobStore {
     /// Opens (creating if needed) the database at `path` and applies the migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -122,68 +115,11 @@ impl SqliteJobStore {
 }
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
-    let id: String = row.try_get("id")?;
-    let corrupt = |reason: String| StoreError::Corrupt {
-        id: id.clone(),
-        reason,
-    };
-    let principal: JobPrincipal = serde_json::from_str(row.try_get::<&str, _>("principal")?)
-        .map_err(|e| corrupt(format!("principal: {e}")))?;
-    let request: JobRequest = serde_json::from_str(row.try_get::<&str, _>("request")?)
-        .map_err(|e| corrupt(format!("request: {e}")))?;
-    let status: &str = row.try_get("status")?;
-    let state = JobState::parse(status).ok_or_else(|| corrupt(format!("status {status:?}")))?;
-    let metadata = match row.try_get::<Option<&str>, _>("metadata")? {
-        None => Vec::new(),
-        Some(text) => serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?,
-    };
-    let progress = match (
-        row.try_get::<Option<String>, _>("progress_stage")?,
-        row.try_get::<Option<i64>, _>("progress_step")?,
-        row.try_get::<Option<i64>, _>("progress_total")?,
-    ) {
-        (Some(stage), Some(step), Some(total)) => Some(StoredProgress {
-            stage,
-            step: step.clamp(0, u32::MAX as i64) as u32,
-            total: total.clamp(0, u32::MAX as i64) as u32,
-        }),
-        _ => None,
-    };
-    Ok(Job {
-        seq: row.try_get("seq")?,
-        principal,
-        request,
-        state,
-        attempt: row.try_get("attempt")?,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        inference_seconds: row.try_get("inference_seconds")?,
-        pending_key: row.try_get("pending_key")?,
-        object_key: row.try_get("object_key")?,
-        expires_at: row.try_get("expires_at")?,
-        video_deleted_at: row.try_get("video_deleted_at")?,
-        metadata,
-        reason: row.try_get("reason")?,
-        progress,
-        webhook_url: row.try_get("webhook_url")?,
-        id,
-    })
+    JobRow::from_row(row)?.try_into()
 }
 
 fn delivery_from_row(row: &SqliteRow) -> Result<WebhookDelivery, StoreError> {
-    Ok(WebhookDelivery {
-        id: row.try_get("id")?,
-        job_id: row.try_get("job_id")?,
-        url: row.try_get("url")?,
-        payload: row.try_get("payload")?,
-        created_at: row.try_get("created_at")?,
-        attempts: row.try_get("attempts")?,
-        next_attempt_at: row.try_get("next_attempt_at")?,
-        delivered_at: row.try_get("delivered_at")?,
-        gave_up_at: row.try_get("gave_up_at")?,
-        last_error: row.try_get("last_error")?,
-    })
+    Ok(WebhookDelivery::from_row(row)?)
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> String {
@@ -257,7 +193,7 @@ impl JobStore for SqliteJobStore {
             return Ok(Some(job));
         }
         let generation = self.cache.generation();
-        let job = sqlx::query(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?"))
+        let job = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
@@ -336,9 +272,9 @@ impl JobStore for SqliteJobStore {
     async fn claim_next(&self) -> Result<Option<Job>, StoreError> {
         let job = sqlx::query(&format!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?,
-                 progress_stage = NULL, progress_step = NULL, progress_total = NULL
+                 progress_stage = NULL, progress_step = NULL, progress_total = NULL, progress_eta = NULL
              WHERE seq = (SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1)
-             RETURNING {COLUMNS}"
+             RETURNING {JOB_COLUMNS}"
         ))
         .bind(now_ms())
         .fetch_optional(&self.writer)
@@ -360,12 +296,14 @@ impl JobStore for SqliteJobStore {
     ) -> Result<(), StoreError> {
         // Any status: a cancelled job keeps the step it stopped at.
         sqlx::query(
-            "UPDATE jobs SET progress_stage = ?, progress_step = ?, progress_total = ?
+            "UPDATE jobs SET progress_stage = ?, progress_step = ?, progress_total = ?,
+                 progress_eta = ?
              WHERE id = ? AND attempt = ?",
         )
         .bind(&progress.stage)
         .bind(progress.step as i64)
         .bind(progress.total as i64)
+        .bind(progress.eta_seconds)
         .bind(id)
         .bind(attempt)
         .execute(&self.writer)
@@ -429,7 +367,7 @@ impl JobStore for SqliteJobStore {
     async fn requeue(&self, id: &str, attempt: i64) -> Result<bool, StoreError> {
         let updated = sqlx::query(
             "UPDATE jobs SET status = 'queued', started_at = NULL,
-                 progress_stage = NULL, progress_step = NULL, progress_total = NULL
+                 progress_stage = NULL, progress_step = NULL, progress_total = NULL, progress_eta = NULL
              WHERE id = ? AND attempt = ? AND status = 'running'",
         )
         .bind(id)
@@ -443,7 +381,7 @@ impl JobStore for SqliteJobStore {
     async fn recover(&self) -> Result<Vec<Job>, StoreError> {
         let mut tx = self.writer.begin().await?;
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM jobs WHERE status = 'running' ORDER BY seq"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running' ORDER BY seq"
         ))
         .fetch_all(&mut *tx)
         .await?;
@@ -453,7 +391,7 @@ impl JobStore for SqliteJobStore {
             .collect::<Result<Vec<_>, _>>()?;
         sqlx::query(
             "UPDATE jobs SET status = 'queued', started_at = NULL, pending_key = NULL,
-                 progress_stage = NULL, progress_step = NULL, progress_total = NULL
+                 progress_stage = NULL, progress_step = NULL, progress_total = NULL, progress_eta = NULL
              WHERE status = 'running'",
         )
         .execute(&mut *tx)
@@ -470,7 +408,7 @@ impl JobStore for SqliteJobStore {
         limit: u32,
     ) -> Result<Vec<Job>, StoreError> {
         sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM jobs
+            "SELECT {JOB_COLUMNS} FROM jobs
              WHERE status = 'succeeded' AND video_deleted_at IS NULL AND expires_at <= ?
                AND (retention_checked_at IS NULL OR retention_checked_at <= ?)
              ORDER BY expires_at LIMIT ?"
@@ -530,11 +468,7 @@ impl JobStore for SqliteJobStore {
         payload: &str,
         attempt: &WebhookAttempt,
     ) -> Result<(), StoreError> {
-        let (next_at, delivered_at, gave_up_at, error) = match attempt {
-            WebhookAttempt::Delivered { at } => (*at, Some(*at), None, None),
-            WebhookAttempt::Retry { next_at, error, .. } => (*next_at, None, None, Some(error)),
-            WebhookAttempt::GaveUp { at, error } => (*at, None, Some(*at), Some(error)),
-        };
+        let (next_at, delivered_at, gave_up_at, error) = attempt.recorded();
         sqlx::query(
             "UPDATE webhook_deliveries SET attempts = attempts + 1, payload = coalesce(payload, ?),
                  next_attempt_at = ?, delivered_at = ?, gave_up_at = ?,

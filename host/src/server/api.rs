@@ -481,7 +481,11 @@ pub(super) async fn status_view(
                     });
                     response.eta_seconds = live.eta_seconds.map(|s| (s * 10.0).round() / 10.0);
                 }
-                None => response.progress = stored_progress,
+                // Another host of the fleet runs it: what that worker last stored.
+                None => {
+                    response.progress = stored_progress;
+                    response.eta_seconds = job.progress.as_ref().and_then(|p| p.eta_seconds);
+                }
             }
         }
         JobState::Succeeded => {

@@ -4,7 +4,7 @@
 
 use crate::backend::Device;
 use crate::model::{Verify, bundled_model_dir};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -88,6 +88,18 @@ pub struct ServeArgs {
     /// API keys, comma-separated (hashed at start, never stored).
     #[arg(long, env = "WANSERVE_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<SecretString>,
+    /// The job queue: the embedded SQLite database in the data directory, or a PostgreSQL URL
+    /// (postgres://user:password@host/db) that every host of a fleet shares [default: sqlite].
+    #[arg(long, env = "WANSERVE_QUEUE", hide_env_values = true)]
+    pub queue: Option<SecretString>,
+    /// What this process does: `all` (API and jobs), `api` (takes requests, serves status,
+    /// runs no jobs), `worker` (runs jobs; only /health, /ready and /metrics) [default: all].
+    #[arg(long, env = "WANSERVE_ROLE", value_enum)]
+    pub role: Option<Role>,
+    /// How long a worker holds a job it runs without renewing its lease (PostgreSQL queue): a
+    /// dead host's job is taken over this long after its last renewal [default: 10000].
+    #[arg(long, env = "WANSERVE_LEASE_MS")]
+    pub lease_ms: Option<u64>,
     /// Networks webhooks may reach although they are loopback/private/internal, comma-separated
     /// CIDRs (e.g. 10.1.0.0/16,127.0.0.1/32) [default: none; public addresses are always allowed].
     #[arg(long, env = "WANSERVE_WEBHOOK_ALLOW", value_delimiter = ',')]
@@ -103,6 +115,24 @@ pub struct ServeArgs {
     /// [default: <data-dir>/webhook-secret, generated once].
     #[arg(long, env = "WANSERVE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    All,
+    Api,
+    Worker,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        self != Role::Worker
+    }
+
+    pub fn runs_jobs(self) -> bool {
+        self != Role::Api
+    }
 }
 
 /// The `[server]` table: the same settings, minus secrets (keep those in the environment).
@@ -130,6 +160,8 @@ struct ServerTable {
     webhook_allow: Option<Vec<String>>,
     webhook_first_retry_ms: Option<u64>,
     webhook_give_up_seconds: Option<u64>,
+    role: Option<Role>,
+    lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +208,10 @@ pub struct ServeConfig {
     pub webhook_first_retry: Duration,
     pub webhook_give_up: Duration,
     pub webhook_secret: Option<SecretString>,
+    /// A PostgreSQL URL (secret: it may carry a password); `None`: SQLite in the data dir.
+    pub queue: Option<SecretString>,
+    pub role: Role,
+    pub lease: Duration,
 }
 
 impl ServeConfig {
@@ -206,12 +242,6 @@ impl ServeConfig {
         };
         let model_dir = args.model_dir.or(t.model_dir);
         let slots = args.slots.or(t.slots).unwrap_or(2);
-        if slots == 0 {
-            return Err(ServeConfigError::Invalid {
-                key: "slots",
-                reason: "must be at least 1".into(),
-            });
-        }
         let body_limit = args.body_limit.or(t.body_limit).unwrap_or(64 << 10);
         if body_limit < 1024 {
             return Err(ServeConfigError::Invalid {
@@ -240,6 +270,36 @@ impl ServeConfig {
                     reason: format!("{url:?} is not an http(s) URL without a query"),
                 });
             }
+        }
+        let queue = args.queue.filter(|q| q.expose_secret() != "sqlite");
+        if let Some(url) = &queue {
+            let url = url.expose_secret();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ServeConfigError::Invalid {
+                    key: "queue",
+                    reason: "must be sqlite or a postgres:// URL".into(),
+                });
+            }
+        }
+        let role = args.role.or(t.role).unwrap_or(Role::All);
+        if role.runs_jobs() && slots == 0 {
+            return Err(ServeConfigError::Invalid {
+                key: "slots",
+                reason: "must be at least 1 on a host that runs jobs".into(),
+            });
+        }
+        if role != Role::All && queue.is_none() {
+            return Err(ServeConfigError::Invalid {
+                key: "role",
+                reason: "api and worker hosts share a queue: set --queue postgres://…".into(),
+            });
+        }
+        let lease_ms = args.lease_ms.or(t.lease_ms).unwrap_or(10_000);
+        if lease_ms < 300 {
+            return Err(ServeConfigError::Invalid {
+                key: "lease_ms",
+                reason: "must be at least 300".into(),
+            });
         }
         let webhook_allow = args
             .webhook_allow
@@ -302,6 +362,9 @@ impl ServeConfig {
                     .unwrap_or(3600),
             ),
             webhook_secret: args.webhook_secret,
+            queue,
+            role,
+            lease: Duration::from_millis(lease_ms),
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod plugin_pool;
 pub mod webhooks;
 
 use crate::backend::{LoadOptions, OrtBackend};
+use crate::jobs::postgres::PgJobStore;
 use crate::jobs::retention::Sweeper;
 use crate::jobs::scheduler::{Scheduler, SchedulerConfig};
 use crate::jobs::sqlite::SqliteJobStore;
@@ -134,6 +135,7 @@ pub struct AppState {
     pub shutting_down: tokio::sync::watch::Receiver<bool>,
     /// Where jobs' final states are POSTed, and where they may be.
     pub webhooks: webhooks::Webhooks,
+    pub role: config::Role,
 }
 
 /// Where the model is, one state in one atomic: loading (0, the default) until the loading
@@ -144,6 +146,8 @@ pub struct ModelStatus(AtomicU8);
 impl ModelStatus {
     pub const READY: u8 = 1;
     pub const FAILED: u8 = 2;
+    /// An API-only host: it never loads the model.
+    pub const NOT_LOADED: u8 = 3;
 
     pub fn set(&self, state: u8) {
         self.0.store(state, Ordering::Release);
@@ -154,6 +158,7 @@ impl ModelStatus {
         match self.0.load(Ordering::Acquire) {
             Self::READY => "ready",
             Self::FAILED => "failed",
+            Self::NOT_LOADED => "not_loaded",
             _ => "loading",
         }
     }
@@ -209,8 +214,8 @@ pub async fn health() -> Json<Health> {
 pub struct Readiness {
     ready: bool,
     model: bool,
-    /// `loading`, `ready`, or `failed` (it will not become ready without a restart; the log
-    /// says why).
+    /// `loading`, `ready`, `failed` (it will not become ready without a restart; the log
+    /// says why), or `not_loaded` (an API-only host).
     #[schema(example = "loading")]
     model_state: &'static str,
     plugins: bool,
@@ -223,7 +228,7 @@ pub struct Readiness {
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let model_state = state.model.name();
-    let model = model_state == "ready";
+    let model = model_state == "ready" || !state.role.runs_jobs();
     let plugins = Slot::ALL
         .into_iter()
         .all(|s| state.plugins.installed(s).is_some());
@@ -314,10 +319,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(admin::upload).layer(DefaultBodyLimit::max(admin::MAX_COMPONENT_BYTES)),
         )
         .route("/admin/plugins/{slot}/rollback", post(admin::rollback));
+    // A worker takes no client requests: operations, and the admin API (its plugins are
+    // swapped like any host's).
+    let public = if state.role.serves_api() {
+        Router::new()
+            .merge(api)
+            .route("/videos/{*key}", get(api::video))
+    } else {
+        Router::new()
+    };
     Router::new()
-        .merge(api)
+        .merge(public)
         .merge(admin)
-        .route("/videos/{*key}", get(api::video))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -489,11 +502,16 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| base_url.clone());
 
-    let store: Arc<dyn JobStore> = Arc::new(
-        SqliteJobStore::open(&config.data_dir.join("jobs.db"))
+    let store: Arc<dyn JobStore> = match &config.queue {
+        Some(url) => PgJobStore::open(url.expose_secret(), config.lease)
             .await
             .map_err(|e| e.to_string())?,
-    );
+        None => Arc::new(
+            SqliteJobStore::open(&config.data_dir.join("jobs.db"))
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
     let videos = Arc::new(
         VideoStore::open(config.store.as_deref(), &config.data_dir, &public_url)
             .map_err(|e| e.to_string())?,
@@ -521,10 +539,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         started.host.clone(),
         tokio::runtime::Handle::current(),
         SchedulerConfig {
-            slots: config.slots,
+            slots: if config.role.runs_jobs() {
+                config.slots
+            } else {
+                0
+            },
             work_dir: config.data_dir.join("work"),
             default_retention: config.default_retention,
             idle_poll: std::time::Duration::from_millis(500),
+            lease_renewal: config.lease / 3,
         },
     )
     .map_err(|e| format!("cannot start the workers: {e}"))?;
@@ -553,10 +576,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         events_secret,
         shutting_down,
         webhooks,
+        role: config.role,
     });
 
     // The model loads beside the listener: /health answers at once, /ready once it is warm.
-    {
+    if !config.role.runs_jobs() {
+        state.model.set(ModelStatus::NOT_LOADED);
+    } else {
         let state = state.clone();
         let config = config.clone();
         std::thread::Builder::new()

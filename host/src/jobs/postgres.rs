@@ -1,0 +1,513 @@
+//! [`JobStore`] on PostgreSQL, shared by every `wanserve serve` of a fleet (`--queue
+//! postgres://…`).
+//!
+//! - **Claims** take the oldest queued job with `FOR UPDATE SKIP LOCKED` (two workers never
+//!   get the same one, and neither waits for the other) and lease it to this process until
+//!   `now + lease`; the scheduler renews the leases of the jobs it runs. A running job whose
+//!   lease has passed (its host died, or was cut off) is claimed again like a queued one, with
+//!   the next attempt number.
+//! - **Fencing**: every write of a running job names its attempt, so a worker that lost its
+//!   lease can no longer record progress, a video key or a result; its renewal says so and it
+//!   stops.
+//! - **Cancel** of a running job sends `NOTIFY wanserve_cancel` with the id in the same
+//!   transaction; every process listens and stops the job at once if it runs it (the lease
+//!   renewal would also find it cancelled, a little later).
+//! - No cache: other processes write the same rows.
+
+use super::{
+    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, JOB_COLUMNS, Job, JobRow, JobState,
+    JobStore, NewJob, StoreError, StoredProgress, Submitted, WEBHOOK_COLUMNS, WebhookAttempt,
+    WebhookDelivery, now_ms,
+};
+use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
+use sqlx::{FromRow, PgPool, Row};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const CANCEL_CHANNEL: &str = "wanserve_cancel";
+
+pub struct PgJobStore {
+    pool: PgPool,
+    /// This process, as recorded in the leases it holds.
+    owner: String,
+    lease: Duration,
+    cancels: tokio::sync::broadcast::Sender<String>,
+}
+
+impl PgJobStore {
+    /// Connects, applies the migrations (sqlx serialises concurrent starts with an advisory
+    /// lock) and starts listening for cancels.
+    pub async fn open(url: &str, lease: Duration) -> Result<Arc<Self>, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(CANCEL_CHANNEL).await?;
+        let cancels = tokio::sync::broadcast::channel(256).0;
+        let forward = cancels.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    Ok(notification) => {
+                        let _ = forward.send(notification.payload().to_string());
+                    }
+                    Err(e) => {
+                        // recv reconnects on the next call; a cancel missed meanwhile is still
+                        // found by the lease renewal.
+                        tracing::warn!(error = %e, "lost the PostgreSQL cancel listener; reconnecting");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        let mut random = [0u8; 6];
+        let _ = getrandom::fill(&mut random);
+        let owner = format!("{}-{}", std::process::id(), hex::encode(random));
+        tracing::info!(
+            owner,
+            lease_ms = lease.as_millis() as u64,
+            "job queue on PostgreSQL"
+        );
+        Ok(Arc::new(Self {
+            pool,
+            owner,
+            lease,
+            cancels,
+        }))
+    }
+
+    fn lease_until(&self, now: i64) -> i64 {
+        now.saturating_add(self.lease.as_millis() as i64)
+    }
+
+    async fn stamp(&self, id: &str, column: &'static str, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(&format!("UPDATE jobs SET {column} = $1 WHERE id = $2"))
+            .bind(at_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
+    JobRow::from_row(row)?.try_into()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+#[async_trait::async_trait]
+impl JobStore for PgJobStore {
+    async fn submit(&self, job: NewJob, queue_limit: u64) -> Result<Submitted, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        if let Some((key, hash)) = &job.idempotency {
+            // Two hosts given the same key at once: the second waits for the first's commit
+            // and then finds its job.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(1) || $2, 0))")
+                .bind(&job.principal.id)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+            let earlier = sqlx::query(
+                "SELECT job_id, request_hash FROM idempotency_keys
+                 WHERE principal_id = $1 AND key = $2 AND created_at > $3",
+            )
+            .bind(&job.principal.id)
+            .bind(key)
+            .bind(now - IDEMPOTENCY_WINDOW_MS)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = earlier {
+                let earlier_hash: String = row.try_get("request_hash")?;
+                return Ok(if &earlier_hash == hash {
+                    Submitted::Existing(row.try_get("job_id")?)
+                } else {
+                    Submitted::KeyReused
+                });
+            }
+        }
+        // Hosts that submit at the same moment may each see room for one more: the limit is a
+        // bound on the order of the number of API hosts, not exact.
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
+            .fetch_one(&mut *tx)
+            .await?;
+        let queued = queued.max(0) as u64;
+        if queued >= queue_limit {
+            return Ok(Submitted::QueueFull { queued });
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, principal_id, principal, request, status, created_at, webhook_url)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6)",
+        )
+        .bind(&job.id)
+        .bind(&job.principal.id)
+        .bind(to_json(&job.principal))
+        .bind(to_json(&job.request))
+        .bind(now)
+        .bind(&job.webhook_url)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((key, hash)) = &job.idempotency {
+            sqlx::query(
+                "INSERT INTO idempotency_keys (principal_id, key, request_hash, job_id, created_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (principal_id, key) DO UPDATE
+                 SET request_hash = EXCLUDED.request_hash, job_id = EXCLUDED.job_id,
+                     created_at = EXCLUDED.created_at",
+            )
+            .bind(&job.principal.id)
+            .bind(key)
+            .bind(hash)
+            .bind(&job.id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Idle workers elsewhere poll; this one is woken by the caller.
+        tx.commit().await?;
+        Ok(Submitted::Created(job.id))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Arc<Job>>, StoreError> {
+        sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(job_from_row)
+            .transpose()
+            .map(|job| job.map(Arc::new))
+    }
+
+    async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued' AND seq < $1")
+                .bind(seq)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let rows = sqlx::query(
+            "SELECT status, count(*) AS n FROM jobs WHERE status IN ('queued', 'running') GROUP BY status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = Counts::default();
+        for row in rows {
+            let n = row.try_get::<i64, _>("n")?.max(0) as u64;
+            match row.try_get::<&str, _>("status")? {
+                "queued" => counts.queued = n,
+                _ => counts.running = n,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row =
+            sqlx::query("SELECT status FROM jobs WHERE id = $1 AND principal_id = $2 FOR UPDATE")
+                .bind(id)
+                .bind(principal_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(row) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let status: String = row.try_get("status")?;
+        let outcome = match JobState::parse(&status) {
+            Some(JobState::Queued) => CancelOutcome::Dequeued,
+            Some(JobState::Running) => CancelOutcome::StopRequested,
+            Some(JobState::Cancelled) => return Ok(CancelOutcome::AlreadyCancelled),
+            Some(state) => return Ok(CancelOutcome::AlreadyFinished(state)),
+            None => {
+                return Err(StoreError::Corrupt {
+                    id: id.into(),
+                    reason: format!("status {status:?}"),
+                });
+            }
+        };
+        sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', finished_at = $1,
+                 reason = 'cancelled by the client', lease_owner = NULL, lease_until = NULL
+             WHERE id = $2",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if outcome == CancelOutcome::StopRequested {
+            // Delivered to every listener when (and only if) this commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CANCEL_CHANNEL)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn claim_next(&self) -> Result<Option<Job>, StoreError> {
+        let now = now_ms();
+        let row = sqlx::query(&format!(
+            "WITH next AS (
+                 SELECT seq AS next_seq, pending_key AS stale_key FROM jobs
+                 WHERE status = 'queued' OR (status = 'running' AND lease_until < $1)
+                 ORDER BY seq LIMIT 1
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1,
+                 progress_stage = NULL, progress_step = NULL, progress_total = NULL,
+                 progress_eta = NULL, pending_key = NULL, lease_owner = $2, lease_until = $3
+             FROM next WHERE jobs.seq = next.next_seq
+             RETURNING {JOB_COLUMNS}, stale_key"
+        ))
+        .bind(now)
+        .bind(&self.owner)
+        .bind(self.lease_until(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut job = job_from_row(&row)?;
+        job.pending_key = row.try_get("stale_key")?;
+        if job.attempt > 1 {
+            tracing::info!(request_id = %job.id, attempt = job.attempt, "claimed a job again (its last attempt stopped or its host's lease ran out)");
+        }
+        Ok(Some(job))
+    }
+
+    async fn renew_leases(&self, held: &[(String, i64)]) -> Result<Vec<String>, StoreError> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
+        let rows = sqlx::query(
+            "UPDATE jobs SET lease_until = $1
+             WHERE id = ANY($2) AND lease_owner = $3 AND status = 'running'
+             RETURNING id, attempt",
+        )
+        .bind(self.lease_until(now_ms()))
+        .bind(&ids)
+        .bind(&self.owner)
+        .fetch_all(&self.pool)
+        .await?;
+        let renewed: HashMap<String, i64> = rows
+            .iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("attempt")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(held
+            .iter()
+            .filter(|(id, attempt)| renewed.get(id) != Some(attempt))
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+
+    fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.cancels.subscribe())
+    }
+
+    async fn set_progress(
+        &self,
+        id: &str,
+        attempt: i64,
+        progress: &StoredProgress,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET progress_stage = $1, progress_step = $2, progress_total = $3,
+                 progress_eta = $4
+             WHERE id = $5 AND attempt = $6",
+        )
+        .bind(&progress.stage)
+        .bind(progress.step as i64)
+        .bind(progress.total as i64)
+        .bind(progress.eta_seconds)
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET pending_key = $1
+             WHERE id = $2 AND attempt = $3 AND status = 'running'",
+        )
+        .bind(key)
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn complete(
+        &self,
+        id: &str,
+        attempt: i64,
+        done: &Completion,
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', finished_at = $1, inference_seconds = $2,
+                 object_key = $3, pending_key = NULL, expires_at = $4, metadata = $5,
+                 reason = NULL, lease_owner = NULL, lease_until = NULL
+             WHERE id = $6 AND attempt = $7 AND status = 'running'",
+        )
+        .bind(now_ms())
+        .bind(done.inference_seconds)
+        .bind(&done.object_key)
+        .bind(done.expires_at)
+        .bind(to_json(&done.metadata))
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn fail(&self, id: &str, attempt: i64, reason: &str) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'failed', finished_at = $1, reason = $2, pending_key = NULL,
+                 lease_owner = NULL, lease_until = NULL
+             WHERE id = $3 AND attempt = $4 AND status = 'running'",
+        )
+        .bind(now_ms())
+        .bind(reason)
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    async fn requeue(&self, id: &str, attempt: i64) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'queued', started_at = NULL, progress_stage = NULL,
+                 progress_step = NULL, progress_total = NULL, progress_eta = NULL,
+                 lease_owner = NULL, lease_until = NULL
+             WHERE id = $1 AND attempt = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Nothing to do at start: running jobs belong to their hosts' leases (this process's
+    /// predecessor's too; they are claimed again when those run out).
+    async fn recover(&self) -> Result<Vec<Job>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn expired_videos(
+        &self,
+        now_ms: i64,
+        kept_before_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Job>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE status = 'succeeded' AND video_deleted_at IS NULL AND expires_at <= $1
+               AND (retention_checked_at IS NULL OR retention_checked_at <= $2)
+             ORDER BY expires_at LIMIT $3"
+        ))
+        .bind(now_ms)
+        .bind(kept_before_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(job_from_row)
+        .collect()
+    }
+
+    async fn mark_video_deleted(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.stamp(id, "video_deleted_at", at_ms).await
+    }
+
+    async fn mark_video_kept(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.stamp(id, "retention_checked_at", at_ms).await
+    }
+
+    async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1")
+            .bind(now_ms - IDEMPOTENCY_WINDOW_MS)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn claim_due_webhooks(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "UPDATE webhook_deliveries SET next_attempt_at = $1
+             WHERE id IN (SELECT id FROM webhook_deliveries
+                          WHERE delivered_at IS NULL AND gave_up_at IS NULL
+                            AND next_attempt_at <= $2
+                          ORDER BY next_attempt_at LIMIT $3
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING {WEBHOOK_COLUMNS}"
+        ))
+        .bind(lease_until_ms)
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(WebhookDelivery::from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        payload: &str,
+        attempt: &WebhookAttempt,
+    ) -> Result<(), StoreError> {
+        let (next_at, delivered_at, gave_up_at, error) = attempt.recorded();
+        sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1,
+                 payload = coalesce(payload, $1), next_attempt_at = $2, delivered_at = $3,
+                 gave_up_at = $4, last_error = coalesce($5, last_error)
+             WHERE id = $6",
+        )
+        .bind(payload)
+        .bind(next_at)
+        .bind(delivered_at)
+        .bind(gave_up_at)
+        .bind(error)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook_delivery(&self, job_id: &str) -> Result<Option<WebhookDelivery>, StoreError> {
+        Ok(sqlx::query(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE job_id = $1"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(WebhookDelivery::from_row)
+        .transpose()?)
+    }
+}

@@ -1,0 +1,326 @@
+//! Many hosts, one queue: a real PostgreSQL server and a real S3-compatible server started on
+//! loopback, one `--role api` host and two `--role worker` hosts with 2 slots each, all on the
+//! tiny model. Jobs spread over the workers (never more than 4 at once, 4 at some point); a
+//! worker killed with `kill -9` loses its job to the other one, which publishes the only copy;
+//! a cancel sent to the API host stops a job on a worker within a step; every URL downloads
+//! without credentials.
+
+use crate::harness::{ALICE, Options, Server, long_job, small_job};
+use crate::s3::{S3Server, free_port, start_s3};
+use serde_json::{Value, json};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A PostgreSQL server of Debian's `postgresql` package (scripts/setup installs it) in a
+/// temporary directory, on a free loopback port; stopped (immediately) when dropped.
+pub struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (scripts/setup --for-tests)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| bin.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL server binary")
+}
+
+fn id(args: &[&str]) -> Option<u32> {
+    let out = Command::new("id").args(args).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+fn is_root() -> bool {
+    id(&["-u"]) == Some(0)
+}
+
+/// The server refuses to run as root: as root, run it as the `postgres` user.
+fn as_postgres(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    if is_root() {
+        let user = id(&["-u", "postgres"]).expect("a postgres user (Debian's package makes it)");
+        let group = id(&["-g", "postgres"]).expect("a postgres group");
+        command.uid(user).gid(group);
+    }
+    command
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = postgres_bin();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let run = |command: &mut Command, what: &str| {
+            let out = as_postgres(command).output().expect(what);
+            assert!(
+                out.status.success(),
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        if is_root() {
+            // The postgres user must be able to write the directory.
+            let chown = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(chown.success());
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .arg("-D")
+            .arg(&data);
+        run(&mut initdb, "initdb");
+        let port = free_port();
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
+            dir.path().display()
+        );
+        run(
+            Command::new(bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-o", &options, "-w", "-t", "60", "-l"])
+                .arg(dir.path().join("postgres.log"))
+                .arg("start")
+                .stdout(Stdio::null()),
+            "pg_ctl start",
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "PostgreSQL did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Postgres {
+            bin,
+            data,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(
+            Command::new(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .status();
+    }
+}
+
+fn host(role: &str, postgres: &Postgres, s3: &S3Server) -> Server {
+    Server::start(Options {
+        slots: Some(2),
+        extra_args: vec![
+            "--role".into(),
+            role.into(),
+            "--queue".into(),
+            postgres.url(),
+            "--store".into(),
+            "s3://videos/fleet".into(),
+            "--lease-ms".into(),
+            "1500".into(),
+        ],
+        env: s3.env(),
+        ..Options::default()
+    })
+}
+
+fn state(status: &Value) -> &str {
+    status["status"].as_str().unwrap_or_default()
+}
+
+/// The running-job count of the shared queue, as any host's /metrics reports it.
+fn running(server: &Server) -> u64 {
+    server
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("wanserve_jobs_running "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+fn download_without_credentials(url: &str, dir: &Path, name: &str) {
+    let response = reqwest::blocking::get(url).expect("GET the video");
+    assert_eq!(response.status(), 200, "{url}");
+    let file = dir.join(name);
+    std::fs::write(&file, response.bytes().expect("body")).expect("write");
+    let (codec, width, height, _, frames, _) = crate::common::probe(&file);
+    assert_eq!((codec.as_str(), width, height), ("h264", 832, 480));
+    assert!(frames >= 24);
+}
+
+#[test]
+fn two_workers_share_one_queue_survive_a_kill_and_obey_cancel() {
+    let postgres = Postgres::start();
+    let s3 = start_s3("videos");
+    let api = host("api", &postgres, &s3);
+    let first = host("worker", &postgres, &s3);
+    let second = host("worker", &postgres, &s3);
+
+    // Only operations on a worker; no jobs run on the API host.
+    let refused = first.post("/video/submit", Some(ALICE), &small_job());
+    assert_eq!(refused.status(), 404, "a worker takes no client requests");
+    let ready: Value = api
+        .client()
+        .get(format!("{}/ready", api.url))
+        .send()
+        .expect("ready")
+        .json()
+        .expect("JSON");
+    assert_eq!(ready["model_state"], "not_loaded", "{ready}");
+
+    // 8 jobs: at most 4 run at once (2 workers × 2 slots), and 4 do at some point.
+    let ids: Vec<String> = (0..8)
+        .map(|i| {
+            let mut body = small_job();
+            body["seed"] = json!(200 + i);
+            api.submit(ALICE, &body)
+        })
+        .collect();
+    let mut most = 0;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    loop {
+        let now_running = running(&api);
+        assert!(now_running <= 4, "{now_running} jobs running at once");
+        most = most.max(now_running);
+        let finals = ids
+            .iter()
+            .filter(|id| {
+                matches!(
+                    state(&api.status(ALICE, id)),
+                    "Succeed" | "Failed" | "Cancelled"
+                )
+            })
+            .count();
+        if finals == ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "8 jobs on 2 workers × 2 slots: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(most, 4, "never 4 jobs at once");
+    let dir = tempfile::tempdir().expect("temp");
+    for id in &ids {
+        let status = api.status(ALICE, id);
+        assert_eq!(state(&status), "Succeed", "{status}");
+        let url = status["results"]["videos"][0]["url"].as_str().expect("url");
+        download_without_credentials(url, dir.path(), &format!("{id}.mp4"));
+    }
+    // Both workers ran some.
+    for worker in [&first, &second] {
+        assert!(
+            worker.log().contains("job started"),
+            "a worker ran nothing:\n{}",
+            worker.log()
+        );
+    }
+
+    // kill -9 the first worker in the middle of a job: the other takes it over once the lease
+    // runs out and publishes the only copy.
+    let mut victim_job = small_job();
+    victim_job["infer_steps"] = json!(40);
+    let victim = api.submit(ALICE, &victim_job);
+    let on_first = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if first.log().contains(&format!("request_id={victim}")) {
+                break true;
+            }
+            if second.log().contains(&format!("request_id={victim}")) {
+                break false;
+            }
+            assert!(Instant::now() < deadline, "nobody started the job");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (mut dying, survivor) = if on_first {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    api.wait_for(ALICE, &victim, Duration::from_secs(60), |s| {
+        s["progress"]["stage"] == "denoising"
+    });
+    dying.kill9();
+    let killed_at = Instant::now();
+    let taken_over = api.wait_for(ALICE, &victim, Duration::from_secs(60), |s| {
+        survivor.log().contains(&format!("request_id={victim}")) && state(s) == "InProgress"
+    });
+    let waited = killed_at.elapsed();
+    assert!(taken_over["startedAt"].as_i64().is_some());
+    let done = api.wait_final(ALICE, &victim);
+    assert_eq!(state(&done), "Succeed", "{done}\n{}", survivor.log());
+    assert!(
+        survivor
+            .log_line(|l| l.contains("claimed a job again") && l.contains(&victim))
+            .is_some(),
+        "{}",
+        survivor.log()
+    );
+    eprintln!("a killed worker's job waited {waited:?} before the other worker took it");
+    let url = done["results"]["videos"][0]["url"].as_str().expect("url");
+    download_without_credentials(url, dir.path(), "victim.mp4");
+
+    // Exactly one object per job in the bucket; nothing temporary.
+    let mut objects = s3.objects("videos");
+    objects.sort();
+    let mut expected: Vec<String> = ids
+        .iter()
+        .chain(std::iter::once(&victim))
+        .map(|id| format!("videos/fleet/{id}.mp4"))
+        .collect();
+    expected.sort();
+    assert_eq!(objects, expected);
+
+    // A cancel sent to the API host stops the job on the worker within a step.
+    let target = api.submit(ALICE, &long_job());
+    let seen = api.wait_for(ALICE, &target, Duration::from_secs(120), |s| {
+        s["progress"]["stage"] == "denoising" && s["progress"]["step"].as_u64() >= Some(1)
+    });
+    let step_at_cancel = seen["progress"]["step"].as_u64().expect("step");
+    let response = api.post("/video/cancel", Some(ALICE), &json!({"requestId": target}));
+    assert_eq!(response.status(), 200);
+    assert!(
+        survivor
+            .log_line(|l| l.contains("job ended") && l.contains(&target))
+            .is_some(),
+        "the worker did not stop the job:\n{}",
+        survivor.log()
+    );
+    let stopped = api.status(ALICE, &target);
+    assert_eq!(state(&stopped), "Cancelled");
+    let stopped_at = stopped["progress"]["step"].as_u64().expect("step kept");
+    assert!(
+        stopped_at <= step_at_cancel + 1,
+        "cancelled at step {step_at_cancel}, stopped after {stopped_at}"
+    );
+    drop(dying);
+}
