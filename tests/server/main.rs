@@ -11,5 +11,6 @@ mod events;
 mod fleet;
 mod harness;
 mod jobs;
+mod playground;
 mod s3;
 mod webhooks;

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod playground;
 pub mod plugin_pool;
 pub mod webhooks;
 
@@ -325,6 +326,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         Router::new()
             .merge(api)
             .route("/videos/{*key}", get(api::video))
+            .route("/", get(playground::index))
+            .route("/playground/playground.js", get(playground::script))
+            .route("/playground/playground.css", get(playground::style))
     } else {
         Router::new()
     };
