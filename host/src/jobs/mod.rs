@@ -392,6 +392,11 @@ pub trait JobStore: Send + Sync {
     fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
     }
+    /// A signal for each job queued by any process (a shared store); `None` where submit
+    /// wakes the workers itself.
+    fn queued(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
+        None
+    }
     async fn set_progress(
         &self,
         id: &str,

@@ -12,6 +12,8 @@
 //! - **Cancel** of a running job sends `NOTIFY wanserve_cancel` with the id in the same
 //!   transaction; every process listens and stops the job at once if it runs it (the lease
 //!   renewal would also find it cancelled, a little later).
+//! - **Submit** sends `NOTIFY wanserve_queued`: idle workers on every host claim at once
+//!   instead of at their next poll.
 //! - No cache: other processes write the same rows.
 
 use super::{
@@ -26,6 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const CANCEL_CHANNEL: &str = "wanserve_cancel";
+/// A job was queued: idle workers on every host look at the queue now.
+const QUEUED_CHANNEL: &str = "wanserve_queued";
 
 pub struct PgJobStore {
     pool: PgPool,
@@ -33,6 +37,7 @@ pub struct PgJobStore {
     owner: String,
     lease: Duration,
     cancels: tokio::sync::broadcast::Sender<String>,
+    queued: tokio::sync::broadcast::Sender<()>,
 }
 
 impl PgJobStore {
@@ -46,14 +51,20 @@ impl PgJobStore {
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen(CANCEL_CHANNEL).await?;
+        listener
+            .listen_all([CANCEL_CHANNEL, QUEUED_CHANNEL])
+            .await?;
         let cancels = tokio::sync::broadcast::channel(256).0;
-        let forward = cancels.clone();
+        let queued = tokio::sync::broadcast::channel(16).0;
+        let (forward_cancel, forward_queued) = (cancels.clone(), queued.clone());
         tokio::spawn(async move {
             loop {
                 match listener.recv().await {
+                    Ok(notification) if notification.channel() == QUEUED_CHANNEL => {
+                        let _ = forward_queued.send(());
+                    }
                     Ok(notification) => {
-                        let _ = forward.send(notification.payload().to_string());
+                        let _ = forward_cancel.send(notification.payload().to_string());
                     }
                     Err(e) => {
                         // recv reconnects on the next call; a cancel missed meanwhile is still
@@ -77,6 +88,7 @@ impl PgJobStore {
             owner,
             lease,
             cancels,
+            queued,
         }))
     }
 
@@ -170,7 +182,11 @@ impl JobStore for PgJobStore {
             .execute(&mut *tx)
             .await?;
         }
-        // Idle workers elsewhere poll; this one is woken by the caller.
+        // Idle workers on every host wake when this commits (they also poll).
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(QUEUED_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Submitted::Created(job.id))
     }
@@ -315,6 +331,10 @@ impl JobStore for PgJobStore {
 
     fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         Some(self.cancels.subscribe())
+    }
+
+    fn queued(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {
+        Some(self.queued.subscribe())
     }
 
     async fn set_progress(

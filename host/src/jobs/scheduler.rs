@@ -270,12 +270,26 @@ impl Inner {
     /// fallback). Runs for the life of the process.
     async fn keep_leases(self: Arc<Self>, every: Duration) {
         let mut cancellations = self.store.cancellations();
+        let mut queued = self.store.queued();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let cancelled_elsewhere = async {
                 match cancellations.as_mut() {
                     Some(rx) => rx.recv().await.ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let queued_elsewhere = async {
+                match queued.as_mut() {
+                    // A lagged receiver still means jobs were queued.
+                    Some(rx) => {
+                        if let Err(tokio::sync::broadcast::error::RecvError::Closed) =
+                            rx.recv().await
+                        {
+                            std::future::pending::<()>().await;
+                        }
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -296,6 +310,10 @@ impl Inner {
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot renew job leases"),
                     }
+                }
+                _ = queued_elsewhere => {
+                    *lock(&self.wake) += 1;
+                    self.woken.notify_one();
                 }
                 Some(id) = cancelled_elsewhere => {
                     if let Some(r) = lock(&self.running).get(&id) {
