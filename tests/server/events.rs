@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 
 /// The `status` events of a stream, read until the server ends it: (id, data).
-fn read_events(response: Response) -> Vec<(u64, Value)> {
+pub fn read_events(response: Response) -> Vec<(u64, Value)> {
     assert_eq!(response.status(), 200);
     let content_type = response
         .headers()

@@ -2,7 +2,8 @@
 //! loopback, one `--role api` host and two `--role worker` hosts with 2 slots each, all on the
 //! tiny model. Jobs spread over the workers (never more than 4 at once, 4 at some point); a
 //! worker killed with `kill -9` loses its job to the other one, which publishes the only copy;
-//! a cancel sent to the API host stops a job on a worker within a step; every URL downloads
+//! a cancel sent to the API host stops a job on a worker within a step, and the job's live
+//! progress stream on the API host shows the worker's steps and ETA; every URL downloads
 //! without credentials.
 
 use crate::harness::{ALICE, Options, Server, long_job, small_job};
@@ -180,6 +181,17 @@ fn two_workers_share_one_queue_survive_a_kill_and_obey_cancel() {
     let first = host("worker", &postgres, &s3);
     let second = host("worker", &postgres, &s3);
 
+    // The hosts share the signing secrets through the database.
+    let webhook_secret = |server: &Server| {
+        std::fs::read_to_string(server.data_dir.join("webhook-secret")).expect("webhook secret")
+    };
+    assert_eq!(webhook_secret(&api), webhook_secret(&first));
+    assert_eq!(webhook_secret(&api), webhook_secret(&second));
+    assert!(
+        !api.data_dir.join("events-secret").exists(),
+        "the events secret is the fleet's, not a file of one host"
+    );
+
     // Only operations on a worker; no jobs run on the API host.
     let refused = first.post("/video/submit", Some(ALICE), &small_job());
     assert_eq!(refused.status(), 404, "a worker takes no client requests");
@@ -306,6 +318,15 @@ fn two_workers_share_one_queue_survive_a_kill_and_obey_cancel() {
         s["progress"]["stage"] == "denoising" && s["progress"]["step"].as_u64() >= Some(1)
     });
     let step_at_cancel = seen["progress"]["step"].as_u64().expect("step");
+    // Its live progress stream, opened on the API host while a worker runs it.
+    let stream = api
+        .client()
+        .get(format!("{}/video/events/{target}", api.url))
+        .bearer_auth(ALICE)
+        .send()
+        .expect("events");
+    let reader = std::thread::spawn(move || crate::events::read_events(stream));
+    std::thread::sleep(Duration::from_millis(2500));
     let response = api.post("/video/cancel", Some(ALICE), &json!({"requestId": target}));
     assert_eq!(response.status(), 200);
     assert!(
@@ -322,5 +343,27 @@ fn two_workers_share_one_queue_survive_a_kill_and_obey_cancel() {
         stopped_at <= step_at_cancel + 1,
         "cancelled at step {step_at_cancel}, stopped after {stopped_at}"
     );
+    // The stream showed the worker's steps and ETA (stored with each step), then the end.
+    let events = reader
+        .join()
+        .expect("the stream ends after the final event");
+    let in_progress: Vec<&Value> = events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| state(e) == "InProgress")
+        .collect();
+    let steps: Vec<u64> = in_progress
+        .iter()
+        .filter_map(|e| e["progress"]["step"].as_u64())
+        .collect();
+    assert!(steps.len() >= 2, "{events:?}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    assert!(steps.first() < steps.last(), "{steps:?}");
+    assert!(
+        in_progress.iter().any(|e| e["etaSeconds"].is_number()),
+        "{in_progress:?}"
+    );
+    let (_, last) = events.last().expect("events");
+    assert_eq!(state(last), "Cancelled");
     drop(dying);
 }

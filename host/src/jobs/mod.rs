@@ -392,6 +392,16 @@ pub trait JobStore: Send + Sync {
     fn cancellations(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
     }
+    /// The secret `name` every process sharing this store must sign with; `fresh` is stored
+    /// if there is none yet. `None` where this process owns the store alone (its data
+    /// directory keeps its secrets).
+    async fn shared_secret(
+        &self,
+        _name: &str,
+        _fresh: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
     /// A signal for each job queued by any process (a shared store); `None` where submit
     /// wakes the workers itself.
     fn queued(&self) -> Option<tokio::sync::broadcast::Receiver<()>> {

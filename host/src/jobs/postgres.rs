@@ -337,6 +337,22 @@ impl JobStore for PgJobStore {
         Some(self.queued.subscribe())
     }
 
+    async fn shared_secret(&self, name: &str, fresh: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        // Two hosts starting at once: one insert wins, both read the winner.
+        sqlx::query(
+            "INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(fresh)
+        .execute(&self.pool)
+        .await?;
+        let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM server_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some(value))
+    }
+
     async fn set_progress(
         &self,
         id: &str,

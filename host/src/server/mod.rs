@@ -462,21 +462,6 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let (admin_key_hash, generated_admin) =
         auth::admin_key_hash(config.admin_key.as_ref(), &config.data_dir)?;
     let (shutdown_begun, shutting_down) = tokio::sync::watch::channel(false);
-    let events_secret =
-        crate::storage::load_or_create_secret(&config.data_dir.join(events::EVENTS_SECRET_FILE))
-            .map_err(|e| e.to_string())?;
-    let webhooks = webhooks::Webhooks::new(
-        webhooks::WebhookSettings {
-            policy: webhooks::WebhookPolicy {
-                allowed: config.webhook_allow.clone(),
-            },
-            first_retry: config.webhook_first_retry,
-            give_up_after: config.webhook_give_up,
-        },
-        webhooks::load_secret(config.webhook_secret.as_ref(), &config.data_dir)
-            .map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
     if let Some(key) = generated_admin {
         println!("No admin key was configured; generated one (shown only now, stored hashed):");
         println!("admin key: {key}");
@@ -516,6 +501,44 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
                 .map_err(|e| e.to_string())?,
         ),
     };
+    // A fleet's hosts must sign alike: with a shared queue its database keeps the secrets.
+    let shared_secret = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            let fresh = webhooks::fresh_secret().map_err(|e| e.to_string())?;
+            store
+                .shared_secret(name, &fresh)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let events_secret = match shared_secret("events").await? {
+        Some(bytes) => bytes.into(),
+        None => {
+            crate::storage::load_or_create_secret(&config.data_dir.join(events::EVENTS_SECRET_FILE))
+                .map_err(|e| e.to_string())?
+        }
+    };
+    let shared_webhook_secret = match config.webhook_secret {
+        Some(_) => None,
+        None => shared_secret("webhooks").await?,
+    };
+    let webhooks = webhooks::Webhooks::new(
+        webhooks::WebhookSettings {
+            policy: webhooks::WebhookPolicy {
+                allowed: config.webhook_allow.clone(),
+            },
+            first_retry: config.webhook_first_retry,
+            give_up_after: config.webhook_give_up,
+        },
+        webhooks::load_secret(
+            config.webhook_secret.as_ref(),
+            shared_webhook_secret,
+            &config.data_dir,
+        )
+        .map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     let videos = Arc::new(
         VideoStore::open(config.store.as_deref(), &config.data_dir, &public_url)
             .map_err(|e| e.to_string())?,

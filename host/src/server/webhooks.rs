@@ -157,9 +157,19 @@ impl reqwest::dns::Resolve for PolicyResolver {
     }
 }
 
-/// The webhook secret: the configured one, else the one in the data directory (created once).
+/// 32 random bytes for a new secret.
+pub fn fresh_secret() -> Result<Vec<u8>, WebhookError> {
+    let mut bytes = vec![0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| WebhookError::Secret(format!("no randomness: {e}")))?;
+    Ok(bytes)
+}
+
+/// The webhook secret: the configured one; else the fleet's (`shared`, from the shared queue),
+/// also written to the data directory for the operator to hand to receivers; else the one in
+/// the data directory (created once).
 pub fn load_secret(
     configured: Option<&SecretString>,
+    shared: Option<Vec<u8>>,
     data_dir: &Path,
 ) -> Result<SecretSlice<u8>, WebhookError> {
     let decode = |text: &str, whence: &str| {
@@ -178,13 +188,20 @@ pub fn load_secret(
         return decode(secret.expose_secret(), "WANSERVE_WEBHOOK_SECRET");
     }
     let path = data_dir.join(WEBHOOK_SECRET_FILE);
+    if let Some(bytes) = shared {
+        let text = format!("{SECRET_PREFIX}{}\n", STANDARD.encode(&bytes));
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+            crate::private_file::write_private_file(&path, text.as_bytes())
+                .map_err(|e| WebhookError::Secret(format!("{}: {e}", path.display())))?;
+        }
+        return Ok(bytes.into());
+    }
     match std::fs::read_to_string(&path) {
         Ok(text) => return decode(&text, &path.display().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(WebhookError::Secret(format!("{}: {e}", path.display()))),
     }
-    let mut bytes = vec![0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| WebhookError::Secret(format!("no randomness: {e}")))?;
+    let bytes = fresh_secret()?;
     let text = format!("{SECRET_PREFIX}{}\n", STANDARD.encode(&bytes));
     crate::private_file::write_private_file(&path, text.as_bytes())
         .map_err(|e| WebhookError::Secret(format!("{}: {e}", path.display())))?;
