@@ -472,6 +472,10 @@ fn keys_and_tokens_never_reach_the_logs() {
     let token = hs256(&claims("user", 600, serde_json::json!({})), HMAC_SECRET);
     let mut generated = None;
     tracing::subscriber::with_default(subscriber, || {
+        // Other tests' threads may have hit these callsites while no subscriber wanted them,
+        // and tracing caches that: recompute with this one in place (a CI run lost the
+        // "generated one" line to that race).
+        tracing::callsite::rebuild_interest_cache();
         let mut config = owned(&[("public_paths", "/health")]);
         generated = seed_api_keys(&mut config, None, data.path()).unwrap();
         seed_api_keys(&mut config, Some(ALICE), data.path()).unwrap();
