@@ -317,8 +317,10 @@ fn two_workers_share_one_queue_survive_a_kill_and_obey_cancel() {
     let seen = api.wait_for(ALICE, &target, Duration::from_secs(120), |s| {
         s["progress"]["stage"] == "denoising" && s["progress"]["step"].as_u64() >= Some(1)
     });
-    let step_at_cancel = seen["progress"]["step"].as_u64().expect("step");
-    // Its live progress stream, opened on the API host while a worker runs it.
+    let opened_at = seen["progress"]["step"].as_u64().expect("step");
+    // Its live progress stream, opened on the API host while a worker runs it. Cancelled once
+    // the worker has stored three more steps and the stream has had time to re-read one (it
+    // re-reads every second; a step may take seconds on a loaded machine).
     let stream = api
         .client()
         .get(format!("{}/video/events/{target}", api.url))
@@ -326,7 +328,13 @@ fn two_workers_share_one_queue_survive_a_kill_and_obey_cancel() {
         .send()
         .expect("events");
     let reader = std::thread::spawn(move || crate::events::read_events(stream));
-    std::thread::sleep(Duration::from_millis(2500));
+    api.wait_for(ALICE, &target, Duration::from_secs(120), |s| {
+        s["progress"]["step"].as_u64() >= Some(opened_at + 3)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let step_at_cancel = api.status(ALICE, &target)["progress"]["step"]
+        .as_u64()
+        .expect("step");
     let response = api.post("/video/cancel", Some(ALICE), &json!({"requestId": target}));
     assert_eq!(response.status(), 200);
     assert!(
