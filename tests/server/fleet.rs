@@ -9,7 +9,6 @@
 use crate::harness::{ALICE, Options, Server, long_job, small_job};
 use crate::s3::{S3Server, free_port, start_s3};
 use serde_json::{Value, json};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,11 +97,7 @@ impl Postgres {
                 .stdout(Stdio::null()),
             "pg_ctl start",
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "PostgreSQL did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::harness::wait_for_port(port, "PostgreSQL");
         Postgres {
             bin,
             data,

@@ -304,3 +304,12 @@ pub fn long_job() -> Value {
         "seed": 3
     })
 }
+
+/// Waits until something listens on loopback `port` (a helper server the test started).
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -8,7 +8,6 @@ use crate::harness::{ALICE, Options, Server};
 use crate::s3::free_port;
 use fantoccini::{Client, ClientBuilder};
 use serde_json::{Value, json};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,11 +31,7 @@ fn start_chromedriver() -> Driver {
         .stderr(Stdio::null())
         .spawn()
         .expect("chromedriver runs (scripts/setup --for-tests installs chromium-driver)");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::harness::wait_for_port(port, "chromedriver");
     Driver { child, port }
 }
 

@@ -5,10 +5,8 @@
 use crate::common;
 use crate::harness::{ALICE, Options, Server, files_under, small_job};
 use serde_json::Value;
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 pub const ACCESS_KEY: &str = "wanserve-test-access";
 pub const SECRET_KEY: &str = "wanserve-test-secret-0123456789";
@@ -86,11 +84,7 @@ pub fn start_s3(bucket: &str) -> S3Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("s3s-fs runs (scripts/setup installs it)");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s3s-fs did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::harness::wait_for_port(port, "s3s-fs");
     S3Server { child, port, root }
 }
 

@@ -410,6 +410,21 @@ pub async fn run(state: Arc<AppState>) {
 mod tests {
     use super::*;
 
+    fn delivery(url: &str, attempts: i64) -> WebhookDelivery {
+        WebhookDelivery {
+            id: "msg_x".into(),
+            job_id: "j".into(),
+            url: url.into(),
+            payload: None,
+            created_at: 0,
+            attempts,
+            next_attempt_at: 0,
+            delivered_at: None,
+            gave_up_at: None,
+            last_error: None,
+        }
+    }
+
     fn policy(allowed: &[&str]) -> WebhookPolicy {
         WebhookPolicy {
             allowed: allowed
@@ -482,18 +497,7 @@ mod tests {
                 let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
             }
         });
-        let delivery = WebhookDelivery {
-            id: "msg_x".into(),
-            job_id: "j".into(),
-            url: format!("http://localhost:{port}/hook"),
-            payload: None,
-            created_at: 0,
-            attempts: 0,
-            next_attempt_at: 0,
-            delivered_at: None,
-            gave_up_at: None,
-            last_error: None,
-        };
+        let delivery = delivery(&format!("http://localhost:{port}/hook"), 0);
         let webhooks = |allowed: &[&str]| {
             Webhooks::new(
                 WebhookSettings {
@@ -542,23 +546,14 @@ mod tests {
             vec![1u8; 32].into(),
         )
         .expect("client");
-        let delivery = |attempts| WebhookDelivery {
-            id: "msg_x".into(),
-            job_id: "j".into(),
-            url: "http://example.com/".into(),
-            payload: None,
-            created_at: 0,
-            attempts,
-            next_attempt_at: 0,
-            delivered_at: None,
-            gave_up_at: None,
-            last_error: None,
+        let next = |attempts, now| match webhooks.after_failure(
+            &delivery("http://example.com/", attempts),
+            now,
+            "x".into(),
+        ) {
+            WebhookAttempt::Retry { next_at, .. } => Some(next_at),
+            _ => None,
         };
-        let next =
-            |attempts, now| match webhooks.after_failure(&delivery(attempts), now, "x".into()) {
-                WebhookAttempt::Retry { next_at, .. } => Some(next_at),
-                _ => None,
-            };
         // The first attempt failed: 1 s, then 2 s, then 4 s …
         assert_eq!(next(0, 0), Some(1_000));
         assert_eq!(next(1, 1_000), Some(3_000));
