@@ -1,6 +1,7 @@
 //! Live progress of one job as Server-Sent Events: `GET /video/events/{requestId}` sends the
 //! job's status now, again on each change (state, stage, step, ETA), the final status last, and
-//! then ends.
+//! then ends. Each event is the job as it is when the stream re-reads it, so changes that land
+//! close together (the last step and the start of decoding, on a busy host) arrive as one.
 //!
 //! A browser's `EventSource` cannot send an `Authorization` header, and an API key in a URL ends
 //! up in logs and history. So a page first asks, with its key, for a token bound to one job and
