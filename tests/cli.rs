@@ -96,6 +96,32 @@ fn size_not_a_multiple_of_the_model_grid_is_refused() {
     );
 }
 
+/// The disk refuses the video half-way through (a file size limit, as a full disk would): the
+/// error says so and the half-written video is removed, not left as if it were one.
+#[test]
+fn a_write_failure_mid_video_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("boat.mp4");
+    // 64 KiB is past the mp4 header and far short of 24 noisy 832x480 frames. Ignoring
+    // SIGXFSZ turns the limit into a write error (EFBIG) instead of killing the process.
+    let run = std::process::Command::new("bash")
+        .args(["-c", "ulimit -f 64; trap '' XFSZ; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_wanserve"))
+        .args([
+            "generate",
+            "--prompt",
+            "A paper boat floating down a stream",
+        ])
+        .args(["--image-size", "832x480", "--num-frames", "24"])
+        .args(["--infer-steps", "2", "--guidance-scale", "5", "--seed", "3"])
+        .args(["--threads", "2"])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .expect("bash runs");
+    assert_clean_failure(&run, dir.path(), "File too large");
+}
+
 #[test]
 fn zero_frames_is_refused() {
     let dir = tempfile::tempdir().unwrap();

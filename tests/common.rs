@@ -120,3 +120,60 @@ pub fn valid_submit_body() -> serde_json::Map<String, serde_json::Value> {
         _ => unreachable!("a JSON object literal"),
     }
 }
+
+/// Signed (and unsigned) JWTs for the auth tests, with the keys in `tests/fixtures/jwt`.
+pub mod jwt {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+    pub fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    /// `sub`, `exp` `exp_in` seconds from now (negative: already expired), and `extra`.
+    pub fn claims(sub: &str, exp_in: i64, extra: serde_json::Value) -> serde_json::Value {
+        let mut claims = serde_json::json!({"sub": sub, "exp": (now() as i64 + exp_in)});
+        if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        claims
+    }
+
+    pub fn hs256(claims: &serde_json::Value, secret: &str) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("HS256 signs")
+    }
+
+    pub fn rs256(claims: &serde_json::Value, private_pem: &str) -> String {
+        encode(
+            &Header::new(Algorithm::RS256),
+            claims,
+            &EncodingKey::from_rsa_pem(private_pem.as_bytes()).expect("fixture key"),
+        )
+        .expect("RS256 signs")
+    }
+
+    /// A PEM from `tests/fixtures/jwt`.
+    pub fn fixture(name: &str) -> String {
+        std::fs::read_to_string(super::repo_root().join("tests/fixtures/jwt").join(name))
+            .expect("fixture")
+    }
+
+    /// base64url without padding, as JWT parts are written.
+    pub fn b64(text: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    }
+
+    /// `{"alg":"none"}` over `claims`, with an empty signature.
+    pub fn unsigned(claims: &serde_json::Value) -> String {
+        format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&claims.to_string())
+        )
+    }
+}

@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{plugin_wasm, repo_root};
+use common::jwt::{b64, claims, fixture, hs256, now, rs256, unsigned};
+use common::plugin_wasm;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -190,45 +191,6 @@ fn public_paths_and_a_bad_key_list() {
     assert!(authenticate(&host, &[("authorization", &bearer(ALICE))]).is_ok());
 }
 
-fn now() -> u64 {
-    jsonwebtoken::get_current_timestamp()
-}
-
-fn claims(sub: &str, exp: i64, extra: serde_json::Value) -> serde_json::Value {
-    let mut claims = serde_json::json!({"sub": sub, "exp": (now() as i64 + exp)});
-    if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
-        c.extend(e.clone());
-    }
-    claims
-}
-
-fn hs256(claims: &serde_json::Value, secret: &str) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
-
-fn fixture(name: &str) -> String {
-    std::fs::read_to_string(repo_root().join("tests/fixtures/jwt").join(name)).unwrap()
-}
-
-fn rs256(claims: &serde_json::Value, private_pem: &str) -> String {
-    encode(
-        &Header::new(Algorithm::RS256),
-        claims,
-        &EncodingKey::from_rsa_pem(private_pem.as_bytes()).unwrap(),
-    )
-    .unwrap()
-}
-
-fn b64(json: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
-}
-
 fn jwt_denial(host: &PluginHost, token: &str) -> String {
     match authenticate(host, &[("authorization", &bearer(token))]) {
         Ok(p) => panic!("accepted {p:?}"),
@@ -288,14 +250,17 @@ fn hs256_jwts_are_verified_by_the_host() {
     assert!(jwt_denial(&host, &spliced).contains("signature"));
 
     // alg none: no signature at all.
-    let none = format!(
+    let none = unsigned(&claims("admin", 600, good.clone()));
+    // Refused by the JWT verifier for its algorithm (the API-key path would say "API key").
+    assert!(jwt_denial(&host, &none).contains("algorithm"));
+    let none_with_sig = format!("{none}{}", signature);
+    assert!(jwt_denial(&host, &none_with_sig).contains("algorithm"));
+    let none_upper = format!(
         "{}.{}.",
-        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(r#"{"alg":"NONE","typ":"JWT"}"#),
         b64(&claims("admin", 600, good.clone()).to_string())
     );
-    assert!(authenticate(&host, &[("authorization", &bearer(&none))]).is_err());
-    let none_with_sig = format!("{none}{}", signature);
-    assert!(authenticate(&host, &[("authorization", &bearer(&none_with_sig))]).is_err());
+    assert!(jwt_denial(&host, &none_upper).contains("algorithm"));
 
     // HS384 with the right secret is still not the pinned algorithm.
     let hs384 = encode(
@@ -491,11 +456,27 @@ fn keys_and_tokens_never_reach_the_logs() {
         ] {
             let _ = host.authenticate(&request(&[("authorization", &header)]));
         }
-        // A bad key list is logged by the plugin: its problem, not its hashes' keys.
-        let _ = host.replace(Slot::Auth, &auth_wasm(), owned(&[("api_keys", "x")]));
+        // Configs an operator got wrong with a secret in them (a plain key where its hash
+        // belongs, an HMAC secret given to RS256): refused, and the reason (which the plugin
+        // watcher logs and the admin API returns) names the entry, not the secret in it.
+        for bad in [
+            owned(&[("api_keys", &format!("alice={ALICE}"))]),
+            owned(&[("api_keys", ALICE)]),
+            owned(&[("jwt_algorithm", "RS256"), ("jwt_key", HMAC_SECRET)]),
+        ] {
+            let reason = host
+                .replace(Slot::Auth, &auth_wasm(), bad)
+                .expect_err("a bad config is refused")
+                .to_string();
+            tracing::warn!(%reason, "changed plugin refused; the old plugin keeps serving");
+        }
     });
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("generated one"), "the capture works: {logs}");
+    assert!(
+        logs.contains("entry 1 (alice)") && logs.contains("jwt_key"),
+        "the refusals were logged: {logs}"
+    );
     let generated = generated.unwrap();
     for secret in [ALICE, generated.as_str(), token.as_str(), HMAC_SECRET] {
         assert!(

@@ -313,3 +313,34 @@ pub fn wait_for_port(port: u16, what: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Sends `request` as it is (no URL normalisation, no encoding: what a hostile client sends)
+/// to the server at `base` (`http://127.0.0.1:port`) and reads until the server closes:
+/// (status, the whole response after the status line).
+pub fn raw_request(base: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream.write_all(request).expect("send");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (line, rest) = response.split_once("\r\n").unwrap_or((&response, ""));
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    (status, rest.to_string())
+}
+
+/// `GET target` with nothing else but `Host` and `Connection: close`.
+pub fn raw_get(base: &str, target: &str) -> (u16, String) {
+    raw_request(
+        base,
+        format!("GET {target} HTTP/1.1\r\nHost: wanserve\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}

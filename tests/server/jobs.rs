@@ -260,15 +260,25 @@ fn at_most_two_jobs_run_at_once() {
         })
         .collect();
     let mut most = 0;
+    // Steps of the jobs seen denoising in the same poll, mid-way: the two slots really run
+    // together (both "InProgress" alone could be one running and one waiting for the model).
+    let mut together: Vec<Vec<(usize, u64)>> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let states: Vec<String> = ids
-            .iter()
-            .map(|id| state(&server.status(ALICE, id)).to_string())
-            .collect();
+        let statuses: Vec<Value> = ids.iter().map(|id| server.status(ALICE, id)).collect();
+        let states: Vec<String> = statuses.iter().map(|s| state(s).to_string()).collect();
         let running = states.iter().filter(|s| *s == "InProgress").count();
         assert!(running <= 2, "{states:?}");
         most = most.max(running);
+        let mid_way: Vec<(usize, u64)> = statuses
+            .iter()
+            .enumerate()
+            .filter_map(|(job, s)| Some((job, denoising_step(s)?)))
+            .filter(|(_, step)| (1..20).contains(step))
+            .collect();
+        if mid_way.len() == 2 {
+            together.push(mid_way);
+        }
         if states.iter().all(|s| s == "Succeed" || s == "Failed") {
             assert!(states.iter().all(|s| s == "Succeed"), "{states:?}");
             break;
@@ -277,6 +287,19 @@ fn at_most_two_jobs_run_at_once() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(most, 2, "two jobs ran at once at some point");
+    // Both advanced while the other was mid-way too: steps interleave, neither waits it out.
+    let both_advanced = together.iter().enumerate().any(|(i, earlier)| {
+        together[i + 1..].iter().any(|later| {
+            earlier
+                .iter()
+                .zip(later)
+                .all(|((job_a, a), (job_b, b))| job_a == job_b && b > a)
+        })
+    });
+    assert!(
+        both_advanced,
+        "the two jobs' denoising never overlapped: {together:?}"
+    );
     assert_eq!(server.stored_videos().len(), 3);
 }
 

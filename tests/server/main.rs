@@ -5,6 +5,7 @@
 #[path = "../common.rs"]
 mod common;
 
+mod abuse;
 mod api;
 mod client;
 mod events;

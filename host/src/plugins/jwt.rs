@@ -68,6 +68,17 @@ impl JwtVerifier {
     /// Verifies `token`; the error is safe to show a client (it never echoes the token).
     pub fn verify(&self, token: &str) -> Result<JwtClaims, String> {
         use jsonwebtoken::errors::ErrorKind;
+        // Name a foreign algorithm as such, `none` included, which jsonwebtoken cannot even
+        // parse (it would only say "malformed"): the header is read before anything is trusted.
+        if let Some(alg) = header_algorithm(token)
+            && !self
+                .validation
+                .algorithms
+                .iter()
+                .any(|pinned| format!("{pinned:?}") == alg)
+        {
+            return Err("the token's algorithm is not accepted".into());
+        }
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token,
             &self.key,
@@ -99,5 +110,21 @@ impl JwtVerifier {
             })
             .collect();
         Ok(JwtClaims { subject, claims })
+    }
+}
+
+/// The `alg` of a token's header, if the header decodes to a JSON object that has one.
+fn header_algorithm(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    match serde_json::from_slice::<serde_json::Value>(&json)
+        .ok()?
+        .get("alg")?
+    {
+        serde_json::Value::String(alg) => Some(alg.clone()),
+        _ => None,
     }
 }

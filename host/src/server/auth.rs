@@ -23,11 +23,9 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.to_string())
-            .unwrap_or_default();
+        let peer = peer_of(parts);
+        // Kept for the refusal's log line (the request itself goes to the plugin).
+        let (log_peer, log_path) = (peer.clone(), parts.uri.path().to_string());
         let request = HttpRequest {
             method: parts.method.as_str().to_string(),
             path: parts.uri.path().to_string(),
@@ -52,16 +50,30 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .map_err(ApiError::internal)?;
         match answer {
             Ok(Ok(principal)) => Ok(Caller(principal)),
-            Ok(Err(denial)) => Err(ApiError::Unauthorized {
-                reason: denial.reason,
-                challenge: denial.challenge,
-            }),
+            Ok(Err(denial)) => {
+                // For operators watching for probing (fail2ban and the like): who, where, why;
+                // never what was presented.
+                tracing::info!(peer = %log_peer, path = %log_path, reason = %denial.reason, "request refused: not authenticated");
+                Err(ApiError::Unauthorized {
+                    reason: denial.reason,
+                    challenge: denial.challenge,
+                })
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "refusing the request: auth plugin failed closed");
                 Err(ApiError::PluginUnavailable { slot: Slot::Auth })
             }
         }
     }
+}
+
+/// The client's address, `ip:port` (empty if the listener did not record it).
+fn peer_of(parts: &Parts) -> String {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default()
 }
 
 /// A request that presented the admin key.
@@ -100,6 +112,8 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         if bool::from(presented.ct_eq(&state.admin_key_hash)) {
             Ok(Admin)
         } else {
+            let peer = peer_of(parts);
+            tracing::warn!(%peer, path = %parts.uri.path(), "admin request refused: invalid admin key");
             Err(denied("invalid admin key"))
         }
     }

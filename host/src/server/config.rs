@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes (submit, status, cancel) [default: 65536].
     #[arg(long, env = "WANSERVE_BODY_LIMIT")]
     pub body_limit: Option<usize>,
+    /// How long a client has to send a request's headers, and how long an idle kept-alive
+    /// connection stays open; then the connection is closed [default: 30000].
+    #[arg(long, env = "WANSERVE_HEADER_TIMEOUT_MS")]
+    pub header_timeout_ms: Option<u64>,
     /// Key for the admin API [default: the one in <data-dir>/admin-key, generated and printed
     /// once when there is none].
     #[arg(long, env = "WANSERVE_ADMIN_KEY", hide_env_values = true)]
@@ -157,6 +161,7 @@ struct ServerTable {
     max_pixel_frames: Option<u64>,
     max_steps: Option<u32>,
     body_limit: Option<usize>,
+    header_timeout_ms: Option<u64>,
     webhook_allow: Option<Vec<String>>,
     webhook_first_retry_ms: Option<u64>,
     webhook_give_up_seconds: Option<u64>,
@@ -202,6 +207,7 @@ pub struct ServeConfig {
     pub max_pixel_frames: u64,
     pub max_steps: u32,
     pub body_limit: usize,
+    pub header_timeout: Duration,
     pub admin_key: Option<SecretString>,
     pub api_keys: Option<SecretString>,
     pub webhook_allow: Vec<ipnet::IpNet>,
@@ -249,6 +255,17 @@ impl ServeConfig {
                 reason: "must be at least 1024 bytes".into(),
             });
         }
+        let header_timeout_ms = args
+            .header_timeout_ms
+            .or(t.header_timeout_ms)
+            .unwrap_or(30_000);
+        if header_timeout_ms == 0 {
+            return Err(ServeConfigError::Invalid {
+                key: "header_timeout_ms",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let header_timeout = Duration::from_millis(header_timeout_ms);
         let sweep_ms = args
             .sweep_interval_ms
             .or(t.sweep_interval_ms)
@@ -347,6 +364,7 @@ impl ServeConfig {
                 .unwrap_or(DEFAULT_MAX_PIXEL_FRAMES),
             max_steps: args.max_steps.or(t.max_steps).unwrap_or(DEFAULT_MAX_STEPS),
             body_limit,
+            header_timeout,
             admin_key: args.admin_key,
             api_keys: args.api_keys,
             webhook_allow,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+mod connections;
 pub mod error;
 pub mod events;
 pub mod playground;
@@ -36,7 +37,6 @@ use error::{ApiError, FieldProblem};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use secrecy::ExposeSecret;
 use serde::Serialize;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
@@ -658,16 +658,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     tracing::info!(%local, public_url, store = videos.describe(), slots = config.slots, "listening; docs at {base_url}/docs");
 
     let app = router(state.clone());
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    connections::serve(listener, app, config.header_timeout, async move {
         shutdown_signal().await;
         let _ = shutdown_begun.send(true);
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await;
 
     let _ = stop_tx.send(true);
     let _ = sweeper.await;

@@ -1,0 +1,516 @@
+//! Abuse over HTTP: credentials of every wrong shape (refused, none of them logged), video URLs
+//! that try to leave the store, bodies past the limit, clients that trickle their headers, and a
+//! thousand submits at once against a small queue.
+
+use crate::common::jwt::{b64, claims, fixture, hs256, rs256, unsigned};
+use crate::harness::{ALICE, BOB, Options, Server, raw_get, raw_request, small_job};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// The sum of `wanserve_http_requests_total` over the series with this route and status.
+fn requests_counted(metrics: &str, route: &str, status: u16) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("wanserve_http_requests_total{"))
+        .filter(|l| l.contains(&format!("route=\"{route}\"")))
+        .filter(|l| l.contains(&format!("status=\"{status}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn status_request(server: &Server, authorization: Option<&str>) -> reqwest::blocking::Response {
+    let mut request = server
+        .client()
+        .post(format!("{}/video/status", server.url))
+        .json(&json!({"requestId": "a".repeat(32)}));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    request.send().expect("sent")
+}
+
+#[test]
+fn every_wrong_credential_is_refused_and_none_is_logged() {
+    let public = fixture("rsa-public.pem");
+    let private = fixture("rsa-private.pem");
+    let server = Server::start(Options {
+        toml: format!(
+            "[plugins.auth.config]\njwt_algorithm = \"RS256\"\njwt_key = '''\n{public}'''\n"
+        ),
+        // Everything the HTTP layers and the server have to say.
+        env: vec![(
+            "RUST_LOG".into(),
+            "info,wanserve=trace,hyper=trace,axum=trace,tower_http=trace".into(),
+        )],
+        ..Options::default()
+    });
+
+    let valid_jwt = rs256(&claims("svc", 600, json!({})), &private);
+    let mut parts = valid_jwt.splitn(3, '.');
+    let (header, _, signature) = (
+        parts.next().expect("header"),
+        parts.next().expect("payload"),
+        parts.next().expect("signature"),
+    );
+    let admin_claims = claims("admin", 600, json!({}));
+    let mut last_byte_differs = ALICE.to_string();
+    let last = last_byte_differs.pop().expect("a key");
+    last_byte_differs.push(if last == '0' { '1' } else { '0' });
+    let refused: Vec<(&str, Option<String>)> = vec![
+        ("no header", None),
+        (
+            "another scheme",
+            Some(format!("Basic {}", b64(&format!("alice:{ALICE}")))),
+        ),
+        ("a scheme and no token", Some("Bearer".into())),
+        ("an empty token", Some("Bearer ".into())),
+        (
+            "a key differing in its last byte",
+            Some(format!("Bearer {last_byte_differs}")),
+        ),
+        ("a key with a byte more", Some(format!("Bearer {ALICE}0"))),
+        (
+            "a key a byte short",
+            Some(format!("Bearer {}", &ALICE[..ALICE.len() - 1])),
+        ),
+        (
+            "a JWT signed by an untrusted key",
+            Some(format!(
+                "Bearer {}",
+                rs256(&admin_claims, &fixture("other-rsa-private.pem"))
+            )),
+        ),
+        (
+            "an expired JWT",
+            Some(format!(
+                "Bearer {}",
+                rs256(&claims("svc", -120, json!({})), &private)
+            )),
+        ),
+        (
+            "alg none",
+            Some(format!("Bearer {}", unsigned(&admin_claims))),
+        ),
+        (
+            "alg none carrying a valid signature",
+            Some(format!("Bearer {}{signature}", unsigned(&admin_claims))),
+        ),
+        (
+            "HS256 keyed with the server's public key",
+            Some(format!("Bearer {}", hs256(&admin_claims, &public))),
+        ),
+        (
+            "other claims under a valid signature",
+            Some(format!(
+                "Bearer {header}.{}.{signature}",
+                b64(&admin_claims.to_string())
+            )),
+        ),
+    ];
+    let before = requests_counted(&server.metrics(), "/video/status", 401);
+    for (what, authorization) in &refused {
+        let response = status_request(&server, authorization.as_deref());
+        let status = response.status().as_u16();
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let body = response.text().expect("body");
+        assert_eq!(status, 401, "{what}: {body}");
+        assert!(challenge.starts_with("bearer"), "{what}: {challenge:?}");
+        let error: Value = serde_json::from_str(&body).expect("JSON error");
+        assert!(error["error"]["message"].is_string(), "{what}: {body}");
+        if let Some(token) = authorization.as_deref().and_then(|a| a.split(' ').nth(1))
+            && token.len() > 4
+        {
+            assert!(!body.contains(token), "{what}: the token came back");
+        }
+    }
+    let counted = requests_counted(&server.metrics(), "/video/status", 401) - before;
+    assert_eq!(counted, refused.len() as u64, "each refusal is counted");
+
+    // A 1 MiB token: refused (by hyper's header limit or the plugin), and the server goes on.
+    // The server may close the connection while the client is still sending: that is a
+    // refusal too.
+    let huge = format!("Bearer {}", "wanserve-abuse-".repeat(70_000));
+    let answer = server
+        .client()
+        .post(format!("{}/video/status", server.url))
+        .header("authorization", &huge)
+        .json(&json!({"requestId": "a".repeat(32)}))
+        .send();
+    if let Ok(response) = answer {
+        let status = response.status().as_u16();
+        assert!(matches!(status, 401 | 431), "1 MiB token: {status}");
+    }
+
+    // What does get in, for contrast: the key itself and a valid JWT (404: no such job).
+    for (what, authorization) in [
+        ("the key", format!("Bearer {ALICE}")),
+        ("a valid JWT", format!("Bearer {valid_jwt}")),
+    ] {
+        let status = status_request(&server, Some(&authorization)).status();
+        assert_eq!(status, 404, "{what} is accepted");
+    }
+
+    // The log says what was refused, where and why, and holds none of what was presented.
+    let refusal = server
+        .log_line(|l| l.contains("request refused: not authenticated"))
+        .expect("refusals are logged");
+    assert!(refusal.contains("/video/status"), "{refusal}");
+    let log = server.log();
+    assert!(
+        log.contains("the token's algorithm is not accepted")
+            && log.contains("the token has expired"),
+        "the reasons are logged"
+    );
+    let mut secrets: Vec<String> = vec![ALICE.into(), BOB.into(), valid_jwt.clone()];
+    secrets.extend(
+        refused
+            .iter()
+            .filter_map(|(_, a)| a.as_deref()?.split(' ').nth(1))
+            .filter(|token| token.len() > 4)
+            .map(String::from),
+    );
+    secrets.push("wanserve-abuse-wanserve-abuse-".into());
+    for secret in &secrets {
+        // A JWT's signature alone is enough to replay it.
+        let tail = &secret[secret.len().saturating_sub(24)..];
+        assert!(!log.contains(tail), "a credential reached the log: {tail}");
+    }
+}
+
+fn sign_video_url(secret: &[u8], key: &str, expires: i64) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(format!("GET\n{key}\n{expires}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// `%XX` decoding, as the router decodes a path segment before the handler sees it.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn video_urls_serve_nothing_outside_the_store() {
+    let server = Server::start(Options::default());
+    let alice = server.submit(ALICE, &small_job());
+    let bob = server.submit(BOB, &small_job());
+    let url_of = |key: &str, id: &str| {
+        let done = server.wait_final(key, id);
+        assert_eq!(done["status"], "Succeed", "{done}");
+        done["results"]["videos"][0]["url"]
+            .as_str()
+            .expect("url")
+            .to_string()
+    };
+    let (alice_url, bob_url) = (url_of(ALICE, &alice), url_of(BOB, &bob));
+    // Canaries beside and above the store: nothing below may ever return them.
+    let canary = "CANARY-wanserve-must-not-serve-this";
+    std::fs::write(server.data_dir.join("canary.txt"), canary).expect("canary");
+    std::fs::write(server.data_dir.join("../canary.txt"), canary).expect("canary");
+    let secret = std::fs::read(server.data_dir.join("url-secret")).expect("the URL secret");
+
+    let target = |url: &str| url.trim_start_matches(&server.url).to_string();
+    let (path, query) = alice_url
+        .trim_start_matches(&server.url)
+        .split_once('?')
+        .map(|(p, q)| (p.to_string(), q.to_string()))
+        .expect("a signed URL");
+    let key = path.trim_start_matches("/videos/").to_string();
+    let expires: i64 = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("expires="))
+        .and_then(|e| e.parse().ok())
+        .expect("expires");
+
+    // Control: the URL as given serves the video.
+    let (status, body) = raw_get(&server.url, &target(&alice_url));
+    assert_eq!(status, 200);
+    assert!(body.contains("ftyp"), "an mp4");
+
+    let refused = |what: &str, target: &str| {
+        let (status, body) = raw_get(&server.url, target);
+        assert!(
+            matches!(status, 400 | 403 | 404),
+            "{what}: {target} answered {status}"
+        );
+        assert!(!body.contains(canary) && !body.contains("ftyp"), "{what}");
+        assert!(
+            !body.contains("[server]") && !body.contains("root:"),
+            "{what}: {target} served a file"
+        );
+    };
+    let hostile_keys = [
+        "../canary.txt",
+        "../../canary.txt",
+        "%2e%2e/canary.txt",
+        "%2e%2e%2fcanary.txt",
+        "..%2f..%2fcanary.txt",
+        "%2e%2e%2f%2e%2e%2fcanary.txt",
+        "..%5ccanary.txt",
+        "..\\canary.txt",
+        "%252e%252e%252fcanary.txt",
+        "/etc/passwd",
+        "%2fetc%2fpasswd",
+        "..%00/canary.txt",
+        "./../canary.txt",
+        "url-secret",
+        "../url-secret",
+        "../wanserve.toml",
+    ];
+    let far = expires + 3600;
+    for hostile in hostile_keys {
+        let with_key = format!("{path}/../{hostile}");
+        // With the real URL's signature, and with a valid signature over exactly the key the
+        // server decodes: what matters is the path, not whether someone could sign it.
+        refused(hostile, &format!("/videos/{hostile}?{query}"));
+        refused(hostile, &format!("{with_key}?{query}"));
+        let signed = sign_video_url(&secret, &percent_decoded(hostile), far);
+        refused(
+            hostile,
+            &format!("/videos/{hostile}?expires={far}&sig={signed}"),
+        );
+    }
+
+    // Another job's key with this job's signature; the signature or expiry altered; expired.
+    let bob_key = bob_url
+        .trim_start_matches(&server.url)
+        .split_once('?')
+        .expect("signed")
+        .0
+        .trim_start_matches("/videos/")
+        .to_string();
+    refused("another job's key", &format!("/videos/{bob_key}?{query}"));
+    let sig = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sig="))
+        .expect("sig");
+    let flipped: String = sig
+        .char_indices()
+        .map(|(i, c)| match (i, c) {
+            (0, '0') => '1',
+            (0, _) => '0',
+            (_, c) => c,
+        })
+        .collect();
+    refused(
+        "a signature with one digit changed",
+        &format!("{path}?expires={expires}&sig={flipped}"),
+    );
+    refused(
+        "a truncated signature",
+        &format!("{path}?expires={expires}&sig={}", &sig[..32]),
+    );
+    refused("no signature", &format!("{path}?expires={expires}"));
+    refused("no expiry", &format!("{path}?sig={sig}"));
+    refused(
+        "a later expiry under the old signature",
+        &format!("{path}?expires={far}&sig={sig}"),
+    );
+    let past = crate::common::jwt::now() as i64 - 10;
+    let (status, body) = raw_get(
+        &server.url,
+        &format!(
+            "{path}?expires={past}&sig={}",
+            sign_video_url(&secret, &key, past)
+        ),
+    );
+    assert_eq!(status, 403, "expired: {body}");
+    assert!(body.contains("expired"), "{body}");
+    // Bob's own URL still works: the refusals above were about the requests, not the files.
+    assert_eq!(raw_get(&server.url, &target(&bob_url)).0, 200);
+}
+
+#[test]
+fn bodies_past_the_limit_are_refused_however_they_are_sent() {
+    let server = Server::start(Options {
+        extra_args: vec!["--body-limit".into(), "4096".into()],
+        ..Options::default()
+    });
+    let mut big = small_job();
+    big["prompt"] = json!("x".repeat(8192));
+    let body = big.to_string();
+    // Declared with Content-Length.
+    let declared = format!(
+        "POST /video/submit HTTP/1.1\r\nHost: w\r\nAuthorization: Bearer {ALICE}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(raw_request(&server.url, declared.as_bytes()).0, 413);
+    // Chunked, so the length is only known once it has been read past the limit.
+    let chunk = |text: &str| format!("{:x}\r\n{text}\r\n", text.len());
+    let (first, rest) = body.split_at(1000);
+    let chunked = format!(
+        "POST /video/submit HTTP/1.1\r\nHost: w\r\nAuthorization: Bearer {ALICE}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         {}{}0\r\n\r\n",
+        chunk(first),
+        chunk(rest)
+    );
+    let (status, response) = raw_request(&server.url, chunked.as_bytes());
+    assert_eq!(status, 413, "{response}");
+    // A Content-Length that lies (says small, sends more) cannot smuggle a second request.
+    let lying = format!(
+        "POST /video/status HTTP/1.1\r\nHost: w\r\nAuthorization: Bearer {ALICE}\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}\
+         GET /admin/plugins HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+    );
+    let (_, response) = raw_request(&server.url, lying.as_bytes());
+    assert!(
+        !response.contains("\"slots\"") && !response.contains("sha256"),
+        "the admin API answered a smuggled request: {response}"
+    );
+    assert_eq!(server.stored_videos().len(), 0);
+}
+
+#[test]
+fn a_client_trickling_its_headers_is_cut_off_and_others_are_served() {
+    let server = Server::start(Options {
+        extra_args: vec!["--header-timeout-ms".into(), "2000".into()],
+        ..Options::default()
+    });
+    let address = server.url.trim_start_matches("http://").to_string();
+    // Fifty clients each sending a header byte a second (slowloris).
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let stream = TcpStream::connect(&address).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+            stream
+        })
+        .collect();
+    let request = b"GET /health HTTP/1.1\r\nHost: wanserve\r\nX-Slow: ";
+    let mut closed_after: Vec<Option<Duration>> = vec![None; slow.len()];
+    let mut fastest_health = Duration::MAX;
+    let mut slowest_health = Duration::ZERO;
+    for byte in 0.. {
+        for (i, stream) in slow.iter_mut().enumerate() {
+            if closed_after[i].is_some() {
+                continue;
+            }
+            let sent = stream.write_all(&[request[byte % request.len()]]);
+            let mut buf = [0u8; 256];
+            let ended = match stream.read(&mut buf) {
+                Ok(_) => true, // EOF, or the server's last words (408) before it closes
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            };
+            if sent.is_err() || ended {
+                closed_after[i] = Some(started.elapsed());
+            }
+        }
+        // Meanwhile the server answers everyone else at once.
+        let asked = Instant::now();
+        let health = server
+            .client()
+            .get(format!("{}/health", server.url))
+            .send()
+            .expect("health");
+        assert_eq!(health.status(), 200);
+        fastest_health = fastest_health.min(asked.elapsed());
+        slowest_health = slowest_health.max(asked.elapsed());
+        if closed_after.iter().all(Option::is_some) || started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let still_open = closed_after.iter().filter(|c| c.is_none()).count();
+    assert_eq!(still_open, 0, "connections the server never closed");
+    let latest = closed_after.iter().flatten().max().expect("closed");
+    assert!(
+        *latest >= Duration::from_millis(1500) && *latest < Duration::from_secs(10),
+        "cut off after {latest:?} (deadline 2 s)"
+    );
+    assert!(
+        slowest_health < Duration::from_secs(1),
+        "others waited {slowest_health:?}"
+    );
+}
+
+#[test]
+fn a_thousand_concurrent_submits_against_a_small_queue_lose_nothing() {
+    let server = Server::start(Options {
+        queue_limit: Some(4),
+        ..Options::default()
+    });
+    let answers: Vec<(u16, Option<String>, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..1000)
+            .map(|i| {
+                let server = &server;
+                scope.spawn(move || {
+                    let mut body = small_job();
+                    body["seed"] = json!(i);
+                    let response = server.post("/video/submit", Some(ALICE), &body);
+                    let status = response.status().as_u16();
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from);
+                    (status, retry_after, response.json().unwrap_or(Value::Null))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a submitting thread"))
+            .collect()
+    });
+    let mut accepted = Vec::new();
+    for (status, retry_after, body) in &answers {
+        match status {
+            202 => accepted.push(body["requestId"].as_str().expect("requestId").to_string()),
+            429 => {
+                let seconds: u64 = retry_after
+                    .as_deref()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("429 without a Retry-After in seconds: {body}"));
+                assert!((1..=3600).contains(&seconds), "Retry-After {seconds}");
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    let refused = answers.len() - accepted.len();
+    assert!(
+        !accepted.is_empty() && refused > 900,
+        "{} accepted, {refused} refused",
+        accepted.len()
+    );
+    // Every accepted job runs to its video, once.
+    for id in &accepted {
+        let done = server.wait_final(ALICE, id);
+        assert_eq!(done["status"], "Succeed", "{done}");
+    }
+    assert_eq!(server.stored_videos().len(), accepted.len());
+    let metrics = server.metrics();
+    assert_eq!(
+        requests_counted(&metrics, "/video/submit", 429),
+        refused as u64
+    );
+}
