@@ -71,7 +71,7 @@ retention_seconds = "7200"
     assert_eq!(auth.config["jwt_algorithm"], "RS256");
     let validate = config.slot(Slot::Validate).unwrap();
     assert_eq!(validate.path, Path::new("/srv/plugins/validate_seed.wasm"));
-    assert_eq!(validate.deadline, Duration::from_millis(50));
+    assert_eq!(validate.deadline, PluginLimits::default().deadline);
     assert_eq!(
         config.slot(Slot::Postprocess).unwrap().config["retention_seconds"],
         "7200"

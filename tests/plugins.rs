@@ -534,7 +534,7 @@ fn a_slot_deadline_applies_per_slot() {
     let host = host_with(Slot::Validate, "test-loop");
     host.set_deadline(Slot::Validate, Duration::from_millis(5));
     assert_eq!(host.deadline(Slot::Validate), Duration::from_millis(5));
-    assert_eq!(host.deadline(Slot::Auth), Duration::from_millis(50));
+    assert_eq!(host.deadline(Slot::Auth), PluginLimits::default().deadline);
     assert!(matches!(
         host.validate(&plugin_caller(), &[]),
         Err(PluginError::Deadline { ms: 5, .. })

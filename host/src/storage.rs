@@ -68,10 +68,12 @@ const MAX_PRESIGN: Duration = Duration::from_secs(7 * 24 * 3600);
 impl VideoStore {
     /// `store`: `None` for `<data_dir>/videos`, `file:///abs/dir`, or `s3://bucket[/prefix]`
     /// (credentials, region and endpoint from the standard `AWS_*` variables).
+    /// `retry`: how long a failing S3 request is retried before it is an error.
     pub fn open(
         store: Option<&str>,
         data_dir: &Path,
         public_url: &str,
+        retry: Duration,
     ) -> Result<Self, StorageError> {
         let url_secret = load_or_create_secret(&data_dir.join(URL_SECRET_FILE))?;
         let public_url = public_url.trim_end_matches('/').to_string();
@@ -106,6 +108,10 @@ impl VideoStore {
                 let s3 = Arc::new(
                     AmazonS3Builder::from_env()
                         .with_url(url)
+                        .with_retry(object_store::RetryConfig {
+                            retry_timeout: retry,
+                            ..Default::default()
+                        })
                         .build()
                         .map_err(|e| url_error(url, e.to_string()))?,
                 );

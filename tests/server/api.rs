@@ -435,8 +435,30 @@ fn hostile_validate_plugins_fail_closed_and_admin_swaps_them() {
         b"not wasm".to_vec(),
     );
     assert_eq!(response.status(), 422);
+    // Components of another world (one that fits no slot; the auth slot's): refused too.
+    for other in ["test-wrong-world", "auth-apikey"] {
+        let bytes = std::fs::read(common::plugin_wasm(other)).expect("component");
+        let response = admin(
+            reqwest::Method::PUT,
+            "/admin/plugins/validate",
+            ADMIN,
+            bytes,
+        );
+        assert_eq!(response.status(), 422, "{other}");
+    }
+    let id = server.submit(ALICE, &small_job());
+    cancel(&server, ALICE, &id);
 
-    for hostile in ["test-loop", "test-trap"] {
+    // Each misbehaviour: never returns, traps, allocates without bound ("grow"), answers too
+    // much (1 000 field errors; a 1 MiB prompt for "long").
+    let cases = [
+        ("test-loop", None),
+        ("test-trap", None),
+        ("test-trap", Some("grow")),
+        ("test-huge", None),
+        ("test-huge", Some("long")),
+    ];
+    for (hostile, prompt) in cases {
         let bytes = std::fs::read(common::plugin_wasm(hostile)).expect("component");
         let response = admin(
             reqwest::Method::PUT,
@@ -449,8 +471,12 @@ fn hostile_validate_plugins_fail_closed_and_admin_swaps_them() {
             200,
             "{hostile} installs (its self-test passes)"
         );
-        let (status, body) = error_of(server.post("/video/submit", Some(ALICE), &small_job()));
-        assert_eq!(status, 503, "{hostile}: {body}");
+        let mut job = small_job();
+        if let Some(prompt) = prompt {
+            job["prompt"] = json!(prompt);
+        }
+        let (status, body) = error_of(server.post("/video/submit", Some(ALICE), &job));
+        assert_eq!(status, 503, "{hostile} {prompt:?}: {body}");
         assert_eq!(body["error"]["code"], "plugin_unavailable");
         // The next request is served, at once.
         let started = std::time::Instant::now();
@@ -474,7 +500,7 @@ fn hostile_validate_plugins_fail_closed_and_admin_swaps_them() {
     assert!(
         server
             .metrics()
-            .contains("wanserve_plugin_failures_total{slot=\"validate\"} 2"),
+            .contains("wanserve_plugin_failures_total{slot=\"validate\"} 5"),
         "{}",
         server.metrics()
     );

@@ -214,8 +214,19 @@ impl Server {
 
     pub fn status(&self, key: &str, id: &str) -> Value {
         let response = self.post("/video/status", Some(key), &json!({ "requestId": id }));
-        assert_eq!(response.status(), 200, "status of {id}");
-        response.json().expect("JSON")
+        let code = response.status();
+        let body = response.text().unwrap_or_default();
+        if code != 200 {
+            // The log reaches its file through a copying thread: let it catch up.
+            std::thread::sleep(Duration::from_millis(500));
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "status of {id}: {code} {body}\nserver log, last lines first:\n{}",
+                tail.join("\n")
+            );
+        }
+        serde_json::from_str(&body).expect("JSON")
     }
 
     /// Polls until `done(status)` holds; returns that status.

@@ -76,16 +76,44 @@ pub fn start_s3(bucket: &str) -> S3Server {
     let root = tempfile::tempdir().expect("temp");
     std::fs::create_dir_all(root.path().join(bucket)).expect("bucket dir");
     let port = free_port();
+    let child = spawn_s3s_fs(port, root.path());
+    S3Server { child, port, root }
+}
+
+fn spawn_s3s_fs(port: u16, root: &std::path::Path) -> Child {
     let child = Command::new(s3s_fs())
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-        .arg(root.path())
+        .arg(root)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("s3s-fs runs (scripts/setup installs it)");
     crate::harness::wait_for_port(port, "s3s-fs");
-    S3Server { child, port, root }
+    child
+}
+
+impl S3Server {
+    /// Stops the server at once (SIGKILL): an S3 endpoint gone.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn_s3s_fs(self.port, self.root.path());
+    }
+
+    /// Every file under the server's directory, bookkeeping included.
+    pub fn all_files(&self) -> Vec<String> {
+        files_under(self.root.path())
+            .iter()
+            .filter_map(|p| p.strip_prefix(self.root.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect()
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //!
 //! [plugins.auth]                       # file: WANSERVE_AUTH_PLUGIN
 //! file = "auth_apikey.wasm"            # relative to dir
-//! deadline_ms = 50                     # WANSERVE_AUTH_DEADLINE_MS
+//! deadline_ms = 250                    # WANSERVE_AUTH_DEADLINE_MS
 //! [plugins.auth.config]                # the plugin's own key/value config
 //! jwt_algorithm = "RS256"
 //! ```

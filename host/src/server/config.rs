@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// connection stays open; then the connection is closed [default: 30000].
     #[arg(long, env = "WANSERVE_HEADER_TIMEOUT_MS")]
     pub header_timeout_ms: Option<u64>,
+    /// How long an S3 request is retried (connection errors, 5xx) before the job that needs
+    /// it fails; the job's slot waits meanwhile [default: 60].
+    #[arg(long, env = "WANSERVE_STORE_RETRY_SECONDS")]
+    pub store_retry_seconds: Option<u64>,
     /// Key for the admin API [default: the one in <data-dir>/admin-key, generated and printed
     /// once when there is none].
     #[arg(long, env = "WANSERVE_ADMIN_KEY", hide_env_values = true)]
@@ -162,6 +166,7 @@ struct ServerTable {
     max_steps: Option<u32>,
     body_limit: Option<usize>,
     header_timeout_ms: Option<u64>,
+    store_retry_seconds: Option<u64>,
     webhook_allow: Option<Vec<String>>,
     webhook_first_retry_ms: Option<u64>,
     webhook_give_up_seconds: Option<u64>,
@@ -208,6 +213,7 @@ pub struct ServeConfig {
     pub max_steps: u32,
     pub body_limit: usize,
     pub header_timeout: Duration,
+    pub store_retry: Duration,
     pub admin_key: Option<SecretString>,
     pub api_keys: Option<SecretString>,
     pub webhook_allow: Vec<ipnet::IpNet>,
@@ -365,6 +371,11 @@ impl ServeConfig {
             max_steps: args.max_steps.or(t.max_steps).unwrap_or(DEFAULT_MAX_STEPS),
             body_limit,
             header_timeout,
+            store_retry: Duration::from_secs(
+                args.store_retry_seconds
+                    .or(t.store_retry_seconds)
+                    .unwrap_or(60),
+            ),
             admin_key: args.admin_key,
             api_keys: args.api_keys,
             webhook_allow,

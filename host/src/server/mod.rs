@@ -540,8 +540,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let videos = Arc::new(
-        VideoStore::open(config.store.as_deref(), &config.data_dir, &public_url)
-            .map_err(|e| e.to_string())?,
+        VideoStore::open(
+            config.store.as_deref(),
+            &config.data_dir,
+            &public_url,
+            config.store_retry,
+        )
+        .map_err(|e| e.to_string())?,
     );
     // Jobs that were running when the last process died go back to the queue; whatever their
     // attempt may have published is removed so the re-run publishes the only copy.
