@@ -16,4 +16,5 @@ mod hostile;
 mod jobs;
 mod playground;
 mod s3;
+mod schema;
 mod webhooks;

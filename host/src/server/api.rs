@@ -11,7 +11,7 @@ use crate::jobs::{
 use crate::plugins::{PluginError, Slot};
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +28,7 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)] // documentation of the body: the validate plugin reads it, not serde
 pub struct SubmitBody {
-    #[schema(example = "Wan2.1-T2V-1.3B")]
+    #[schema(example = "Wan2.1-T2V-1.3B", pattern = "^Wan2\\.1-T2V-1\\.3B$")]
     model: String,
     /// 10–500 characters.
     #[schema(
@@ -394,6 +394,7 @@ pub async fn submit(
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Authentication failed", body = ErrorBody),
         (status = 404, description = "No such job for this caller", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "requestId missing or not a string", body = ErrorBody),
         (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -526,10 +527,13 @@ pub(super) async fn status_view(
     request_body = JobRef,
     responses(
         (status = 200, description = "Cancelled", body = CancelResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Authentication failed", body = ErrorBody),
         (status = 404, description = "No such job for this caller", body = ErrorBody),
         (status = 409, description = "The job already succeeded or failed", body = ErrorBody),
-        (status = 422, description = "requestId missing or not a string", body = ErrorBody)),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
+        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
@@ -569,9 +573,13 @@ pub async fn cancel(
     request_body = JobRef,
     responses(
         (status = 200, description = "Cancelled", body = CancelResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Authentication failed", body = ErrorBody),
         (status = 404, description = "No such job for this caller", body = ErrorBody),
-        (status = 409, description = "The job already succeeded or failed", body = ErrorBody)),
+        (status = 409, description = "The job already succeeded or failed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
+        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn cancel_delete(
     state: State<Arc<AppState>>,
@@ -581,7 +589,7 @@ pub async fn cancel_delete(
     cancel(state, caller, body).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct Signature {
     expires: Option<String>,
     sig: Option<String>,
@@ -599,10 +607,14 @@ pub struct Signature {
         (status = 404, description = "No such video", body = ErrorBody)))]
 pub async fn video(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
-    Query(signature): Query<Signature>,
+    key: Result<Path<String>, PathRejection>,
+    signature: Result<Query<Signature>, QueryRejection>,
     request: Request<Body>,
 ) -> Result<Response, ApiError> {
+    // A path that does not decode names no video; a query that does not parse (a repeated or
+    // odd parameter) is no signature: both in the API's error shape, not axum's plain text.
+    let Path(key) = key.map_err(|_| ApiError::NotFound)?;
+    let signature = signature.map(|Query(s)| s).unwrap_or_default();
     let (Some(expires), Some(sig)) = (signature.expires, signature.sig) else {
         return Err(ApiError::Forbidden("missing or invalid signature".into()));
     };

@@ -14,7 +14,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -93,9 +93,12 @@ pub struct EventsToken {
     request_body = super::api::JobRef,
     responses(
         (status = 200, description = "The token", body = EventsToken),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Authentication failed", body = ErrorBody),
         (status = 404, description = "No such job for this caller", body = ErrorBody),
-        (status = 422, description = "requestId missing or not a string", body = ErrorBody)),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
+        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn events_token(
     State(state): State<Arc<AppState>>,
@@ -113,6 +116,22 @@ pub async fn events_token(
         token: sign(&state.events_secret, &claims),
         expires_in: TOKEN_SECONDS,
     }))
+}
+
+/// One event of the stream, as a client's SSE parser sees it. `data` is the job's status, the
+/// body `POST /video/status` would give (`StatusResponse`), as JSON.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation of the wire format: events are built by `Follow`
+pub struct StatusEvent {
+    /// Always `status`.
+    #[schema(pattern = "^status$")]
+    event: String,
+    /// 1, 2, 3, … in the order sent.
+    #[schema(pattern = "^[1-9][0-9]*$")]
+    id: String,
+    /// A `StatusResponse`, JSON-encoded.
+    #[schema(content_media_type = "application/json")]
+    data: String,
 }
 
 #[derive(Deserialize)]
@@ -160,15 +179,18 @@ impl FromRequestParts<Arc<AppState>> for Follower {
            ("token" = Option<String>, Query, description = "From POST /video/events-token")),
     responses(
         (status = 200, description = "text/event-stream of status events", content_type = "text/event-stream",
-         body = StatusResponse),
+         body = StatusEvent),
         (status = 401, description = "Authentication failed or token invalid", body = ErrorBody),
-        (status = 404, description = "No such job for this caller", body = ErrorBody)),
+        (status = 404, description = "No such job for this caller", body = ErrorBody),
+        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn events(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     follower: Follower,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // An id that does not decode is no job (and gets the API's error shape, not axum's text).
+    let Path(id) = id.map_err(|_| ApiError::NotFound)?;
     let owner = match follower {
         Follower::Token(claims) if claims.rid == id => claims.pid,
         Follower::Token(_) => return Err(ApiError::NotFound),
