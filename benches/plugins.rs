@@ -2,6 +2,11 @@
 //! every submitted job (each: fresh store + instance from the pre-instantiated component, the
 //! call, teardown), with the default `auth-apikey` (three keys) and `validate-seed` components.
 //! Target: p50 (criterion's median) of `auth_then_validate` at most 20 µs.
+//!
+//! `empty_component_floor`: what any plugin call costs before the plugin does anything, a bare
+//! wasmtime instantiate-and-call of an empty component (one exported no-op) with the host's
+//! engine settings. Absolute microseconds drift by machine; `auth_then_validate` over twice
+//! this floor does not (scripts/bench-ratios prints it).
 //! Build the components first: (cd plugins && cargo build --release)
 
 // The server's allocator (host/src/main.rs).
@@ -68,5 +73,41 @@ fn plugin_calls(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, plugin_calls);
+fn empty_component_floor(c: &mut Criterion) {
+    use wasmtime::component::{Component, Linker};
+    use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(
+            PoolingAllocationConfig::default(),
+        ));
+    let engine = Engine::new(&config).unwrap();
+    let bytes = wat::parse_str(
+        r#"(component
+             (core module $m (func (export "run")))
+             (core instance $i (instantiate $m))
+             (func (export "run") (canon lift (core func $i "run"))))"#,
+    )
+    .unwrap();
+    let component = Component::new(&engine, &bytes).unwrap();
+    let pre = Linker::<()>::new(&engine)
+        .instantiate_pre(&component)
+        .unwrap();
+    c.bench_function("empty_component_floor", |b| {
+        b.iter(|| {
+            let mut store = Store::new(&engine, ());
+            store.set_epoch_deadline(1_000);
+            let instance = pre.instantiate(&mut store).unwrap();
+            let run = instance
+                .get_typed_func::<(), ()>(&mut store, "run")
+                .unwrap();
+            run.call(&mut store, ()).unwrap();
+            black_box(store)
+        })
+    });
+}
+
+criterion_group!(benches, plugin_calls, empty_component_floor);
 criterion_main!(benches);
