@@ -21,17 +21,6 @@ fn requests_counted(metrics: &str, route: &str, status: u16) -> u64 {
         .sum()
 }
 
-fn status_request(server: &Server, authorization: Option<&str>) -> reqwest::blocking::Response {
-    let mut request = server
-        .client()
-        .post(format!("{}/video/status", server.url))
-        .json(&json!({"requestId": "a".repeat(32)}));
-    if let Some(value) = authorization {
-        request = request.header("authorization", value);
-    }
-    request.send().expect("sent")
-}
-
 #[test]
 fn every_wrong_credential_is_refused_and_none_is_logged() {
     let public = fixture("rsa-public.pem");
@@ -112,7 +101,8 @@ fn every_wrong_credential_is_refused_and_none_is_logged() {
     ];
     let before = requests_counted(&server.metrics(), "/video/status", 401);
     for (what, authorization) in &refused {
-        let response = status_request(&server, authorization.as_deref());
+        let response =
+            server.status_of_no_job(authorization.as_deref().map(|a| ("authorization", a)));
         let status = response.status().as_u16();
         let challenge = response
             .headers()
@@ -154,7 +144,9 @@ fn every_wrong_credential_is_refused_and_none_is_logged() {
         ("the key", format!("Bearer {ALICE}")),
         ("a valid JWT", format!("Bearer {valid_jwt}")),
     ] {
-        let status = status_request(&server, Some(&authorization)).status();
+        let status = server
+            .status_of_no_job(Some(("authorization", &authorization)))
+            .status();
         assert_eq!(status, 404, "{what} is accepted");
     }
 

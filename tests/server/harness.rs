@@ -261,6 +261,19 @@ impl Server {
         })
     }
 
+    /// `POST /video/status` for a job nobody submitted, with `header` (if any) and nothing
+    /// else: what authentication makes of a request (401, 503, or 404 once let in).
+    pub fn status_of_no_job(&self, header: Option<(&str, &str)>) -> Response {
+        let mut request = self
+            .client
+            .post(format!("{}/video/status", self.url))
+            .json(&json!({"requestId": "a".repeat(32)}));
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        request.send().expect("sent")
+    }
+
     pub fn metrics(&self) -> String {
         self.client
             .get(format!("{}/metrics", self.url))

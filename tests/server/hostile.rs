@@ -25,26 +25,15 @@ fn hostile_server() -> Server {
     })
 }
 
-fn status_of(server: &Server, hostile: Option<&str>) -> reqwest::blocking::Response {
-    let mut request = server
-        .client()
-        .post(format!("{}/video/status", server.url))
-        .json(&json!({"requestId": "c".repeat(32)}));
-    if let Some(mode) = hostile {
-        request = request.header("x-hostile", mode);
-    }
-    request.send().expect("sent")
-}
-
 #[test]
 fn a_hostile_auth_plugin_fails_closed_and_cannot_inject_headers() {
     let server = hostile_server();
     // Without misbehaving it lets callers in (404: no such job), which makes a 503 below the
     // plugin's failure and not a refusal.
-    assert_eq!(status_of(&server, None).status(), 404);
+    assert_eq!(server.status_of_no_job(None).status(), 404);
     for mode in ["loop", "trap", "grow", "huge"] {
         let before = failures(&server, "auth");
-        let response = status_of(&server, Some(mode));
+        let response = server.status_of_no_job(Some(("x-hostile", mode)));
         assert_eq!(response.status(), 503, "{mode}");
         let body: Value = response.json().expect("JSON");
         assert_eq!(
@@ -52,7 +41,7 @@ fn a_hostile_auth_plugin_fails_closed_and_cannot_inject_headers() {
             "{mode}: {body}"
         );
         let started = Instant::now();
-        assert_eq!(status_of(&server, None).status(), 404, "after {mode}");
+        assert_eq!(server.status_of_no_job(None).status(), 404, "after {mode}");
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "after {mode} the next request took {:?}",
@@ -61,7 +50,7 @@ fn a_hostile_auth_plugin_fails_closed_and_cannot_inject_headers() {
         assert_eq!(failures(&server, "auth"), before + 1, "{mode} counted");
     }
     // A challenge carrying CR/LF is not sent: the default one is, and no injected header.
-    let response = status_of(&server, Some("crlf"));
+    let response = server.status_of_no_job(Some(("x-hostile", "crlf")));
     assert_eq!(response.status(), 401);
     assert!(response.headers().get("set-cookie").is_none());
     let challenge = response
