@@ -24,8 +24,6 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let peer = peer_of(parts);
-        // Kept for the refusal's log line (the request itself goes to the plugin).
-        let (log_peer, log_path) = (peer.clone(), parts.uri.path().to_string());
         let request = HttpRequest {
             method: parts.method.as_str().to_string(),
             path: parts.uri.path().to_string(),
@@ -53,7 +51,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             Ok(Err(denial)) => {
                 // For operators watching for probing (fail2ban and the like): who, where, why;
                 // never what was presented.
-                tracing::info!(peer = %log_peer, path = %log_path, reason = %denial.reason, "request refused: not authenticated");
+                tracing::info!(peer = %peer_of(parts), path = %parts.uri.path(), reason = %denial.reason, "request refused: not authenticated");
                 Err(ApiError::Unauthorized {
                     reason: denial.reason,
                     challenge: denial.challenge,
