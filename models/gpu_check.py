@@ -14,6 +14,8 @@ with CUDA, diffusers): builds Wan2.1-T2V-1.3B's real architecture with random we
               what happens inside the loop)
   concurrent  two 50-step jobs through one `wanserve serve --slots 2`, one after the other and
               then at once: total times and peak GPU memory of each
+  batch       the full job again with the other guidance mode (--batch-cfg: one batch-2 DiT call
+              per step instead of two), to compare against `steps`
   torch       the same 50-step job in diffusers (bf16, same GPU), and one DiT forward in torch
               against ORT (models/gpu_step.py)
 
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -91,14 +94,16 @@ def export(args, setup):
     return {}
 
 
-def generate(args, setup, steps):
+def generate(args, setup, steps, batch_cfg=None):
     """One `wanserve generate` job; its log parsed for timings and copies."""
+    batch_cfg = args.batch_cfg if batch_cfg is None else batch_cfg
     env = dict(os.environ, RUST_LOG="wanserve=debug,ort=warn")
-    out = args.work / f"job-{steps}.mp4"
+    name = f"job-{steps}{'-batch-cfg' if batch_cfg else ''}"
+    out = args.work / f"{name}.mp4"
     cmd = [args.wanserve, "generate", "--model-dir", args.work / "model", "--device", setup["device"],
            "--prompt", PROMPT, "--image-size", setup["size"], "--num-frames", setup["frames"],
            "--infer-steps", steps, "--guidance-scale", 5, "--seed", 1, "--output", out]
-    if args.batch_cfg:
+    if batch_cfg:
         cmd.append("--batch-cfg")
     with GpuMemory(setup["device"] == "cuda") as gpu:
         start = time.perf_counter()
@@ -106,7 +111,7 @@ def generate(args, setup, steps):
         proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
     log = proc.stdout + proc.stderr
-    (args.work / f"job-{steps}.log").write_text(log)
+    (args.work / f"{name}.log").write_text(log)
     if proc.returncode != 0:
         sys.exit(f"wanserve generate failed ({proc.returncode}):\n{log[-4000:]}")
     generated = re.search(r"generated text_s=([\d.]+) denoise_s=([\d.]+) decode_and_sink_s=([\d.]+) steps=(\d+)", log)
@@ -115,7 +120,7 @@ def generate(args, setup, steps):
     copies = [m.group(1) for m in re.finditer(r'host-device copy direction="?(\w+)"?', log)]
     # ORT warns when it places nodes on the CPU EP (the CUDA EP leaves shape arithmetic there).
     placement = [line for line in log.splitlines() if "not assigned to the preferred execution providers" in line]
-    return {"steps": steps, "end_to_end_s": seconds, "text_s": float(generated.group(1)),
+    return {"steps": steps, "batch_cfg": batch_cfg, "end_to_end_s": seconds, "text_s": float(generated.group(1)),
             "denoise_s": float(generated.group(2)), "step_s": float(generated.group(2)) / steps,
             "decode_and_encode_s": float(generated.group(3)), "copies": len(copies),
             "copies_by_direction": {d: copies.count(d) for d in sorted(set(copies))},
@@ -130,12 +135,21 @@ def steps_stage(args, setup):
     return {"few": few, "full": full, "copies_per_step": per_step}
 
 
+def batch_stage(args, setup):
+    """The full job again with the other guidance mode: CFG as one batch-2 call against two calls."""
+    other = generate(args, setup, setup["full_steps"], batch_cfg=not args.batch_cfg)
+    return {"job": other}
+
+
 def request(url, body=None, key=API_KEY):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="POST",
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # the API's error body names the field and reason
+        raise RuntimeError(f"{url}: HTTP {error.code}: {error.read()[:2000].decode(errors='replace')}") from None
 
 
 def concurrent_stage(args, setup):
@@ -250,7 +264,7 @@ def main() -> None:
     parser.add_argument("--wanserve", type=pathlib.Path, default=ROOT / "target" / "release" / "wanserve")
     parser.add_argument("--work", type=pathlib.Path, help="keep the export here (default: a temp dir)")
     parser.add_argument("--stages", nargs="+", default=["export", "steps", "concurrent", "torch"],
-                        choices=["export", "steps", "concurrent", "torch"])
+                        choices=["export", "steps", "batch", "concurrent", "torch"])
     parser.add_argument("--batch-cfg", action="store_true", help="run wanserve with --batch-cfg")
     parser.add_argument("--few-steps", type=int, help="the short job's steps (default 3)")
     parser.add_argument("--full-steps", type=int, help="the long job's steps, diffusers' too (default 50)")
@@ -278,7 +292,8 @@ def main() -> None:
         temp = tempfile.TemporaryDirectory()
         args.work = pathlib.Path(temp.name)
     args.work.mkdir(parents=True, exist_ok=True)
-    stages = {"export": export, "steps": steps_stage, "concurrent": concurrent_stage, "torch": torch_stage}
+    stages = {"export": export, "steps": steps_stage, "batch": batch_stage, "concurrent": concurrent_stage,
+              "torch": torch_stage}
     summary = {"setup": {k: str(v) for k, v in setup.items()}, "batch_cfg": args.batch_cfg}
     failed = False
     for name in args.stages:
@@ -295,6 +310,10 @@ def main() -> None:
         print(json.dumps({name: summary[name]}), flush=True)
         if args.summary:
             args.summary.write_text(json.dumps(summary, indent=2))
+    if "step_s" in summary.get("steps", {}).get("full", {}) and "step_s" in summary.get("batch", {}).get("job", {}):
+        summary["batch"]["batch_cfg_vs_two_calls_step"] = (
+            summary["batch"]["job"]["step_s"] / summary["steps"]["full"]["step_s"] if not args.batch_cfg
+            else summary["steps"]["full"]["step_s"] / summary["batch"]["job"]["step_s"])
     if "end_to_end_s" in summary.get("steps", {}).get("full", {}) and "end_to_end_s" in summary.get("torch", {}):
         summary["torch"]["wanserve_vs_torch"] = summary["steps"]["full"]["end_to_end_s"] / summary["torch"]["end_to_end_s"]
         summary["torch"]["wanserve_vs_torch_step"] = summary["steps"]["full"]["step_s"] / summary["torch"]["step_s"]
