@@ -18,7 +18,7 @@ use ort::value::{
     DynTensor, DynTensorValueType, Outlet, PrimitiveTensorElementType, Shape, SymbolicDimensions,
     Tensor, TensorElementType, ValueType,
 };
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// UniPC's largest update, the order-3 corrector: last sample, this output, three of history.
 pub const MAX_TERMS: usize = 5;
@@ -93,7 +93,11 @@ pub struct OrtTensors {
     /// For guidance in one batch-2 DiT call: `x → [x, x]` on axis 0, and
     /// `(pair, weights) → weights[0]·pair[0] + weights[1]·pair[1]`.
     pair: [OnceLock<Mutex<Session>>; 2],
+    /// Host → device copies, one graph per element type and rank (latents, text context).
+    identities: Mutex<Vec<IdentityGraph>>,
 }
+
+type IdentityGraph = ((TensorElementType, usize), Arc<Mutex<Session>>);
 
 const DUPLICATE: usize = 0;
 const COMBINE: usize = 1;
@@ -109,6 +113,7 @@ impl OrtTensors {
             sessions: Default::default(),
             casts: Default::default(),
             pair: Default::default(),
+            identities: Mutex::default(),
         }
     }
 
@@ -173,13 +178,40 @@ impl OrtTensors {
             Device::Cpu => Ok(tensor),
             Device::Cuda => {
                 record_copy(CopyDirection::ToDevice, what, &tensor.0);
-                tensor
-                    .0
-                    .to(AllocationDevice::CUDA, 0)
-                    .map(DeviceTensor)
-                    .map_err(device_error("copying a tensor to the GPU"))
+                self.copy_through_identity(&tensor)
             }
         }
+    }
+
+    /// The tensor copied by an `Identity` graph whose output is bound to the device's memory.
+    /// Not ort's `Tensor::to`: its built-in copy graph declares an opset whose `Identity` takes
+    /// no bfloat16, so the bf16 text context failed on the first GPU run.
+    fn copy_through_identity(&self, tensor: &DeviceTensor) -> Result<DeviceTensor, BackendError> {
+        let failed = device_error("copying a tensor to the device");
+        let (ty, rank) = match tensor.0.dtype() {
+            ValueType::Tensor { ty, shape, .. } => (*ty, shape.len()),
+            other => {
+                return Err(BackendError::Device {
+                    what: "copying a tensor to the device",
+                    reason: format!("not a tensor: {other:?}"),
+                });
+            }
+        };
+        let session = {
+            let mut identities = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+            match identities.iter().find(|(key, _)| *key == (ty, rank)) {
+                Some((_, session)) => Arc::clone(session),
+                None => {
+                    let session =
+                        Arc::new(Mutex::new(self.build_identity(ty, rank).map_err(&failed)?));
+                    identities.push(((ty, rank), Arc::clone(&session)));
+                    session
+                }
+            }
+        };
+        run_on_device(&session, self.device, &[("x", &tensor.0)], "y", None)
+            .map(DeviceTensor)
+            .map_err(failed)
     }
 
     /// A float32 device tensor's values on the host (a copy only where it is not in host memory).
@@ -224,6 +256,26 @@ impl OrtTensors {
             shape: Shape::new(vec![-1i64; self.rank]),
             dimension_symbols: SymbolicDimensions::new((0..self.rank).map(|d| format!("d{d}"))),
         }
+    }
+
+    fn build_identity(&self, ty: TensorElementType, rank: usize) -> ort::Result<Session> {
+        let tensor = || ValueType::Tensor {
+            ty,
+            shape: Shape::new(vec![-1i64; rank]),
+            dimension_symbols: SymbolicDimensions::new((0..rank).map(|d| format!("d{d}"))),
+        };
+        let mut graph = Graph::new()?;
+        graph.set_inputs([Outlet::new("x", tensor())])?;
+        graph.set_outputs([Outlet::new("y", tensor())])?;
+        graph.add_node(Node::new(
+            "Identity",
+            ONNX_DOMAIN,
+            "copy",
+            ["x"],
+            ["y"],
+            [],
+        )?)?;
+        self.session_for(graph)
     }
 
     fn build_cast(&self, from: TensorElementType, to: TensorElementType) -> ort::Result<Session> {
@@ -520,6 +572,35 @@ mod tests {
         assert_eq!(
             arithmetic.download(&sum, "sum").expect("download").1,
             vec![2.0; 4]
+        );
+    }
+
+    /// The copy `upload` makes on CUDA, run on the CPU: the same graph, so a bf16 text context
+    /// (what failed on the first GPU run, through ort's `Tensor::to`) and f32 latents come
+    /// through with their type, shape and values.
+    #[test]
+    fn the_upload_copy_keeps_bf16_and_f32_tensors_whole() {
+        use half::bf16;
+        let arithmetic = OrtTensors::new(Device::Cpu, 5, 1);
+        let context: Vec<bf16> = (0..24)
+            .map(|i| bf16::from_f32(i as f32 * 0.25 - 2.0))
+            .collect();
+        let host = DeviceTensor::from_host(&[1, 4, 6], context.clone()).expect("bf16 tensor");
+        let copied = arithmetic.copy_through_identity(&host).expect("bf16 copy");
+        let (shape, values) = copied.0.try_extract_tensor::<bf16>().expect("still bf16");
+        assert_eq!(**shape, [1, 4, 6]);
+        assert_eq!(values, context.as_slice());
+        assert_eq!(
+            copied.0.memory_info().allocation_device(),
+            AllocationDevice::CPU
+        );
+
+        let latents: Vec<f32> = (0..48).map(|i| i as f32 - 7.5).collect();
+        let host = DeviceTensor::from_host(&[1, 2, 2, 3, 4], latents.clone()).expect("f32 tensor");
+        let copied = arithmetic.copy_through_identity(&host).expect("f32 copy");
+        assert_eq!(
+            copied.to_host().expect("host"),
+            (vec![1, 2, 2, 3, 4], latents)
         );
     }
 }
