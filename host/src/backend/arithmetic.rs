@@ -512,24 +512,54 @@ pub(crate) fn run_on_device(
 ) -> ort::Result<DynTensor> {
     let memory = output_memory(device)?;
     let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+    let mut outputs = run_bound(&mut session, device, inputs, &[(output, &memory)], options)?;
+    outputs
+        .pop()
+        .ok_or_else(|| ort::Error::new(format!("the graph returned no {output}")))
+}
+
+/// Runs a locked `session` on `device` with each output bound to the memory given beside it, and
+/// returns the outputs in that order. Host inputs of a CUDA session and CUDA outputs bound to host
+/// memory are the copies ONNX Runtime makes: each is counted.
+pub(crate) fn run_bound(
+    session: &mut Session,
+    device: Device,
+    inputs: &[(&str, &DynTensor)],
+    outputs: &[(&str, &MemoryInfo<'static>)],
+    options: Option<&RunOptions>,
+) -> ort::Result<Vec<DynTensor>> {
+    let on_host = |memory: &MemoryInfo| memory.allocation_device() == AllocationDevice::CPU;
     let mut binding = session.create_binding()?;
     for (name, tensor) in inputs {
-        if device == Device::Cuda
-            && tensor.memory_info().allocation_device() == AllocationDevice::CPU
-        {
+        if device == Device::Cuda && on_host(&tensor.memory_info()) {
             record_copy(CopyDirection::ToDevice, name, tensor);
         }
         binding.bind_input(*name, *tensor)?;
     }
-    binding.bind_output_to_device(output, &memory)?;
-    let mut outputs = match options {
+    for (name, memory) in outputs {
+        binding.bind_output_to_device(*name, memory)?;
+    }
+    let mut values = match options {
         Some(options) => session.run_binding_with_options(&binding, options)?,
         None => session.run_binding(&binding)?,
     };
-    outputs
-        .remove(output)
-        .ok_or_else(|| ort::Error::new(format!("the graph returned no {output}")))?
-        .downcast::<DynTensorValueType>()
+    let mut results = Vec::with_capacity(outputs.len());
+    for (name, memory) in outputs {
+        let tensor = values
+            .remove(*name)
+            .ok_or_else(|| ort::Error::new(format!("the graph returned no {name}")))?
+            .downcast::<DynTensorValueType>()?;
+        if device == Device::Cuda && on_host(memory) {
+            record_copy(CopyDirection::ToHost, name, &tensor);
+        }
+        results.push(tensor);
+    }
+    Ok(results)
+}
+
+/// Host memory, where outputs the host reads (a decoded video chunk) are bound.
+pub(crate) fn host_memory() -> ort::Result<MemoryInfo<'static>> {
+    output_memory(Device::Cpu)
 }
 
 #[cfg(test)]

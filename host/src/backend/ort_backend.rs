@@ -4,14 +4,17 @@
 //! interleave call by call (a denoising step of one job, then of the other); the sessions and
 //! their weights exist once.
 
-use super::arithmetic::{DeviceTensor, OrtTensors, run_on_device};
+use super::arithmetic::{
+    DeviceTensor, OrtTensors, host_memory, output_memory, run_bound, run_on_device,
+};
 use super::{Backend, BackendError, RunControl, runtime};
 use crate::model::ModelDir;
 use half::bf16;
 use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};
+use ort::memory::MemoryInfo;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{RunOptions, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
@@ -29,11 +32,15 @@ struct Graph {
     bf16: bool,
     /// Name of the first output (the one the pipeline uses).
     output: String,
+    /// Every output's name, in the graph's order (the VAE's video, then its cache slots).
+    outputs: Vec<String>,
 }
 
 /// The VAE decoder's causal cache between chunks: the decoder graph's cache outputs, fed back
-/// as its cache inputs.
-pub struct OrtVaeCache(Vec<DynValue>);
+/// as its cache inputs. They stay in the device's memory (GPU memory with CUDA): at 832x480 the
+/// full-resolution slots are hundreds of MiB a chunk, which a plain run would bring to the host
+/// and send back for every latent frame.
+pub struct OrtVaeCache(Vec<DynTensor>);
 
 /// One job's ORT run options: terminating them stops the session run in progress (ORT checks
 /// the flag between kernels) and fails every later run made with them.
@@ -160,20 +167,22 @@ fn load(
             }
         )
     });
-    let output = session
+    let outputs: Vec<String> = session
         .outputs()
-        .first()
+        .iter()
         .map(|o| o.name().to_string())
-        .ok_or_else(|| BackendError::Load {
-            graph: path.display().to_string(),
-            reason: "the graph has no output".into(),
-        })?;
+        .collect();
+    let output = outputs.first().cloned().ok_or_else(|| BackendError::Load {
+        graph: path.display().to_string(),
+        reason: "the graph has no output".into(),
+    })?;
     Ok(Graph {
         name,
         session: Mutex::new(session),
         device,
         bf16,
         output,
+        outputs,
     })
 }
 
@@ -253,13 +262,13 @@ impl OrtBackend {
     }
 }
 
-fn float_input(graph: &Graph, shape: &[usize], data: Vec<f32>) -> Result<DynValue, BackendError> {
+fn float_input(graph: &Graph, shape: &[usize], data: Vec<f32>) -> Result<DynTensor, BackendError> {
     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let value = if graph.bf16 {
         let data: Vec<bf16> = data.into_iter().map(bf16::from_f32).collect();
-        Tensor::from_array((shape, data)).map(|t| t.into_dyn())
+        Tensor::from_array((shape, data)).map(|t| t.upcast())
     } else {
-        Tensor::from_array((shape, data)).map(|t| t.into_dyn())
+        Tensor::from_array((shape, data)).map(|t| t.upcast())
     };
     value.map_err(|e| BackendError::Run {
         graph: graph.name,
@@ -322,12 +331,27 @@ fn dims5(graph: &Graph, a: ndarray::ArrayD<f32>) -> Result<Array5<f32>, BackendE
         })
 }
 
-fn owned_input(graph: &Graph, view: ArrayView5<f32>) -> Result<DynValue, BackendError> {
+fn owned_input(graph: &Graph, view: ArrayView5<f32>) -> Result<DynTensor, BackendError> {
     let shape = view.shape().to_vec();
     float_input(graph, &shape, view.iter().copied().collect())
 }
 
+/// Where a VAE chunk graph's `outputs` are bound on `device`: the video (first) in host memory,
+/// every cache slot in the device's.
+fn decode_output_memory(device: Device, outputs: usize) -> ort::Result<Vec<MemoryInfo<'static>>> {
+    let mut memory = Vec::with_capacity(outputs);
+    if outputs > 0 {
+        memory.push(host_memory()?);
+    }
+    for _ in 1..outputs {
+        memory.push(output_memory(device)?);
+    }
+    Ok(memory)
+}
+
 impl OrtBackend {
+    /// One VAE chunk: the video comes back to host memory (the encoder reads it there), the cache
+    /// outputs stay where the graph runs, for the next chunk.
     fn decode(
         &self,
         graph: &Graph,
@@ -335,20 +359,46 @@ impl OrtBackend {
         cache: Option<OrtVaeCache>,
         control: &OrtRunControl,
     ) -> Result<(Array5<f32>, OrtVaeCache), BackendError> {
-        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> =
-            vec![("latent".into(), owned_input(graph, latent)?.into())];
-        if let Some(OrtVaeCache(values)) = cache {
-            for (i, value) in values.into_iter().enumerate() {
-                inputs.push((format!("cache_{i}").into(), value.into()));
-            }
+        let failed = |e: ort::Error| BackendError::Run {
+            graph: graph.name,
+            reason: e.to_string(),
+        };
+        let latent = owned_input(graph, latent)?;
+        let names: Vec<String> = (0..cache.as_ref().map_or(0, |c| c.0.len()))
+            .map(|i| format!("cache_{i}"))
+            .collect();
+        let mut inputs: Vec<(&str, &DynTensor)> = vec![("latent", &latent)];
+        if let Some(OrtVaeCache(values)) = &cache {
+            inputs.extend(names.iter().map(String::as_str).zip(values));
         }
-        let mut outputs = run(graph, inputs, control)?.into_iter();
-        let video = outputs.next().ok_or(BackendError::Output {
+        let memory = decode_output_memory(graph.device, graph.outputs.len()).map_err(failed)?;
+        let outputs: Vec<(&str, &MemoryInfo<'static>)> = graph
+            .outputs
+            .iter()
+            .map(String::as_str)
+            .zip(&memory)
+            .collect();
+        let mut values = {
+            let mut session = graph
+                .session
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            run_bound(
+                &mut session,
+                graph.device,
+                &inputs,
+                &outputs,
+                Some(control.for_device(graph.device)),
+            )
+            .map_err(failed)?
+        }
+        .into_iter();
+        let video = values.next().ok_or(BackendError::Output {
             graph: graph.name,
             reason: "no video output".into(),
         })?;
-        let video = dims5(graph, float_output(graph.name, &video)?)?;
-        let cache: Vec<DynValue> = outputs.collect();
+        let video = dims5(graph, float_output(graph.name, &video.into_dyn())?)?;
+        let cache: Vec<DynTensor> = values.collect();
         if cache.len() != self.cache_slots {
             return Err(BackendError::Output {
                 graph: graph.name,
@@ -546,6 +596,39 @@ impl Backend for OrtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ort::memory::AllocationDevice;
+
+    /// The VAE's causal cache stays on the GPU between chunks; only the video comes to the host.
+    /// Checkable without a GPU (a memory info is a description), and the bundled model's chunk
+    /// graphs are read for their real output count.
+    #[test]
+    fn vae_caches_are_bound_to_the_device_and_the_video_to_the_host() {
+        let backend = OrtBackend::load(
+            &ModelDir::open(&crate::model::bundled_model_dir()).expect("bundled model"),
+            Device::Cpu,
+            1,
+        )
+        .expect("bundled model loads");
+        let outputs = backend.vae_step.outputs.len();
+        assert_eq!(
+            outputs,
+            1 + backend.cache_slots,
+            "video, then every cache slot"
+        );
+        let on_cuda = decode_output_memory(Device::Cuda, outputs).expect("memory infos");
+        assert_eq!(on_cuda.len(), outputs);
+        assert_eq!(on_cuda[0].allocation_device(), AllocationDevice::CPU);
+        for cache in &on_cuda[1..] {
+            assert_eq!(cache.allocation_device(), AllocationDevice::CUDA);
+            assert!(!cache.is_cpu_accessible());
+        }
+        let on_cpu = decode_output_memory(Device::Cpu, outputs).expect("memory infos");
+        assert!(
+            on_cpu
+                .iter()
+                .all(|m| m.allocation_device() == AllocationDevice::CPU)
+        );
+    }
 
     #[test]
     fn bf16_graphs_on_the_cpu_are_refused_with_the_way_out() {
