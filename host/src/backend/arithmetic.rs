@@ -531,7 +531,7 @@ pub(crate) fn run_bound(
     let on_host = |memory: &MemoryInfo| memory.allocation_device() == AllocationDevice::CPU;
     let mut binding = session.create_binding()?;
     for (name, tensor) in inputs {
-        if device == Device::Cuda && on_host(&tensor.memory_info()) {
+        if device == Device::Cuda && on_host(tensor.memory_info()) {
             record_copy(CopyDirection::ToDevice, name, tensor);
         }
         binding.bind_input(*name, *tensor)?;
