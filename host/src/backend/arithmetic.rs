@@ -144,7 +144,7 @@ impl OrtTensors {
     pub fn duplicate(&self, x: &DeviceTensor) -> Result<DeviceTensor, BackendError> {
         let session = cached(&self.pair[DUPLICATE], || self.build_duplicate())
             .map_err(device_error("building the duplicate graph"))?;
-        run_on_device(session, self.device, &[("x", &x.0)], "pair", None)
+        run_on_device(session, self.device, &[("x", &x.0)], "y", None)
             .map(DeviceTensor)
             .map_err(device_error("duplicating a tensor"))
     }
@@ -251,51 +251,38 @@ impl OrtTensors {
 
     /// A tensor of this arithmetic's rank with dynamic dimensions.
     fn tensor_type(&self, ty: TensorElementType) -> ValueType {
-        ValueType::Tensor {
-            ty,
-            shape: Shape::new(vec![-1i64; self.rank]),
-            dimension_symbols: SymbolicDimensions::new((0..self.rank).map(|d| format!("d{d}"))),
-        }
+        dynamic_tensor(ty, self.rank)
     }
 
-    fn build_identity(&self, ty: TensorElementType, rank: usize) -> ort::Result<Session> {
-        let tensor = || ValueType::Tensor {
-            ty,
-            shape: Shape::new(vec![-1i64; rank]),
-            dimension_symbols: SymbolicDimensions::new((0..rank).map(|d| format!("d{d}"))),
-        };
+    /// A graph of one node from input `x` to output `y`.
+    fn one_node(&self, x: ValueType, y: ValueType, node: Node) -> ort::Result<Session> {
         let mut graph = Graph::new()?;
-        graph.set_inputs([Outlet::new("x", tensor())])?;
-        graph.set_outputs([Outlet::new("y", tensor())])?;
-        graph.add_node(Node::new(
-            "Identity",
-            ONNX_DOMAIN,
-            "copy",
-            ["x"],
-            ["y"],
-            [],
-        )?)?;
+        graph.set_inputs([Outlet::new("x", x)])?;
+        graph.set_outputs([Outlet::new("y", y)])?;
+        graph.add_node(node)?;
         self.session_for(graph)
     }
 
+    fn build_identity(&self, ty: TensorElementType, rank: usize) -> ort::Result<Session> {
+        let node = Node::new("Identity", ONNX_DOMAIN, "copy", ["x"], ["y"], [])?;
+        self.one_node(dynamic_tensor(ty, rank), dynamic_tensor(ty, rank), node)
+    }
+
     fn build_cast(&self, from: TensorElementType, to: TensorElementType) -> ort::Result<Session> {
-        let mut graph = Graph::new()?;
-        graph.set_inputs([Outlet::new("x", self.tensor_type(from))])?;
-        graph.set_outputs([Outlet::new("y", self.tensor_type(to))])?;
         // ONNX TensorProto data types.
         let onnx_type: i64 = match to {
             TensorElementType::Bfloat16 => 16,
             _ => 1,
         };
-        graph.add_node(Node::new(
+        let node = Node::new(
             "Cast",
             ONNX_DOMAIN,
             "cast",
             ["x"],
             ["y"],
             [Attribute::new("to", onnx_type)?],
-        )?)?;
-        self.session_for(graph)
+        )?;
+        self.one_node(self.tensor_type(from), self.tensor_type(to), node)
     }
 
     fn session_for(&self, graph: Graph) -> ort::Result<Session> {
@@ -334,18 +321,15 @@ impl OrtTensors {
 
     fn build_duplicate(&self) -> ort::Result<Session> {
         let float = || self.tensor_type(TensorElementType::Float32);
-        let mut graph = Graph::new()?;
-        graph.set_inputs([Outlet::new("x", float())])?;
-        graph.set_outputs([Outlet::new("pair", float())])?;
-        graph.add_node(Node::new(
+        let node = Node::new(
             "Concat",
             ONNX_DOMAIN,
             "duplicate",
             ["x", "x"],
-            ["pair"],
+            ["y"],
             [Attribute::new("axis", 0i64)?],
-        )?)?;
-        self.session_for(graph)
+        )?;
+        self.one_node(float(), float(), node)
     }
 
     fn build_combine(&self) -> ort::Result<Session> {
@@ -409,6 +393,15 @@ impl TensorArithmetic for OrtTensors {
         run_on_device(session, self.device, &inputs, "sum", None)
             .map(DeviceTensor)
             .map_err(arithmetic_error)
+    }
+}
+
+/// A tensor type of `rank` dynamic dimensions.
+fn dynamic_tensor(ty: TensorElementType, rank: usize) -> ValueType {
+    ValueType::Tensor {
+        ty,
+        shape: Shape::new(vec![-1i64; rank]),
+        dimension_symbols: SymbolicDimensions::new((0..rank).map(|d| format!("d{d}"))),
     }
 }
 
