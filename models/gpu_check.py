@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="the CPU rehearsal with the tiny configuration")
     parser.add_argument("--wanserve", type=pathlib.Path, default=ROOT / "target" / "release" / "wanserve")
     parser.add_argument("--work", type=pathlib.Path, help="keep the export here (default: a temp dir)")
-    parser.add_argument("--stages", nargs="+", default=["export", "steps", "concurrent", "torch"],
+    parser.add_argument("--stages", nargs="+", default=["export", "steps", "torch", "concurrent", "batch"],
                         choices=["export", "steps", "batch", "concurrent", "torch"])
     parser.add_argument("--batch-cfg", action="store_true", help="run wanserve with --batch-cfg")
     parser.add_argument("--few-steps", type=int, help="the short job's steps (default 3)")
