@@ -41,19 +41,17 @@ impl DeviceTensor {
             .map_err(device_error("building a host tensor"))
     }
 
-    /// Copies float32 values back to host memory (row-major) with their shape.
+    /// The float32 values of a tensor in host memory (row-major) with its shape; one on the
+    /// device comes back through [`OrtTensors::download`].
     pub fn to_host(&self) -> Result<(Vec<usize>, Vec<f32>), BackendError> {
-        let on_host;
-        let tensor = if self.0.memory_info().allocation_device() == AllocationDevice::CPU {
-            &self.0
-        } else {
-            on_host = self
-                .0
-                .to(AllocationDevice::CPU, 0)
-                .map_err(device_error("copying a tensor to the host"))?;
-            &on_host
-        };
-        let (shape, values) = tensor
+        if self.0.memory_info().allocation_device() != AllocationDevice::CPU {
+            return Err(BackendError::Device {
+                what: "reading a float32 tensor",
+                reason: "the tensor is in device memory (download it first)".into(),
+            });
+        }
+        let (shape, values) = self
+            .0
             .try_extract_tensor::<f32>()
             .map_err(device_error("reading a float32 tensor"))?;
         Ok((
@@ -178,16 +176,23 @@ impl OrtTensors {
             Device::Cpu => Ok(tensor),
             Device::Cuda => {
                 record_copy(CopyDirection::ToDevice, what, &tensor.0);
-                self.copy_through_identity(&tensor)
+                let memory = output_memory(self.device)
+                    .map_err(device_error("copying a tensor to the device"))?;
+                self.copy_through_identity(&tensor, &memory)
             }
         }
     }
 
-    /// The tensor copied by an `Identity` graph whose output is bound to the device's memory.
-    /// Not ort's `Tensor::to`: its built-in copy graph declares an opset whose `Identity` takes
-    /// no bfloat16, so the bf16 text context failed on the first GPU run.
-    fn copy_through_identity(&self, tensor: &DeviceTensor) -> Result<DeviceTensor, BackendError> {
-        let failed = device_error("copying a tensor to the device");
+    /// The tensor copied into `memory` by an `Identity` graph run on this device (the caller
+    /// records the copy under its own name). Not ort's `Tensor::to`: its built-in copy graph
+    /// declares an opset whose `Identity` takes no bfloat16, so the bf16 text context failed on
+    /// the first GPU run.
+    fn copy_through_identity(
+        &self,
+        tensor: &DeviceTensor,
+        memory: &MemoryInfo<'static>,
+    ) -> Result<DeviceTensor, BackendError> {
+        let failed = device_error("copying a tensor between host and device");
         let (ty, rank) = match tensor.0.dtype() {
             ValueType::Tensor { ty, shape, .. } => (*ty, shape.len()),
             other => {
@@ -209,9 +214,15 @@ impl OrtTensors {
                 }
             }
         };
-        run_on_device(&session, self.device, &[("x", &tensor.0)], "y", None)
+        let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+        bind_and_run(&mut session, &[("x", &tensor.0)], &[("y", memory)], None)
+            .map_err(failed)?
+            .pop()
             .map(DeviceTensor)
-            .map_err(failed)
+            .ok_or(BackendError::Device {
+                what: "copying a tensor between host and device",
+                reason: "the copy graph returned nothing".into(),
+            })
     }
 
     /// A float32 device tensor's values on the host (a copy only where it is not in host memory).
@@ -220,10 +231,12 @@ impl OrtTensors {
         tensor: &DeviceTensor,
         what: &str,
     ) -> Result<(Vec<usize>, Vec<f32>), BackendError> {
-        if tensor.0.memory_info().allocation_device() != AllocationDevice::CPU {
-            record_copy(CopyDirection::ToHost, what, &tensor.0);
+        if tensor.0.memory_info().allocation_device() == AllocationDevice::CPU {
+            return tensor.to_host();
         }
-        tensor.to_host()
+        record_copy(CopyDirection::ToHost, what, &tensor.0);
+        let memory = host_memory().map_err(device_error("copying a tensor to the host"))?;
+        self.copy_through_identity(tensor, &memory)?.to_host()
     }
 
     /// The tensor converted to `to` (float32 or bfloat16), on the device.
@@ -522,11 +535,33 @@ pub(crate) fn run_bound(
     options: Option<&RunOptions>,
 ) -> ort::Result<Vec<DynTensor>> {
     let on_host = |memory: &MemoryInfo| memory.allocation_device() == AllocationDevice::CPU;
+    if device == Device::Cuda {
+        for (name, tensor) in inputs {
+            if on_host(tensor.memory_info()) {
+                record_copy(CopyDirection::ToDevice, name, tensor);
+            }
+        }
+    }
+    let results = bind_and_run(session, inputs, outputs, options)?;
+    if device == Device::Cuda {
+        for ((name, memory), tensor) in outputs.iter().zip(&results) {
+            if on_host(memory) {
+                record_copy(CopyDirection::ToHost, name, tensor);
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// [`run_bound`] without counting copies (for callers that count them under their own names).
+fn bind_and_run(
+    session: &mut Session,
+    inputs: &[(&str, &DynTensor)],
+    outputs: &[(&str, &MemoryInfo<'static>)],
+    options: Option<&RunOptions>,
+) -> ort::Result<Vec<DynTensor>> {
     let mut binding = session.create_binding()?;
     for (name, tensor) in inputs {
-        if device == Device::Cuda && on_host(tensor.memory_info()) {
-            record_copy(CopyDirection::ToDevice, name, tensor);
-        }
         binding.bind_input(*name, *tensor)?;
     }
     for (name, memory) in outputs {
@@ -537,14 +572,11 @@ pub(crate) fn run_bound(
         None => session.run_binding(&binding)?,
     };
     let mut results = Vec::with_capacity(outputs.len());
-    for (name, memory) in outputs {
+    for (name, _) in outputs {
         let tensor = values
             .remove(*name)
             .ok_or_else(|| ort::Error::new(format!("the graph returned no {name}")))?
             .downcast::<DynTensorValueType>()?;
-        if device == Device::Cuda && on_host(memory) {
-            record_copy(CopyDirection::ToHost, name, &tensor);
-        }
         results.push(tensor);
     }
     Ok(results)
@@ -609,7 +641,9 @@ mod tests {
             .map(|i| bf16::from_f32(i as f32 * 0.25 - 2.0))
             .collect();
         let host = DeviceTensor::from_host(&[1, 4, 6], context.clone()).expect("bf16 tensor");
-        let copied = arithmetic.copy_through_identity(&host).expect("bf16 copy");
+        let copied = arithmetic
+            .copy_through_identity(&host, &host_memory().expect("memory"))
+            .expect("bf16 copy");
         let (shape, values) = copied.0.try_extract_tensor::<bf16>().expect("still bf16");
         assert_eq!(**shape, [1, 4, 6]);
         assert_eq!(values, context.as_slice());
@@ -620,7 +654,9 @@ mod tests {
 
         let latents: Vec<f32> = (0..48).map(|i| i as f32 - 7.5).collect();
         let host = DeviceTensor::from_host(&[1, 2, 2, 3, 4], latents.clone()).expect("f32 tensor");
-        let copied = arithmetic.copy_through_identity(&host).expect("f32 copy");
+        let copied = arithmetic
+            .copy_through_identity(&host, &host_memory().expect("memory"))
+            .expect("f32 copy");
         assert_eq!(
             copied.to_host().expect("host"),
             (vec![1, 2, 2, 3, 4], latents)

@@ -30,10 +30,16 @@ struct Graph {
     device: Device,
     /// Whether the graph's float inputs are bfloat16 (converted at the boundary).
     bf16: bool,
-    /// Name of the first output (the one the pipeline uses).
-    output: String,
-    /// Every output's name, in the graph's order (the VAE's video, then its cache slots).
+    /// Every output's name, in the graph's order (the VAE's video, then its cache slots); never
+    /// empty (`load` refuses a graph without outputs).
     outputs: Vec<String>,
+}
+
+impl Graph {
+    /// The first output (the one the pipeline uses).
+    fn output(&self) -> &str {
+        &self.outputs[0]
+    }
 }
 
 /// The VAE decoder's causal cache between chunks: the decoder graph's cache outputs, fed back
@@ -172,16 +178,17 @@ fn load(
         .iter()
         .map(|o| o.name().to_string())
         .collect();
-    let output = outputs.first().cloned().ok_or_else(|| BackendError::Load {
-        graph: path.display().to_string(),
-        reason: "the graph has no output".into(),
-    })?;
+    if outputs.is_empty() {
+        return Err(BackendError::Load {
+            graph: path.display().to_string(),
+            reason: "the graph has no output".into(),
+        });
+    }
     Ok(Graph {
         name,
         session: Mutex::new(session),
         device,
         bf16,
-        output,
         outputs,
     })
 }
@@ -563,7 +570,7 @@ impl Backend for OrtBackend {
                 ("timestep", &timestep),
                 ("encoder_hidden_states", context.value()),
             ],
-            &graph.output,
+            graph.output(),
             Some(control.for_device(graph.device)),
         )
         .map(DeviceTensor::new)
