@@ -14,6 +14,9 @@ with CUDA, diffusers): builds Wan2.1-T2V-1.3B's real architecture with random we
               what happens inside the loop)
   concurrent  two 50-step jobs through one `wanserve serve --slots 2`, one after the other and
               then at once: total times and peak GPU memory of each
+  memory      the short job again with `--cuda-memory exhaustive` (ONNX Runtime's defaults: every
+              cuDNN algorithm tried, unbounded workspace, arenas grown in powers of two): memory
+              and time against `steps`' short job (`lean`, the default)
   batch       the full job again with the other guidance mode (--batch-cfg: one batch-2 DiT call
               per step instead of two), to compare against `steps`
   torch       the same 50-step job in diffusers (bf16, same GPU), and one DiT forward in torch
@@ -105,15 +108,16 @@ def export(args, setup):
     return {}
 
 
-def generate(args, setup, steps, batch_cfg=None):
+def generate(args, setup, steps, batch_cfg=None, cuda_memory="lean"):
     """One `wanserve generate` job; its log parsed for timings and copies."""
     batch_cfg = args.batch_cfg if batch_cfg is None else batch_cfg
     env = dict(os.environ, RUST_LOG="wanserve=debug,ort=warn")
-    name = f"job-{steps}{'-batch-cfg' if batch_cfg else ''}"
+    name = f"job-{steps}{'-batch-cfg' if batch_cfg else ''}{'' if cuda_memory == 'lean' else '-' + cuda_memory}"
     out = args.work / f"{name}.mp4"
     cmd = [args.wanserve, "generate", "--model-dir", args.work / "model", "--device", setup["device"],
            "--prompt", PROMPT, "--image-size", setup["size"], "--num-frames", setup["frames"],
-           "--infer-steps", steps, "--guidance-scale", 5, "--seed", 1, "--output", out]
+           "--infer-steps", steps, "--guidance-scale", 5, "--seed", 1, "--output", out,
+           "--cuda-memory", cuda_memory]
     if batch_cfg:
         cmd.append("--batch-cfg")
     with GpuMemory(setup["device"] == "cuda") as gpu:
@@ -137,7 +141,7 @@ def generate(args, setup, steps, batch_cfg=None):
         entry["bytes"] += int(m.group(3))
     # ORT warns when it places nodes on the CPU EP (the CUDA EP leaves shape arithmetic there).
     placement = [line for line in log.splitlines() if "not assigned to the preferred execution providers" in line]
-    return {"steps": steps, "batch_cfg": batch_cfg, "end_to_end_s": seconds, "text_s": float(generated.group(1)),
+    return {"steps": steps, "batch_cfg": batch_cfg, "cuda_memory": cuda_memory, "end_to_end_s": seconds, "text_s": float(generated.group(1)),
             "denoise_s": float(generated.group(2)), "step_s": float(generated.group(2)) / steps,
             "decode_and_encode_s": float(generated.group(3)), "copies": len(copies),
             "copies_by_direction": {d: copies.count(d) for d in sorted(set(copies))},
@@ -155,6 +159,13 @@ def steps_stage(args, setup):
     # same measure as the torch stage's step time, which starts at the first step's end.
     marginal = (full["denoise_s"] - few["denoise_s"]) / extra
     return {"few": few, "full": full, "copies_per_step": per_step, "marginal_step_s": marginal}
+
+
+def memory_stage(args, setup):
+    """The short job with `--cuda-memory exhaustive` (ONNX Runtime's defaults), against the steps
+    stage's short job (lean, the default): what bounding cuDNN's workspace and the arenas' growth
+    saves in GPU memory and costs in time."""
+    return {"few": generate(args, setup, setup["few_steps"], cuda_memory="exhaustive")}
 
 
 def batch_stage(args, setup):
@@ -286,8 +297,8 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="the CPU rehearsal with the tiny configuration")
     parser.add_argument("--wanserve", type=pathlib.Path, default=ROOT / "target" / "release" / "wanserve")
     parser.add_argument("--work", type=pathlib.Path, help="keep the export here (default: a temp dir)")
-    parser.add_argument("--stages", nargs="+", default=["export", "steps", "torch", "concurrent", "batch"],
-                        choices=["export", "steps", "batch", "concurrent", "torch"])
+    parser.add_argument("--stages", nargs="+", default=["export", "steps", "torch", "concurrent", "memory", "batch"],
+                        choices=["export", "steps", "batch", "concurrent", "torch", "memory"])
     parser.add_argument("--batch-cfg", action="store_true", help="run wanserve with --batch-cfg")
     parser.add_argument("--few-steps", type=int, help="the short job's steps (default 3)")
     parser.add_argument("--full-steps", type=int, help="the long job's steps, diffusers' too (default 50)")
@@ -316,7 +327,7 @@ def main() -> None:
         args.work = pathlib.Path(temp.name)
     args.work.mkdir(parents=True, exist_ok=True)
     stages = {"export": export, "steps": steps_stage, "batch": batch_stage, "concurrent": concurrent_stage,
-              "torch": torch_stage}
+              "torch": torch_stage, "memory": memory_stage}
     summary = {"setup": {k: str(v) for k, v in setup.items()}, "batch_cfg": args.batch_cfg}
     failed = False
     for name in args.stages:
@@ -337,6 +348,12 @@ def main() -> None:
         summary["batch"]["batch_cfg_vs_two_calls_step"] = (
             summary["batch"]["job"]["step_s"] / summary["steps"]["full"]["step_s"] if not args.batch_cfg
             else summary["steps"]["full"]["step_s"] / summary["batch"]["job"]["step_s"])
+    lean, exhaustive = summary.get("steps", {}).get("few", {}), summary.get("memory", {}).get("few", {})
+    if "end_to_end_s" in lean and "end_to_end_s" in exhaustive:
+        summary["memory"]["lean_vs_exhaustive"] = {
+            key: lean[key] / exhaustive[key] if exhaustive[key] else None
+            for key in ("end_to_end_s", "denoise_s", "decode_and_encode_s", "gpu_peak_mib")
+            if lean.get(key) is not None and exhaustive.get(key) is not None}
     if "end_to_end_s" in summary.get("steps", {}).get("full", {}) and "end_to_end_s" in summary.get("torch", {}):
         summary["torch"]["wanserve_vs_torch"] = summary["steps"]["full"]["end_to_end_s"] / summary["torch"]["end_to_end_s"]
         summary["torch"]["wanserve_vs_torch_step"] = summary["steps"]["marginal_step_s"] / summary["torch"]["step_s"]

@@ -8,7 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use wanserve::backend::{Device, LoadOptions, OrtBackend};
+use wanserve::backend::{CudaMemory, Device, LoadOptions, OrtBackend};
 use wanserve::client;
 use wanserve::model::{ModelDir, Verify, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
@@ -190,6 +190,10 @@ struct GenerateArgs {
     /// Intra-op threads per ONNX session (0: one per core).
     #[arg(long, default_value_t = 0, env = "WANSERVE_THREADS")]
     threads: usize,
+    /// On CUDA, `lean` bounds cuDNN's workspace and the arenas' growth; `exhaustive` is ONNX
+    /// Runtime's defaults (more GPU memory, slower first steps).
+    #[arg(long, value_enum, default_value = "lean", env = "WANSERVE_CUDA_MEMORY")]
+    cuda_memory: CudaMemory,
     /// Also write the final latents (before VAE decoding) as a float32 .npy file.
     #[arg(long)]
     dump_latents: Option<PathBuf>,
@@ -237,6 +241,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
             device: args.device,
             text_encoder_device: args.text_encoder_device,
             threads: args.threads,
+            cuda_memory: args.cuda_memory,
         },
     )
     .map_err(|e| e.to_string())?;

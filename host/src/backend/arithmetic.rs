@@ -7,7 +7,7 @@
 //! `sum = Σ weights[i] · t_i`, dynamic shape, float32. Outputs are bound to the device.
 
 use crate::backend::BackendError;
-use crate::backend::ort_backend::{Device, session_builder};
+use crate::backend::ort_backend::{CudaMemory, Device, session_builder};
 use crate::backend::runtime;
 use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
@@ -85,6 +85,7 @@ pub struct OrtTensors {
     device: Device,
     rank: usize,
     threads: usize,
+    cuda_memory: CudaMemory,
     sessions: [OnceLock<Mutex<Session>>; MAX_TERMS],
     /// float32 → bfloat16 and bfloat16 → float32, for bf16 graphs' inputs and outputs.
     casts: [OnceLock<Mutex<Session>>; 2],
@@ -108,11 +109,18 @@ impl OrtTensors {
             device,
             rank,
             threads,
+            cuda_memory: CudaMemory::default(),
             sessions: Default::default(),
             casts: Default::default(),
             pair: Default::default(),
             identities: Mutex::default(),
         }
+    }
+
+    /// The CUDA provider's memory mode for these graphs (their arenas; they have no convolutions).
+    pub fn with_cuda_memory(mut self, cuda_memory: CudaMemory) -> Self {
+        self.cuda_memory = cuda_memory;
+        self
     }
 
     /// Builds every graph now (each weighted sum, and the casts when `bf16`), so that no job pays
@@ -302,7 +310,12 @@ impl OrtTensors {
         let mut model = Model::new([Opset::new(ONNX_DOMAIN, 21)?])?;
         model.set_graph(graph)?;
         let env = runtime::environment().map_err(|e| ort::Error::new(e.to_string()))?;
-        model.into_session(&session_builder(env, self.device, self.threads)?)
+        model.into_session(&session_builder(
+            env,
+            self.device,
+            self.threads,
+            self.cuda_memory,
+        )?)
     }
 
     fn session(&self, terms: usize) -> Result<&Mutex<Session>, ArithmeticError> {

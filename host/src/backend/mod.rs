@@ -8,7 +8,7 @@ pub mod arithmetic;
 mod ort_backend;
 pub mod runtime;
 
-pub use ort_backend::{Device, LoadOptions, OrtBackend, OrtRunControl, OrtVaeCache};
+pub use ort_backend::{CudaMemory, Device, LoadOptions, OrtBackend, OrtRunControl, OrtVaeCache};
 
 use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ndarray::{Array3, Array5, ArrayView5};

@@ -2,7 +2,7 @@
 //! file's `[server]` table, over defaults. Secrets are `SecretString`s, so printing or logging
 //! the config shows `[REDACTED]` for them whatever the caller does.
 
-use crate::backend::Device;
+use crate::backend::{CudaMemory, Device};
 use crate::model::{Verify, bundled_model_dir};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Intra-op threads per ONNX session, 0 = one per core [default: 0].
     #[arg(long, env = "WANSERVE_THREADS")]
     pub threads: Option<usize>,
+    /// On CUDA, `lean` bounds cuDNN's workspace and the arenas' growth; `exhaustive` is ONNX
+    /// Runtime's defaults (more GPU memory, slower first steps) [default: lean].
+    #[arg(long, env = "WANSERVE_CUDA_MEMORY", value_enum)]
+    pub cuda_memory: Option<CudaMemory>,
     /// Jobs that run at once [default: 2].
     #[arg(long, env = "WANSERVE_SLOTS")]
     pub slots: Option<usize>,
@@ -156,6 +160,7 @@ struct ServerTable {
     text_encoder_device: Option<String>,
     batch_cfg: Option<bool>,
     threads: Option<usize>,
+    cuda_memory: Option<String>,
     slots: Option<usize>,
     queue_limit: Option<u64>,
     store: Option<String>,
@@ -202,6 +207,7 @@ pub struct ServeConfig {
     pub text_encoder_device: Option<Device>,
     pub batch_cfg: bool,
     pub threads: usize,
+    pub cuda_memory: CudaMemory,
     pub slots: usize,
     pub queue_limit: u64,
     pub store: Option<String>,
@@ -252,6 +258,16 @@ impl ServeConfig {
             (None, None) => None,
             (None, Some(name)) => Some(device_named("server.text_encoder_device", name)?),
         };
+        let cuda_memory =
+            match (args.cuda_memory, t.cuda_memory.as_deref()) {
+                (Some(mode), _) => mode,
+                (None, None) => CudaMemory::default(),
+                (None, Some(name)) => <CudaMemory as clap::ValueEnum>::from_str(name, true)
+                    .map_err(|_| ServeConfigError::Invalid {
+                        key: "server.cuda_memory",
+                        reason: format!("{name:?} is not lean or exhaustive"),
+                    })?,
+            };
         let model_dir = args.model_dir.or(t.model_dir);
         let slots = args.slots.or(t.slots).unwrap_or(2);
         let body_limit = args.body_limit.or(t.body_limit).unwrap_or(64 << 10);
@@ -353,6 +369,7 @@ impl ServeConfig {
             text_encoder_device,
             batch_cfg: args.batch_cfg || t.batch_cfg.unwrap_or(false),
             threads: args.threads.or(t.threads).unwrap_or(0),
+            cuda_memory,
             slots,
             queue_limit: args.queue_limit.or(t.queue_limit).unwrap_or(100),
             store: args.store.or(t.store),
@@ -487,6 +504,19 @@ mod tests {
                 .expect("config")
                 .batch_cfg
         );
+    }
+
+    #[test]
+    fn the_cuda_memory_mode_comes_from_the_flag_or_the_file_and_a_bad_one_is_named() {
+        let mode = |flags: &[&str], file: &str| resolve(flags, file).expect("config").cuda_memory;
+        assert_eq!(mode(&[], ""), CudaMemory::Lean);
+        let file = "[server]\ncuda_memory = \"exhaustive\"\n";
+        assert_eq!(mode(&[], file), CudaMemory::Exhaustive);
+        assert_eq!(mode(&["--cuda-memory", "lean"], file), CudaMemory::Lean);
+        match resolve(&[], "[server]\ncuda_memory = \"small\"\n") {
+            Err(e) => assert!(e.to_string().contains("server.cuda_memory"), "{e}"),
+            Ok(_) => panic!("an unknown CUDA memory mode was accepted"),
+        }
     }
 
     #[test]

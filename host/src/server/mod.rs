@@ -371,6 +371,7 @@ fn load_and_warm(model: &ModelDir, config: &ServeConfig) -> Result<Pipeline<OrtB
             device: config.device,
             text_encoder_device: config.text_encoder_device,
             threads: config.threads,
+            cuda_memory: config.cuda_memory,
         },
     )
     .map_err(|e| e.to_string())?;
