@@ -3,9 +3,11 @@
 
 mod common;
 
+use ndarray::{Array3, Array5, ArrayView5};
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
-use wanserve::backend::{Device, OrtBackend};
+use wanserve::backend::{Backend, BackendError, Device, OrtBackend};
 use wanserve::model::ModelDir;
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, PipelineError, Progress, Stage};
 
@@ -43,7 +45,7 @@ fn request(seed: u64, steps: usize) -> GenerateRequest {
 }
 
 /// Runs one job and returns (all RGB bytes, final latents).
-fn run(pipeline: &Pipeline<OrtBackend>, req: &GenerateRequest) -> (Vec<u8>, Vec<f32>) {
+fn run<B: Backend>(pipeline: &Pipeline<B>, req: &GenerateRequest) -> (Vec<u8>, Vec<f32>) {
     let mut rgb = Vec::new();
     let generated = pipeline
         .generate(req, &CancelToken::default(), &mut |_| {}, &mut |chunk| {
@@ -196,36 +198,107 @@ fn a_sink_error_stops_the_job_with_that_error() {
     }
 }
 
-/// Runs one job, appending `(job, step)` to `log` as each denoising step ends.
-fn run_logged(
-    pipeline: &Pipeline<OrtBackend>,
-    req: &GenerateRequest,
-    job: char,
-    log: &std::sync::Mutex<Vec<(char, usize)>>,
-) -> (Vec<u8>, Vec<f32>) {
-    let mut rgb = Vec::new();
-    let generated = pipeline
-        .generate(
-            req,
-            &CancelToken::default(),
-            &mut |p| {
-                if p.stage == Stage::Denoising && p.step > 0 {
-                    log.lock().unwrap().push((job, p.step));
-                }
-            },
-            &mut |chunk| {
-                rgb.extend_from_slice(chunk.rgb);
-                Ok(())
-            },
-        )
-        .unwrap();
-    (rgb, generated.latents.iter().copied().collect())
+thread_local! {
+    /// Which job this thread runs, for [`TurnLog`].
+    static JOB: Cell<char> = const { Cell::new('?') };
+}
+
+/// A backend that records which job makes each DiT call, from inside the call: the pipeline
+/// makes them while it holds the job's step turn, so the record is the order the turns were
+/// really taken in. (Progress callbacks run after a turn is released, so their order can lag:
+/// fresh-clone CI once saw one job's report of a step land after the other job's next step.)
+struct TurnLog<B> {
+    inner: B,
+    calls: Mutex<Vec<char>>,
+}
+
+impl<B: Backend> Backend for TurnLog<B> {
+    type Latents = B::Latents;
+    type Context = B::Context;
+    type Arithmetic = B::Arithmetic;
+    type VaeCache = B::VaeCache;
+    type RunControl = B::RunControl;
+
+    fn run_control(&self) -> Result<Self::RunControl, BackendError> {
+        self.inner.run_control()
+    }
+    fn encode_text(
+        &self,
+        input_ids: &[i64],
+        attention_mask: &[i64],
+        batch: usize,
+        run: &Self::RunControl,
+    ) -> Result<Array3<f32>, BackendError> {
+        self.inner
+            .encode_text(input_ids, attention_mask, batch, run)
+    }
+    fn arithmetic(&self) -> &Self::Arithmetic {
+        self.inner.arithmetic()
+    }
+    fn upload_latents(&self, latents: &Array5<f32>) -> Result<Self::Latents, BackendError> {
+        self.inner.upload_latents(latents)
+    }
+    fn download_latents(&self, latents: &Self::Latents) -> Result<Array5<f32>, BackendError> {
+        self.inner.download_latents(latents)
+    }
+    fn prepare_context(&self, context: &Array3<f32>) -> Result<Self::Context, BackendError> {
+        self.inner.prepare_context(context)
+    }
+    fn prepare_context_pair(
+        &self,
+        cond: &Array3<f32>,
+        uncond: &Array3<f32>,
+    ) -> Result<Self::Context, BackendError> {
+        self.inner.prepare_context_pair(cond, uncond)
+    }
+    fn predict_guided(
+        &self,
+        latents: &Self::Latents,
+        timestep: i64,
+        pair: &Self::Context,
+        guidance_scale: f32,
+        run: &Self::RunControl,
+    ) -> Result<Self::Latents, BackendError> {
+        self.calls.lock().unwrap().push(JOB.get());
+        self.inner
+            .predict_guided(latents, timestep, pair, guidance_scale, run)
+    }
+    fn predict(
+        &self,
+        latents: &Self::Latents,
+        timestep: i64,
+        context: &Self::Context,
+        run: &Self::RunControl,
+    ) -> Result<Self::Latents, BackendError> {
+        self.calls.lock().unwrap().push(JOB.get());
+        self.inner.predict(latents, timestep, context, run)
+    }
+    fn decode_first(
+        &self,
+        latent: ArrayView5<f32>,
+        run: &Self::RunControl,
+    ) -> Result<(Array5<f32>, Self::VaeCache), BackendError> {
+        self.inner.decode_first(latent, run)
+    }
+    fn decode_next(
+        &self,
+        latent: ArrayView5<f32>,
+        cache: Self::VaeCache,
+        run: &Self::RunControl,
+    ) -> Result<(Array5<f32>, Self::VaeCache), BackendError> {
+        self.inner.decode_next(latent, cache, run)
+    }
 }
 
 #[test]
 fn two_concurrent_jobs_share_the_sessions_take_turns_and_match_their_solo_runs() {
     let _alone = alone();
-    let pipeline = pipeline();
+    let model = ModelDir::open(&common::tiny_model()).unwrap();
+    let backend = TurnLog {
+        inner: OrtBackend::load(&model, Device::Cpu, 1).unwrap(),
+        calls: Mutex::default(),
+    };
+    let pipeline = Pipeline::new(backend, &model).unwrap();
     // Enough steps, long enough (larger frames), that one job's denoising outlasts the other's
     // text encoding, which waits for the first job's: with 8 steps, fresh-clone CI once saw the
     // first job take 7 of them before the second's first.
@@ -238,32 +311,42 @@ fn two_concurrent_jobs_share_the_sessions_take_turns_and_match_their_solo_runs()
     let (a, b) = (sized(10), sized(11));
     let solo_a = run(&pipeline, &a);
     let solo_b = run(&pipeline, &b);
-    let log = std::sync::Mutex::new(Vec::new());
+    pipeline.backend().calls.lock().unwrap().clear();
     let (together_a, together_b) = std::thread::scope(|s| {
-        let ta = s.spawn(|| run_logged(&pipeline, &a, 'a', &log));
-        let tb = s.spawn(|| run_logged(&pipeline, &b, 'b', &log));
+        let ta = s.spawn(|| {
+            JOB.set('a');
+            run(&pipeline, &a)
+        });
+        let tb = s.spawn(|| {
+            JOB.set('b');
+            run(&pipeline, &b)
+        });
         (ta.join().unwrap(), tb.join().unwrap())
     });
     assert_eq!(together_a, solo_a);
     assert_eq!(together_b, solo_b);
     assert_ne!(solo_a.0, solo_b.0);
 
-    // Fairness: once both jobs have finished a step, and until one of them has finished all of
-    // its steps, neither finishes two steps in a row while the other waits.
-    let log = log.into_inner().unwrap();
-    assert_eq!(log.len(), 2 * steps, "{log:?}");
-    let first_of = |job: char| log.iter().position(|&(j, _)| j == job).unwrap();
-    let last_of = |job: char| log.iter().rposition(|&(j, _)| j == job).unwrap();
-    let start = first_of('a').max(first_of('b'));
-    let end = last_of('a').min(last_of('b'));
+    // Fairness: each step is two DiT calls (guidance) under one turn. Between the later job's
+    // first step and the earlier job's last, every turn holds exactly one step: neither job
+    // takes two steps in a row while the other waits.
+    let calls = pipeline.backend().calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2 * 2 * steps, "{calls:?}");
+    let mut turns: Vec<(char, usize)> = Vec::new();
+    for &job in &calls {
+        match turns.last_mut() {
+            Some((last, n)) if *last == job => *n += 1,
+            _ => turns.push((job, 1)),
+        }
+    }
     assert!(
-        end > start + 2,
-        "the jobs' denoising did not overlap: {log:?}"
+        turns.len() > 4,
+        "the jobs' denoising did not overlap: {turns:?}"
     );
-    for pair in log[start..=end].windows(2) {
-        assert_ne!(
-            pair[0].0, pair[1].0,
-            "one job got two steps ahead of the other: {log:?}"
+    for &(job, calls) in &turns[1..turns.len() - 1] {
+        assert_eq!(
+            calls, 2,
+            "job {job} made {calls} DiT calls in one turn while the other waited: {turns:?}"
         );
     }
 }
