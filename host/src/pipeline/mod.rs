@@ -155,17 +155,91 @@ pub struct Pipeline<B> {
     denoise_turns: StepTurns,
 }
 
-/// One denoising step at a time across jobs, handed over first-come first-served: a job holds
-/// its turn for a whole step (both guidance passes and the update), and on release a waiting job
-/// gets it before the releasing one can take it back. So with two jobs denoising, their steps
-/// alternate and neither gets more than one step ahead of the other. (With only the per-graph
-/// mutexes, which are not fair, a job could re-take the DiT before a waiting job woke up.)
+/// One denoising step at a time across jobs, in rotation: each job in its denoising loop is a
+/// member, holds the turn for a whole step (both guidance passes and the update) and then goes to
+/// the back. So with two jobs denoising their steps alternate and neither gets more than one step
+/// ahead, even when the other job's thread has not been run by the OS since its last step (a
+/// fair mutex alone hands over only to a job already waiting).
+/// A member that does not come for its turn within [`StepTurns::PATIENCE`] (its caller's progress
+/// callback stuck on a slow store, say) is passed over once, so that no job waits on another's
+/// stall. A member leaves when its loop ends, fails or is cancelled.
 #[derive(Default)]
-struct StepTurns(parking_lot::FairMutex<()>);
+struct StepTurns {
+    rotation: parking_lot::Mutex<Rotation>,
+    changed: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct Rotation {
+    next_member: u64,
+    /// Members in turn order; the one holding the turn is at the front.
+    order: std::collections::VecDeque<u64>,
+    held: bool,
+}
+
+/// A job's place in the rotation, for the length of its denoising loop.
+struct Member<'a> {
+    turns: &'a StepTurns,
+    id: u64,
+}
+
+/// The turn, held for one step.
+struct Turn<'a> {
+    turns: &'a StepTurns,
+    id: u64,
+}
 
 impl StepTurns {
-    fn take(&self) -> parking_lot::FairMutexGuard<'_, ()> {
-        self.0.lock()
+    /// How long the member whose turn it is may take to come for it before the next is served.
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn join(&self) -> Member<'_> {
+        let mut rotation = self.rotation.lock();
+        let id = rotation.next_member;
+        rotation.next_member += 1;
+        rotation.order.push_back(id);
+        Member { turns: self, id }
+    }
+}
+
+impl Member<'_> {
+    fn take(&self) -> Turn<'_> {
+        let turns = self.turns;
+        let mut rotation = turns.rotation.lock();
+        loop {
+            if !rotation.held && rotation.order.front() == Some(&self.id) {
+                rotation.held = true;
+                return Turn { turns, id: self.id };
+            }
+            let timed_out = turns
+                .changed
+                .wait_for(&mut rotation, StepTurns::PATIENCE)
+                .timed_out();
+            if timed_out && !rotation.held && rotation.order.front() != Some(&self.id) {
+                // Whoever is first has not come for its turn: this member goes first, and the
+                // absent one keeps its place right after it.
+                rotation.order.retain(|&m| m != self.id);
+                rotation.order.push_front(self.id);
+            }
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut rotation = self.turns.rotation.lock();
+        rotation.held = false;
+        rotation.order.retain(|&m| m != self.id);
+        rotation.order.push_back(self.id);
+        drop(rotation);
+        self.turns.changed.notify_all();
+    }
+}
+
+impl Drop for Member<'_> {
+    fn drop(&mut self) {
+        self.turns.rotation.lock().order.retain(|&m| m != self.id);
+        self.turns.changed.notify_all();
     }
 }
 
@@ -330,8 +404,9 @@ impl<B: Backend> Pipeline<B> {
             step: 0,
             total: timesteps.len(),
         });
+        let member = self.denoise_turns.join();
         for (i, &t) in timesteps.iter().enumerate() {
-            let turn = self.denoise_turns.take();
+            let turn = member.take();
             check(cancel)?;
             // The last step gives the DiT's working memory back (ORT's arena) for between jobs.
             let run = &if i + 1 == timesteps.len() {
@@ -361,6 +436,7 @@ impl<B: Backend> Pipeline<B> {
                 total: timesteps.len(),
             });
         }
+        drop(member);
         let latents = self.backend.download_latents(&latents)?;
 
         let denoise_done = std::time::Instant::now();
@@ -518,28 +594,74 @@ pub fn to_rgb24(video: &Array5<f32>, count: usize, out: &mut Vec<u8>) {
 mod tests {
     use super::StepTurns;
     use std::sync::Mutex;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
-    /// The property the fairness bound rests on: a job that ends its step while another waits
-    /// cannot start its next step first, however quickly it asks again.
+    /// A job that ends its step while another waits cannot start its next step first, however
+    /// quickly it asks again.
     #[test]
     fn a_waiting_job_gets_the_turn_before_the_job_that_just_released_it() {
         let turns = StepTurns::default();
+        let (releaser, waiter) = (turns.join(), turns.join());
         let order = Mutex::new(Vec::new());
         std::thread::scope(|s| {
-            let first = turns.take();
-            let waiter = s.spawn(|| {
-                let _turn = turns.take();
+            let first = releaser.take();
+            let waiting = s.spawn(|| {
+                let _turn = waiter.take();
                 order.lock().unwrap().push("waiter");
             });
             // Let the waiter block on the turn.
             std::thread::sleep(Duration::from_millis(100));
             drop(first);
-            let _again = turns.take();
+            let again = releaser.take();
             order.lock().unwrap().push("releaser again");
-            drop(_again);
-            waiter.join().unwrap();
+            drop(again);
+            waiting.join().unwrap();
         });
         assert_eq!(order.into_inner().unwrap(), ["waiter", "releaser again"]);
+    }
+
+    /// The case a fair mutex gets wrong: the other job has not asked yet (its thread not run
+    /// since its last step), and still the job that just had its step waits for it.
+    #[test]
+    fn a_job_that_has_not_asked_yet_still_gets_the_next_turn() {
+        let turns = StepTurns::default();
+        let (fast, slow) = (turns.join(), turns.join());
+        let order = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            drop(fast.take());
+            let late = s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                let _turn = slow.take();
+                order.lock().unwrap().push("slow");
+            });
+            let _again = fast.take();
+            order.lock().unwrap().push("fast again");
+            drop(_again);
+            late.join().unwrap();
+        });
+        assert_eq!(order.into_inner().unwrap(), ["slow", "fast again"]);
+    }
+
+    /// A member that does not come for its turn holds the others up for PATIENCE at most, and
+    /// one that has left holds no one up.
+    #[test]
+    fn an_absent_member_is_passed_over_and_one_that_left_is_gone() {
+        let turns = StepTurns::default();
+        let (present, absent) = (turns.join(), turns.join());
+        drop(present.take());
+        let started = Instant::now();
+        drop(present.take());
+        let waited = started.elapsed();
+        assert!(
+            waited >= StepTurns::PATIENCE - Duration::from_millis(50)
+                && waited < StepTurns::PATIENCE * 5,
+            "waited {waited:?}"
+        );
+        drop(absent);
+        let started = Instant::now();
+        for _ in 0..3 {
+            drop(present.take());
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
     }
 }
