@@ -7,7 +7,7 @@
 //! `sum = Σ weights[i] · t_i`, dynamic shape, float32. Outputs are bound to the device.
 
 use crate::backend::BackendError;
-use crate::backend::ort_backend::{CudaMemory, Device, session_builder};
+use crate::backend::ort_backend::{CudaMemory, Device, SessionConfig, session_builder};
 use crate::backend::runtime;
 use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
@@ -82,10 +82,8 @@ fn device_error(what: &'static str) -> impl Fn(ort::Error) -> BackendError {
 
 /// Runs weighted sums on `device`, one lazily built session per term count.
 pub struct OrtTensors {
-    device: Device,
+    config: SessionConfig,
     rank: usize,
-    threads: usize,
-    cuda_memory: CudaMemory,
     sessions: [OnceLock<Mutex<Session>>; MAX_TERMS],
     /// float32 → bfloat16 and bfloat16 → float32, for bf16 graphs' inputs and outputs.
     casts: [OnceLock<Mutex<Session>>; 2],
@@ -105,22 +103,24 @@ impl OrtTensors {
     /// Arithmetic over tensors of `rank` dimensions (5 for latents); `threads` as for the
     /// model's sessions (0: ORT's choice).
     pub fn new(device: Device, rank: usize, threads: usize) -> Self {
-        Self {
+        let config = SessionConfig {
             device,
-            rank,
             threads,
             cuda_memory: CudaMemory::default(),
+        };
+        Self::with_config(config, rank)
+    }
+
+    /// The same with every session setting given (the model's CUDA memory mode too).
+    pub(crate) fn with_config(config: SessionConfig, rank: usize) -> Self {
+        Self {
+            config,
+            rank,
             sessions: Default::default(),
             casts: Default::default(),
             pair: Default::default(),
             identities: Mutex::default(),
         }
-    }
-
-    /// The CUDA provider's memory mode for these graphs (their arenas; they have no convolutions).
-    pub fn with_cuda_memory(mut self, cuda_memory: CudaMemory) -> Self {
-        self.cuda_memory = cuda_memory;
-        self
     }
 
     /// Builds every graph now (each weighted sum, and the casts when `bf16`), so that no job pays
@@ -150,7 +150,7 @@ impl OrtTensors {
     pub fn duplicate(&self, x: &DeviceTensor) -> Result<DeviceTensor, BackendError> {
         let session = cached(&self.pair[DUPLICATE], || self.build_duplicate())
             .map_err(device_error("building the duplicate graph"))?;
-        run_on_device(session, self.device, &[("x", &x.0)], "y", None)
+        run_on_device(session, self.config.device, &[("x", &x.0)], "y", None)
             .map(DeviceTensor)
             .map_err(device_error("duplicating a tensor"))
     }
@@ -169,7 +169,7 @@ impl OrtTensors {
             .upcast();
         run_on_device(
             session,
-            self.device,
+            self.config.device,
             &[("pair", &pair.0), ("weights", &weights)],
             "sum",
             None,
@@ -180,11 +180,11 @@ impl OrtTensors {
 
     /// Moves a host tensor to the device (a no-op on the CPU). `what` names it in the copy log.
     pub fn upload(&self, tensor: DeviceTensor, what: &str) -> Result<DeviceTensor, BackendError> {
-        match self.device {
+        match self.config.device {
             Device::Cpu => Ok(tensor),
             Device::Cuda => {
                 record_copy(CopyDirection::ToDevice, what, &tensor.0);
-                let memory = output_memory(self.device)
+                let memory = output_memory(self.config.device)
                     .map_err(device_error("copying a tensor to the device"))?;
                 self.copy_through_identity(&tensor, &memory)
             }
@@ -265,7 +265,7 @@ impl OrtTensors {
         };
         let session = cached(&self.casts[index], || self.build_cast(from, to))
             .map_err(device_error("building the cast graph"))?;
-        run_on_device(session, self.device, &[("x", &tensor.0)], "y", None)
+        run_on_device(session, self.config.device, &[("x", &tensor.0)], "y", None)
             .map(DeviceTensor)
             .map_err(device_error("casting a tensor"))
     }
@@ -310,12 +310,7 @@ impl OrtTensors {
         let mut model = Model::new([Opset::new(ONNX_DOMAIN, 21)?])?;
         model.set_graph(graph)?;
         let env = runtime::environment().map_err(|e| ort::Error::new(e.to_string()))?;
-        model.into_session(&session_builder(
-            env,
-            self.device,
-            self.threads,
-            self.cuda_memory,
-        )?)
+        model.into_session(&session_builder(env, self.config)?)
     }
 
     fn session(&self, terms: usize) -> Result<&Mutex<Session>, ArithmeticError> {
@@ -416,7 +411,7 @@ impl TensorArithmetic for OrtTensors {
             .map(|(name, (_, tensor))| (name.as_str(), &tensor.0))
             .collect();
         inputs.push(("weights", &weights));
-        run_on_device(session, self.device, &inputs, "sum", None)
+        run_on_device(session, self.config.device, &inputs, "sum", None)
             .map(DeviceTensor)
             .map_err(arithmetic_error)
     }

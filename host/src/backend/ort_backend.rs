@@ -150,7 +150,16 @@ pub struct OrtBackend {
     arithmetic: OrtTensors,
 }
 
-/// Session options for `device`. `threads` = 0 lets ORT choose; `cuda_memory` applies on CUDA.
+/// How a session is built: where it runs, its intra-op threads (0 lets ORT choose) and, on
+/// CUDA, its memory mode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionConfig {
+    pub device: Device,
+    pub threads: usize,
+    pub cuda_memory: CudaMemory,
+}
+
+/// Session options for `config`.
 ///
 /// CPU fallback stays allowed on CUDA: the CUDA EP itself hands shape arithmetic (small int64
 /// `Shape`/`Gather`/`Concat` chains feeding `Reshape`) to the CPU EP, and ORT's
@@ -160,10 +169,13 @@ pub struct OrtBackend {
 /// `scripts/gpu-check`, which keeps ORT's placement warnings from the log.
 pub(crate) fn session_builder(
     env: &ort::environment::Environment,
-    device: Device,
-    threads: usize,
-    cuda_memory: CudaMemory,
+    config: SessionConfig,
 ) -> ort::Result<SessionBuilder> {
+    let SessionConfig {
+        device,
+        threads,
+        cuda_memory,
+    } = config;
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(ort::Error::<()>::from)?;
@@ -184,9 +196,7 @@ fn load(
     model: &ModelDir,
     file: &str,
     name: &'static str,
-    device: Device,
-    threads: usize,
-    cuda_memory: CudaMemory,
+    config: SessionConfig,
 ) -> Result<Graph, BackendError> {
     let env = runtime::environment()?;
     let path = model.file(file);
@@ -194,7 +204,7 @@ fn load(
         graph: path.display().to_string(),
         reason: e.to_string(),
     };
-    let mut builder = session_builder(env, device, threads, cuda_memory).map_err(fail)?;
+    let mut builder = session_builder(env, config).map_err(fail)?;
     let session = builder.commit_from_file(&path).map_err(fail)?;
     let bf16 = session.inputs().iter().any(|input| {
         matches!(
@@ -219,7 +229,7 @@ fn load(
     Ok(Graph {
         name,
         session: Mutex::new(session),
-        device,
+        device: config.device,
         bf16,
         outputs,
     })
@@ -253,12 +263,12 @@ impl OrtBackend {
     }
 
     pub fn load_with(model: &ModelDir, options: LoadOptions) -> Result<Self, BackendError> {
-        let LoadOptions {
+        let device = options.device;
+        let config = SessionConfig {
             device,
-            threads,
-            cuda_memory,
-            ..
-        } = options;
+            threads: options.threads,
+            cuda_memory: options.cuda_memory,
+        };
         let text_device = options.text_encoder_device.unwrap_or(device);
         let m = &model.manifest;
         let text_dtype = m.text_encoder.dtype.as_deref().unwrap_or(&m.dtype);
@@ -283,39 +293,25 @@ impl OrtBackend {
                 model,
                 &m.text_encoder.file,
                 "text encoder",
-                text_device,
-                threads,
-                cuda_memory,
+                SessionConfig {
+                    device: text_device,
+                    ..config
+                },
             )?,
-            transformer: load(
-                model,
-                &m.transformer.file,
-                "transformer",
-                device,
-                threads,
-                cuda_memory,
-            )?,
-            vae_init: load(
-                model,
-                &m.vae.init_file,
-                "VAE decoder (first chunk)",
-                device,
-                threads,
-                cuda_memory,
-            )?,
-            vae_step: load(
-                model,
-                &m.vae.step_file,
-                "VAE decoder",
-                device,
-                threads,
-                cuda_memory,
-            )?,
+            transformer: load(model, &m.transformer.file, "transformer", config)?,
+            vae_init: load(model, &m.vae.init_file, "VAE decoder (first chunk)", config)?,
+            vae_step: load(model, &m.vae.step_file, "VAE decoder", config)?,
             cache_slots: m.vae.cache_slots.len(),
             device,
             // One thread: the sums are memory-bound, and a second thread pool spinning beside the
             // transformer's slowed each step's first DiT call by ~40% on 2 cores.
-            arithmetic: OrtTensors::new(device, 5, 1).with_cuda_memory(cuda_memory),
+            arithmetic: OrtTensors::with_config(
+                SessionConfig {
+                    threads: 1,
+                    ..config
+                },
+                5,
+            ),
         };
         backend.arithmetic.build_all(backend.transformer.bf16)?;
         Ok(backend)

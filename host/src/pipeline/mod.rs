@@ -184,10 +184,7 @@ struct Member<'a> {
 }
 
 /// The turn, held for one step.
-struct Turn<'a> {
-    turns: &'a StepTurns,
-    id: u64,
-}
+struct Turn<'a>(&'a Member<'a>);
 
 impl StepTurns {
     /// How long the member whose turn it is may take to come for it before the next is served.
@@ -209,7 +206,7 @@ impl Member<'_> {
         loop {
             if !rotation.held && rotation.order.front() == Some(&self.id) {
                 rotation.held = true;
-                return Turn { turns, id: self.id };
+                return Turn(self);
             }
             let timed_out = turns
                 .changed
@@ -227,12 +224,13 @@ impl Member<'_> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        let mut rotation = self.turns.rotation.lock();
+        let Member { turns, id } = *self.0;
+        let mut rotation = turns.rotation.lock();
         rotation.held = false;
-        rotation.order.retain(|&m| m != self.id);
-        rotation.order.push_back(self.id);
+        rotation.order.retain(|&m| m != id);
+        rotation.order.push_back(id);
         drop(rotation);
-        self.turns.changed.notify_all();
+        turns.changed.notify_all();
     }
 }
 

@@ -232,6 +232,20 @@ pub struct ServeConfig {
     pub lease: Duration,
 }
 
+/// A value of a flag's enum spelled in the config file, as the flag would take it ("cpu", "lean").
+fn named<T: clap::ValueEnum>(key: &'static str, name: &str) -> Result<T, ServeConfigError> {
+    T::from_str(name, true).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        ServeConfigError::Invalid {
+            key,
+            reason: format!("{name:?} is not {}", names.join(" or ")),
+        }
+    })
+}
+
 impl ServeConfig {
     pub fn resolve(args: ServeArgs) -> Result<Self, ServeConfigError> {
         let file = match &args.config {
@@ -239,35 +253,22 @@ impl ServeConfig {
             Some(path) => read_file(path)?,
         };
         let t = file.server;
-        let device_named = |key: &'static str, name: &str| {
-            <Device as clap::ValueEnum>::from_str(name, true).map_err(|_| {
-                ServeConfigError::Invalid {
-                    key,
-                    reason: format!("{name:?} is not cpu or cuda"),
-                }
-            })
-        };
         let device = match (args.device, t.device.as_deref()) {
             (Some(d), _) => d,
             (None, None) => Device::Cpu,
-            (None, Some(name)) => device_named("server.device", name)?,
+            (None, Some(name)) => named("server.device", name)?,
         };
         let text_encoder_device = match (args.text_encoder_device, t.text_encoder_device.as_deref())
         {
             (Some(d), _) => Some(d),
             (None, None) => None,
-            (None, Some(name)) => Some(device_named("server.text_encoder_device", name)?),
+            (None, Some(name)) => Some(named("server.text_encoder_device", name)?),
         };
-        let cuda_memory =
-            match (args.cuda_memory, t.cuda_memory.as_deref()) {
-                (Some(mode), _) => mode,
-                (None, None) => CudaMemory::default(),
-                (None, Some(name)) => <CudaMemory as clap::ValueEnum>::from_str(name, true)
-                    .map_err(|_| ServeConfigError::Invalid {
-                        key: "server.cuda_memory",
-                        reason: format!("{name:?} is not lean or exhaustive"),
-                    })?,
-            };
+        let cuda_memory = match (args.cuda_memory, t.cuda_memory.as_deref()) {
+            (Some(mode), _) => mode,
+            (None, None) => CudaMemory::default(),
+            (None, Some(name)) => named("server.cuda_memory", name)?,
+        };
         let model_dir = args.model_dir.or(t.model_dir);
         let slots = args.slots.or(t.slots).unwrap_or(2);
         let body_limit = args.body_limit.or(t.body_limit).unwrap_or(64 << 10);
