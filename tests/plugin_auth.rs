@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use wanserve::plugins::api_keys::{hash_key, seed_api_keys};
 use wanserve::plugins::{
-    Denial, HttpRequest, PluginError, PluginHost, PluginLimits, Principal, Slot,
+    Denial, HttpRequest, PluginError, PluginHost, PluginLimits, Principal, RequestParts, Slot,
 };
 
 const ALICE: &str = "alice-key-0123456789abcdef";
@@ -189,6 +189,93 @@ fn public_paths_and_a_bad_key_list() {
     );
     assert_eq!(host.installed(Slot::Auth).unwrap().sha256, before.sha256);
     assert!(authenticate(&host, &[("authorization", &bearer(ALICE))]).is_ok());
+}
+
+fn reused(host: &PluginHost, request: &HttpRequest) -> Option<String> {
+    host.reused_principal(&RequestParts::of(request))
+        .map(|p| p.id)
+}
+
+/// An accepted key's principal is reused (no plugin call) for the same path and Authorization
+/// only; refusals never are; a new configuration or a rollback starts with nothing reused.
+#[test]
+fn an_acceptance_is_reused_until_the_plugin_or_its_config_changes() {
+    let host = auth_host(&[("api_keys", &keys_config())]);
+    let alice = request(&[("authorization", &bearer(ALICE))]);
+    assert_eq!(reused(&host, &alice), None, "nothing before a call");
+    assert!(host.authenticate(&alice).unwrap().is_ok());
+    let compares = host.constant_time_compares(Slot::Auth);
+    assert_eq!(reused(&host, &alice).as_deref(), Some("key:alice"));
+    assert_eq!(
+        host.constant_time_compares(Slot::Auth),
+        compares,
+        "a reused acceptance calls no plugin"
+    );
+    // Another peer, same credential: the plugin said its answer does not depend on the peer.
+    let mut elsewhere = alice.clone();
+    elsewhere.peer = "198.51.100.1:1".into();
+    assert_eq!(reused(&host, &elsewhere).as_deref(), Some("key:alice"));
+    // Another key, another path, a wrong key (refused, then still not reused).
+    assert_eq!(
+        reused(&host, &request(&[("authorization", &bearer(BOB))])),
+        None
+    );
+    let mut status = alice.clone();
+    status.path = "/video/status".into();
+    assert_eq!(reused(&host, &status), None);
+    let wrong = request(&[("authorization", &bearer("not-a-key-000000"))]);
+    assert!(host.authenticate(&wrong).unwrap().is_err());
+    assert_eq!(reused(&host, &wrong), None);
+
+    // Alice's key revoked by a new configuration: refused at once.
+    let without_alice = format!("bob={}", hash_key(BOB));
+    host.replace(
+        Slot::Auth,
+        &auth_wasm(),
+        owned(&[("api_keys", &without_alice)]),
+    )
+    .unwrap();
+    assert_eq!(reused(&host, &alice), None);
+    assert!(host.authenticate(&alice).unwrap().is_err());
+    // Rolled back: alice is accepted again, by a call first.
+    host.rollback(Slot::Auth).unwrap();
+    assert_eq!(reused(&host, &alice), None);
+    assert!(host.authenticate(&alice).unwrap().is_ok());
+    assert_eq!(reused(&host, &alice).as_deref(), Some("key:alice"));
+
+    // `reuse_ms = 0`: every request is a call; a bad value fails the self-test.
+    host.replace(
+        Slot::Auth,
+        &auth_wasm(),
+        owned(&[("api_keys", &keys_config()), ("reuse_ms", "0")]),
+    )
+    .unwrap();
+    assert!(host.authenticate(&alice).unwrap().is_ok());
+    assert_eq!(reused(&host, &alice), None);
+    let bad = host.replace(
+        Slot::Auth,
+        &auth_wasm(),
+        owned(&[("api_keys", &keys_config()), ("reuse_ms", "soon")]),
+    );
+    assert!(
+        matches!(bad, Err(PluginError::SelfTest(ref m)) if m.contains("reuse_ms")),
+        "{bad:?}"
+    );
+}
+
+/// A JWT's acceptance is never reused past the token's `exp`.
+#[test]
+fn a_jwt_acceptance_is_not_reused_past_its_expiry() {
+    let host = auth_host(&[("jwt_algorithm", "HS256"), ("jwt_key", HMAC_SECRET)]);
+    let token = hs256(&claims("user-7", 1, serde_json::json!({})), HMAC_SECRET);
+    let with_token = request(&[("authorization", &bearer(&token))]);
+    assert!(host.authenticate(&with_token).unwrap().is_ok());
+    let long = hs256(&claims("user-8", 600, serde_json::json!({})), HMAC_SECRET);
+    let with_long = request(&[("authorization", &bearer(&long))]);
+    assert!(host.authenticate(&with_long).unwrap().is_ok());
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(reused(&host, &with_token), None, "expired");
+    assert_eq!(reused(&host, &with_long).as_deref(), Some("jwt:user-8"));
 }
 
 fn jwt_denial(host: &PluginHost, token: &str) -> String {

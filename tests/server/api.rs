@@ -385,6 +385,23 @@ fn health_ready_docs_and_metrics() {
         metrics.contains("route=\"/video/status\"") && metrics.contains("status=\"401\""),
         "{metrics}"
     );
+    // A client polling with the same key: after the first call, the auth plugin's acceptance
+    // is reused (`reuse-principal`), and the answer is the same.
+    let poll = || {
+        let (status, body) = error_of(server.post(
+            "/video/status",
+            Some(ALICE),
+            &json!({"requestId": "c".repeat(32)}),
+        ));
+        assert_eq!(status, 404, "{body}");
+    };
+    poll();
+    poll();
+    assert!(
+        server.metrics().contains("wanserve_auth_reused_total"),
+        "{}",
+        server.metrics()
+    );
     // The start-up log prints the config, with its secrets redacted, and never a key.
     let log = server.log();
     assert!(log.contains("[REDACTED]"), "{log}");

@@ -15,6 +15,7 @@ pub mod api_keys;
 mod bindings;
 pub mod config;
 mod jwt;
+mod reuse;
 mod state;
 pub mod watch;
 
@@ -23,6 +24,8 @@ pub use bindings::postprocess::exports::wanserve::policy::postprocess::{
     FinishedJob, OutputPolicy, RetentionDecision, StoredVideo,
 };
 pub use bindings::types::{FieldError, GenerationRequest, JsonValue, Principal};
+use reuse::PrincipalCache;
+pub use reuse::RequestParts;
 
 use arc_swap::ArcSwapOption;
 use sha2::{Digest, Sha256};
@@ -175,6 +178,8 @@ struct Loaded {
     info: PluginInfo,
     pre: SlotPre,
     context: Arc<PluginContext>,
+    /// Acceptances this component let the host reuse (auth only; empty for the others).
+    reused: PrincipalCache,
 }
 
 #[derive(Default)]
@@ -370,6 +375,7 @@ impl PluginHost {
                 loaded_at_ms: crate::jobs::now_ms(),
             },
             pre,
+            reused: PrincipalCache::new(),
         };
         let result = self.with_store(&loaded, |store, pre| match pre {
             SlotPre::Auth(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
@@ -407,6 +413,8 @@ impl PluginHost {
         let state = &self.slots[slot.index()];
         let mut previous = state.previous.lock().unwrap_or_else(|p| p.into_inner());
         let back = previous.take().ok_or(PluginError::NoPrevious(slot))?;
+        // What it accepted before it was replaced is not reused: it starts as if installed.
+        back.reused.clear();
         let info = back.info.clone();
         *previous = state.current.swap(Some(back));
         tracing::info!(slot = %slot, sha256 = %info.sha256, "plugin rolled back");
@@ -521,11 +529,13 @@ impl PluginHost {
     ) -> Result<Result<Principal, Denial>, PluginError> {
         let loaded = self.current(Slot::Auth)?;
         self.with_store(&loaded, |store, pre| {
-            pre.auth(store)?
+            let answer = pre
+                .auth(store)?
                 .wanserve_policy_auth()
-                .call_authenticate(&mut *store, request)
+                .call_authenticate(&mut *store, request)?;
+            Ok((answer, store.data_mut().reuse.take()))
         })
-        .and_then(|answer| {
+        .and_then(|(answer, reuse)| {
             match &answer {
                 Ok(principal) => check_principal(principal),
                 Err(denial) => check_text("reason", &denial.reason, MAX_TEXT).and(check_text(
@@ -538,9 +548,25 @@ impl PluginHost {
                 slot: Slot::Auth,
                 reason,
             })?;
+            if let (Ok(principal), Some(rule)) = (&answer, reuse) {
+                loaded
+                    .reused
+                    .remember(rule, &RequestParts::of(request), principal);
+            }
             Ok(answer)
         })
         .inspect_err(|e| self.record_failure(&loaded, e))
+    }
+
+    /// The principal the installed auth plugin let the host reuse for a request like this one
+    /// (`reuse-principal`), without calling it; `None`: call [`PluginHost::authenticate`].
+    pub fn reused_principal(&self, request: &RequestParts<'_>) -> Option<Principal> {
+        self.slots[Slot::Auth.index()]
+            .current
+            .load()
+            .as_ref()?
+            .reused
+            .lookup(request)
     }
 
     /// Validates a submitted body. `Ok(Err(errors))` is the plugin refusing the request;

@@ -3,6 +3,7 @@
 use super::Slot;
 use super::bindings::{host_api, types};
 use super::jwt::JwtVerifier;
+use super::reuse::ReuseRule;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
@@ -56,6 +57,8 @@ pub struct PluginState {
     /// `constant-time-eq` calls made during this call (a metric, and the tests' proof that a
     /// plugin compares against every key).
     pub constant_time_compares: u64,
+    /// What an auth call declared about reusing its acceptance (`reuse-principal`).
+    pub reuse: Option<ReuseRule>,
 }
 
 impl PluginState {
@@ -72,6 +75,7 @@ impl PluginState {
             table: ResourceTable::new(),
             context,
             constant_time_compares: 0,
+            reuse: None,
         }
     }
 
@@ -142,6 +146,12 @@ impl host_api::Host for PluginState {
         // Lengths are not secret (hashes have fixed length); contents are compared without an
         // early exit.
         a.len() == b.len() && bool::from(a.ct_eq(&b))
+    }
+
+    fn reuse_principal(&mut self, vary_headers: Vec<String>, vary_peer: bool, ttl_ms: u32) {
+        if self.context.slot == Slot::Auth {
+            self.reuse = ReuseRule::new(vary_headers, vary_peer, ttl_ms);
+        }
     }
 
     fn verify_jwt(&mut self, token: String) -> Result<host_api::JwtClaims, String> {

@@ -3,7 +3,7 @@
 
 use super::AppState;
 use super::error::ApiError;
-use crate::plugins::{HttpRequest, Principal, Slot};
+use crate::plugins::{Principal, RequestParts, Slot};
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use secrecy::{ExposeSecret, SecretString};
@@ -24,21 +24,21 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let peer = peer_of(parts);
-        let request = HttpRequest {
-            method: parts.method.as_str().to_string(),
-            path: parts.uri.path().to_string(),
+        let seen = RequestParts {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            peer: &peer,
             headers: parts
                 .headers
                 .iter()
-                .map(|(name, value)| {
-                    (
-                        name.as_str().to_string(),
-                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                    )
-                })
+                .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes())))
                 .collect(),
-            peer,
         };
+        if let Some(principal) = state.plugins.reused_principal(&seen) {
+            metrics::counter!("wanserve_auth_reused_total").increment(1);
+            return Ok(Caller(principal));
+        }
+        let request = seen.to_request();
         let plugins = state.plugins.clone();
         metrics::counter!("wanserve_plugin_calls_total", "slot" => "auth").increment(1);
         let answer = state

@@ -9,6 +9,11 @@
 //!   `jwt:<sub>`, with the token's `tier` claim as its tier.
 //! - `public_paths` (comma-separated; a trailing `*` matches a prefix) are let through as the
 //!   principal `anonymous`. Default: none.
+//! - `reuse_ms` (default 10000; 0: never): how long the host may give an accepted request's
+//!   principal to later requests with the same method, path and `Authorization` header without
+//!   calling this plugin (`host.reuse-principal`). Sound because the answer depends on nothing
+//!   else: the keys are this plugin's config, and a config change installs a new instance,
+//!   which starts with nothing reused. A JWT's acceptance is never reused past its `exp`.
 //!
 //! Denials never echo the credential.
 
@@ -66,6 +71,35 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// `reuse_ms` when unset: long enough that a client polling status is answered without a plugin
+/// call, short next to how long a key lives.
+const DEFAULT_REUSE_MS: u32 = 10_000;
+
+fn reuse_ms() -> Result<u32, String> {
+    host::config_get("reuse_ms").map_or(Ok(DEFAULT_REUSE_MS), |v| {
+        v.trim().parse().map_err(|_| {
+            format!(
+                "reuse_ms: expected a whole number of milliseconds, got \"{}\"",
+                v.trim()
+            )
+        })
+    })
+}
+
+/// Lets the host reuse this acceptance for requests with the same method, path and, when
+/// `credential` is set, `Authorization` header values, for at most `limit_ms`.
+fn allow_reuse(credential: bool, limit_ms: u32) {
+    let ms = reuse_ms().unwrap_or(0).min(limit_ms);
+    if ms > 0 {
+        let vary = if credential {
+            vec!["authorization".to_string()]
+        } else {
+            Vec::new()
+        };
+        host::reuse_principal(&vary, false, ms);
+    }
 }
 
 fn jwt_configured() -> bool {
@@ -173,6 +207,7 @@ fn by_api_key(token: &str) -> Result<Principal, Denial> {
         Some(key) => {
             let tier = host::config_get(&format!("tier.{}", key.name))
                 .unwrap_or_else(|| "standard".into());
+            allow_reuse(true, u32::MAX);
             Ok(Principal {
                 id: format!("key:{}", key.name),
                 display_name: key.name.clone(),
@@ -195,6 +230,17 @@ fn by_jwt(token: &str) -> Result<Principal, Denial> {
                 .find(|(k, _)| k == "tier")
                 .map(|(_, v)| v.clone())
                 .unwrap_or_else(|| "standard".into());
+            // Never past the token's expiry: seconds since the epoch as JSON text, whole
+            // seconds taken (rounding down; no float parsing, which doubles the component).
+            let left_ms = verified
+                .claims
+                .iter()
+                .find(|(k, _)| k == "exp")
+                .and_then(|(_, v)| v.trim().split('.').next()?.parse::<u64>().ok())
+                .and_then(|exp| exp.checked_mul(1000)?.checked_sub(host::now_unix_ms()));
+            if let Some(left_ms) = left_ms.filter(|ms| *ms > 0) {
+                allow_reuse(true, u32::try_from(left_ms).unwrap_or(u32::MAX));
+            }
             Ok(Principal {
                 id: format!("jwt:{subject}"),
                 display_name: subject,
@@ -208,6 +254,7 @@ fn by_jwt(token: &str) -> Result<Principal, Denial> {
 impl Auth for Component {
     fn authenticate(request: HttpRequest) -> Result<Principal, Denial> {
         if is_public(&request.path) {
+            allow_reuse(false, u32::MAX);
             return Ok(Principal {
                 id: "anonymous".into(),
                 display_name: "anonymous".into(),
@@ -230,6 +277,7 @@ impl Guest for Component {
     /// Refuses a configuration this plugin could not use, so a typo never replaces a working one.
     fn self_test() -> Result<(), String> {
         let keys = configured_keys()?;
+        reuse_ms()?;
         if keys.is_empty() && !jwt_configured() {
             host::log(
                 host::LogLevel::Warn,
