@@ -12,7 +12,7 @@ use super::{HttpRequest, Principal};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 /// The longest a plugin may have an acceptance reused.
@@ -25,12 +25,18 @@ const MAX_RULES: usize = 4;
 /// Headers one rule may name.
 const MAX_VARY_HEADERS: usize = 16;
 
-/// What an acceptance depends on besides the method and path, as the plugin declared it.
+/// What an acceptance depends on besides the method and path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReuseRule {
+struct Vary {
     /// Lower-case, sorted, without duplicates.
     headers: Vec<String>,
     peer: bool,
+}
+
+/// An acceptance's reuse, as the plugin declared it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReuseRule {
+    vary: Vary,
     ttl: Duration,
 }
 
@@ -47,7 +53,10 @@ impl ReuseRule {
             .collect();
         headers.sort();
         headers.dedup();
-        Some(Self { headers, peer, ttl })
+        Some(Self {
+            vary: Vary { headers, peer },
+            ttl,
+        })
     }
 }
 
@@ -97,7 +106,8 @@ struct Entry {
 /// One installed auth component's reusable acceptances.
 pub struct PrincipalCache {
     secret: [u8; 32],
-    rules: RwLock<Vec<Arc<ReuseRule>>>,
+    /// The distinct `Vary`s declared so far; a lookup tries each.
+    rules: RwLock<Vec<Vary>>,
     entries: RwLock<HashMap<[u8; 32], Entry>>,
 }
 
@@ -114,7 +124,7 @@ impl PrincipalCache {
         }
     }
 
-    fn key(&self, rule: &ReuseRule, request: &RequestParts<'_>) -> [u8; 32] {
+    fn key(&self, vary: &Vary, request: &RequestParts<'_>) -> [u8; 32] {
         // Every field length-prefixed, so no two different requests feed the same bytes.
         fn field(hash: &mut Sha256, bytes: &[u8]) {
             hash.update((bytes.len() as u64).to_le_bytes());
@@ -124,16 +134,16 @@ impl PrincipalCache {
         hash.update(self.secret);
         field(&mut hash, request.method.as_bytes());
         field(&mut hash, request.path.as_bytes());
-        field(&mut hash, &[u8::from(rule.peer)]);
-        if rule.peer {
+        field(&mut hash, &[u8::from(vary.peer)]);
+        if vary.peer {
             field(&mut hash, request.peer.as_bytes());
         }
-        for name in &rule.headers {
+        for name in &vary.headers {
             field(&mut hash, name.as_bytes());
             for (_, value) in request.headers.iter().filter(|(n, _)| *n == name.as_str()) {
                 field(&mut hash, value.as_bytes());
             }
-            // Ends the header's values: "a" then "b" differs from "ab".
+            // Ends this header's values, so a value cannot pass for the next header's name.
             hash.update([0xff]);
         }
         hash.finalize().into()
@@ -147,9 +157,9 @@ impl PrincipalCache {
         }
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        rules.iter().find_map(|rule| {
+        rules.iter().find_map(|vary| {
             entries
-                .get(&self.key(rule, request))
+                .get(&self.key(vary, request))
                 .filter(|e| e.expires > now)
                 .map(|e| e.principal.clone())
         })
@@ -157,25 +167,16 @@ impl PrincipalCache {
 
     /// Stores an acceptance the plugin declared reusable under `rule`.
     pub fn remember(&self, rule: ReuseRule, request: &RequestParts<'_>, principal: &Principal) {
-        let rule = {
+        {
             let mut rules = self.rules.write().unwrap_or_else(|p| p.into_inner());
-            match rules
-                .iter()
-                .find(|r| r.headers == rule.headers && r.peer == rule.peer)
-            {
-                Some(known) => Arc::new(ReuseRule {
-                    ttl: rule.ttl,
-                    ..(**known).clone()
-                }),
-                None if rules.len() < MAX_RULES => {
-                    let rule = Arc::new(rule);
-                    rules.push(rule.clone());
-                    rule
+            if !rules.contains(&rule.vary) {
+                if rules.len() >= MAX_RULES {
+                    return;
                 }
-                None => return,
+                rules.push(rule.vary.clone());
             }
-        };
-        let key = self.key(&rule, request);
+        }
+        let key = self.key(&rule.vary, request);
         let now = Instant::now();
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(&key) {
@@ -218,6 +219,10 @@ mod tests {
         }
     }
 
+    fn reused(cache: &PrincipalCache, request: &RequestParts<'_>) -> Option<String> {
+        cache.lookup(request).map(|p| p.id)
+    }
+
     fn principal(id: &str) -> Principal {
         Principal {
             id: id.into(),
@@ -235,33 +240,24 @@ mod tests {
             &request("Bearer a", "/video/status", "1.2.3.4:5"),
             &principal("key:a"),
         );
-        let hit = cache.lookup(&request("Bearer a", "/video/status", "9.9.9.9:9"));
-        assert_eq!(hit.map(|p| p.id).as_deref(), Some("key:a"));
-        assert!(
-            cache
-                .lookup(&request("Bearer b", "/video/status", "1.2.3.4:5"))
-                .is_none()
-        );
-        assert!(
-            cache
-                .lookup(&request("Bearer a", "/video/submit", "1.2.3.4:5"))
-                .is_none()
-        );
+        let hit = reused(&cache, &request("Bearer a", "/video/status", "9.9.9.9:9"));
+        assert_eq!(hit.as_deref(), Some("key:a"));
+        let other_key = request("Bearer b", "/video/status", "1.2.3.4:5");
+        assert_eq!(reused(&cache, &other_key), None);
+        let other_path = request("Bearer a", "/video/submit", "1.2.3.4:5");
+        assert_eq!(reused(&cache, &other_path), None);
         let mut other_method = request("Bearer a", "/video/status", "1.2.3.4:5");
         other_method.method = "DELETE";
-        assert!(cache.lookup(&other_method).is_none());
+        assert_eq!(reused(&cache, &other_method), None);
         // A second Authorization header is a different request.
         let mut doubled = request("Bearer a", "/video/status", "1.2.3.4:5");
         doubled
             .headers
             .push(("authorization", Cow::Borrowed("Bearer a")));
-        assert!(cache.lookup(&doubled).is_none());
+        assert_eq!(reused(&cache, &doubled), None);
         cache.clear();
-        assert!(
-            cache
-                .lookup(&request("Bearer a", "/video/status", "1.2.3.4:5"))
-                .is_none()
-        );
+        let same = request("Bearer a", "/video/status", "1.2.3.4:5");
+        assert_eq!(reused(&cache, &same), None);
     }
 
     #[test]
@@ -273,22 +269,12 @@ mod tests {
             &request("", "/video/status", "1.2.3.4:5"),
             &principal("anonymous"),
         );
-        assert!(
-            cache
-                .lookup(&request("", "/video/status", "1.2.3.4:5"))
-                .is_some()
-        );
-        assert!(
-            cache
-                .lookup(&request("", "/video/status", "1.2.3.4:6"))
-                .is_none()
-        );
+        let same_peer = request("", "/video/status", "1.2.3.4:5");
+        assert_eq!(reused(&cache, &same_peer).as_deref(), Some("anonymous"));
+        let other_peer = request("", "/video/status", "1.2.3.4:6");
+        assert_eq!(reused(&cache, &other_peer), None);
         std::thread::sleep(Duration::from_millis(40));
-        assert!(
-            cache
-                .lookup(&request("", "/video/status", "1.2.3.4:5"))
-                .is_none()
-        );
+        assert_eq!(reused(&cache, &same_peer), None);
     }
 
     #[test]
@@ -298,6 +284,6 @@ mod tests {
         let rule = ReuseRule::new(vec!["B".into(), "a".into(), "b".into()], false, u32::MAX)
             .expect("rule");
         assert_eq!(rule.ttl, MAX_REUSE);
-        assert_eq!(rule.headers, ["a", "b"]);
+        assert_eq!(rule.vary.headers, ["a", "b"]);
     }
 }
