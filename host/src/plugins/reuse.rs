@@ -4,9 +4,9 @@
 //! plugin call. Each installed component has its own table, so a swap or a rollback starts
 //! empty, and refusals are never stored (every bad credential still reaches the plugin).
 //!
-//! Entries are keyed by a SHA-256 over a per-process secret and the request's parts, so the
-//! table holds no credential, and a lookup's timing says nothing an attacker can steer towards
-//! a stored key.
+//! Entries are keyed by a SHA-256 over the table's own random secret and the request's parts,
+//! so the table holds no credential, and a lookup's timing says nothing an attacker can steer
+//! towards a stored key.
 
 use super::{HttpRequest, Principal};
 use sha2::{Digest, Sha256};
@@ -83,15 +83,16 @@ impl<'a> RequestParts<'a> {
         }
     }
 
-    /// What the plugin is given for this request (header values decoded the same way).
-    pub fn to_request(&self) -> HttpRequest {
+    /// What the plugin is given for this request (header values decoded the same way, moved
+    /// rather than copied where decoding already made them owned).
+    pub fn into_request(self) -> HttpRequest {
         HttpRequest {
             method: self.method.to_string(),
             path: self.path.to_string(),
             headers: self
                 .headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.into_owned()))
                 .collect(),
             peer: self.peer.to_string(),
         }

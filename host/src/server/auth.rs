@@ -38,7 +38,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             metrics::counter!("wanserve_auth_reused_total").increment(1);
             return Ok(Caller(principal));
         }
-        let request = seen.to_request();
+        let request = seen.into_request();
         let plugins = state.plugins.clone();
         metrics::counter!("wanserve_plugin_calls_total", "slot" => "auth").increment(1);
         let answer = state
