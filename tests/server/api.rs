@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// One server for the tests that only need requests answered (slots 1: the jobs they create are
-/// cancelled at once and cost at most a step).
+/// cancelled at once and cost at most a step), stopped when the test binary exits.
 fn shared() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| {
@@ -16,6 +16,7 @@ fn shared() -> &'static Server {
             slots: Some(1),
             ..Options::default()
         })
+        .stop_when_tests_exit()
     })
 }
 

@@ -35,6 +35,8 @@ pub struct Server {
     options: Options,
     client: Client,
     _temp: Option<tempfile::TempDir>,
+    /// See [`Server::stop_when_tests_exit`].
+    _exit_watch: Option<Child>,
 }
 
 /// The directory with the default components (built once per test binary).
@@ -59,6 +61,7 @@ impl Server {
                 .build()
                 .expect("HTTP client"),
             _temp: Some(temp),
+            _exit_watch: None,
         };
         server.launch();
         server
@@ -166,6 +169,28 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// For a server kept in a `static`, which is never dropped: it is killed and its directory
+    /// removed when this test binary ends, however it ends. A `sh` waits for end-of-file on a
+    /// pipe only this process holds (std opens it close-on-exec), which the OS closes at exit.
+    pub fn stop_when_tests_exit(mut self) -> Server {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let dir = self
+            .data_dir
+            .parent()
+            .expect("in its temp dir")
+            .to_path_buf();
+        let watch = Command::new("sh")
+            .args(["-c", r#"read _; kill -9 "$1"; rm -rf "$2""#, "sh", &pid])
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh starts");
+        self._exit_watch = Some(watch);
+        self
     }
 
     /// `kill -9`: no shutdown, no cleanup.
