@@ -14,6 +14,7 @@ use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
 use wanserve::backend::{Backend, Device, OrtBackend};
 use wanserve::model::{ModelDir, bundled_model_dir};
 use wanserve::pipeline::scheduler::UniPcScheduler;
+use wanserve::pipeline::step_cache::CacheMode;
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, noise};
 use wanserve::tensor::TensorArithmetic;
 use wanserve::video::{EncoderSettings, Mp4Writer};
@@ -31,6 +32,7 @@ fn request(num_frames: usize) -> GenerateRequest {
         infer_steps: 20,
         guidance_scale: 5.0,
         seed: 1,
+        cache: CacheMode::Off,
     }
 }
 

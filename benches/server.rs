@@ -270,6 +270,7 @@ fn server_benches(c: &mut Criterion) {
         infer_steps: 20,
         guidance_scale: 5.0,
         seed: 7,
+        cache: wanserve::pipeline::step_cache::CacheMode::Off,
     };
     let out = tempfile::tempdir().expect("temp");
     let mut group = c.benchmark_group("job");

@@ -7,7 +7,10 @@ the real weights. OUT_DIR receives:
 
   text_encoder.onnx    UMT5 encoder: input_ids, attention_mask [B, L] int64 -> last_hidden_state
   transformer.onnx     DiT: hidden_states [B, C, F, H, W], timestep [B] int64,
-                       encoder_hidden_states [B, L, D] -> noise prediction [B, C, F, H, W]
+                       encoder_hidden_states [B, L, D] -> noise prediction [B, C, F, H, W] and the
+                       blocks' residual [B, F', H', W', dim] (patch grid) for step caching
+  transformer_skip.onnx a step-cached pass: hidden_states, timestep, residual -> noise prediction
+                       (patch and time embedding, + residual, output head; no blocks)
   vae_decode_init.onnx first latent frame [B, Z, 1, h, w] -> video [B, 3, 1, 8h, 8w] + cache_*
   vae_decode_step.onnx next latent frame + cache_* -> video [B, 3, 4, 8h, 8w] + cache_out_*
   tokenizer.json       the model's own tokenizer, unchanged
@@ -92,14 +95,67 @@ def export_text_encoder(src, out, dtype, layers):
 
 
 # ---------------------------------------------------------------- transformer
+def output_head(t, hidden_states, temb, shape):
+    """`WanTransformer3DModel.forward`'s step 5 (diffusers 0.42.1, text-to-video): the output
+    norm modulated by the time embedding, the projection, and unpatchify back to `shape`."""
+    batch, _, frames, height, width = shape
+    p_t, p_h, p_w = t.config.patch_size
+    shift, scale = (t.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+    hidden_states = (t.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
+    hidden_states = t.proj_out(hidden_states)
+    hidden_states = hidden_states.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+    hidden_states = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def patch_tokens(t, hidden_states):
+    """The patch embedding as `[B, tokens, dim]`, the blocks' input."""
+    return t.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+
+
 class Transformer(torch.nn.Module):
+    """The whole DiT, `WanTransformer3DModel.forward` for text-to-video written out, returning
+    besides the prediction the blocks' residual (last block's output minus the first block's
+    input, `[B, F', H', W', dim]` on the patch grid) that a step-cached step reuses: what
+    diffusers' MagCache hooks keep as `previous_residual`."""
+
     def __init__(self, transformer):
         super().__init__()
         self.transformer = transformer
 
     def forward(self, hidden_states, timestep, encoder_hidden_states):
-        return self.transformer(hidden_states=hidden_states, timestep=timestep,
-                                encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        t = self.transformer
+        p_t, p_h, p_w = t.config.patch_size
+        _, _, frames, height, width = hidden_states.shape
+        rotary_emb = t.rope(hidden_states)
+        tokens = patch_tokens(t, hidden_states)
+        temb, timestep_proj, context, _ = t.condition_embedder(timestep, encoder_hidden_states, None)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+        out = tokens
+        for block in t.blocks:
+            out = block(out, context, timestep_proj, rotary_emb)
+        residual = (out - tokens).unflatten(1, (frames // p_t, height // p_h, width // p_w))
+        return output_head(t, out, temb, hidden_states.shape), residual
+
+
+class TransformerSkip(torch.nn.Module):
+    """A step-cached DiT pass: patch embedding and time embedding, the residual of the branch's
+    last computed step added in place of the 30 blocks, and the output head (diffusers'
+    `MagCacheHeadHook` when it skips). No text input: only the blocks read the prompt."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, residual):
+        t = self.transformer
+        embedder = t.condition_embedder
+        tokens = patch_tokens(t, hidden_states)
+        freq = embedder.timesteps_proj(timestep)
+        time_dtype = next(iter(embedder.time_embedder.parameters())).dtype
+        temb = embedder.time_embedder(freq.to(time_dtype)).type_as(tokens)
+        out = tokens + residual.flatten(1, 3)
+        return output_head(t, out, temb, hidden_states.shape)
 
 
 def rotate(x, freqs_cos, freqs_sin):
@@ -155,9 +211,15 @@ def export_transformer(src, out, dtype, attention="contrib"):
     ctx = torch.randn(2, 16, cfg.text_dim, dtype=dtype)
     frames_dim = frames if pt == 1 else frames * pt
     export(Transformer(transformer).eval(), (x, t, ctx), out / "transformer.onnx",
-           ["hidden_states", "timestep", "encoder_hidden_states"], ["noise_pred"],
+           ["hidden_states", "timestep", "encoder_hidden_states"], ["noise_pred", "residual"],
            {"hidden_states": {0: batch, 2: frames_dim, 3: h * ph, 4: w * pw}, "timestep": {0: batch},
             "encoder_hidden_states": {0: batch, 1: text_len}})
+    with torch.no_grad():
+        residual = Transformer(transformer)(x, t, ctx)[1]
+    export(TransformerSkip(transformer).eval(), (x, t, residual), out / "transformer_skip.onnx",
+           ["hidden_states", "timestep", "residual"], ["noise_pred"],
+           {"hidden_states": {0: batch, 2: frames_dim, 3: h * ph, 4: w * pw}, "timestep": {0: batch},
+            "residual": {0: batch, 1: frames, 2: h, 3: w}})
     transformer.set_attn_processor(stock_processors)
     if attention == "contrib":
         count = use_contrib_attention(out / "transformer.onnx", cfg.num_attention_heads)
@@ -374,8 +436,9 @@ def check_transformer(transformer, out):
 
     cfg = transformer.config
     session = ort.InferenceSession(str(out / "transformer.onnx"), providers=["CPUExecutionProvider"])
+    skip = ort.InferenceSession(str(out / "transformer_skip.onnx"), providers=["CPUExecutionProvider"])
     pt, ph, pw = cfg.patch_size
-    worst = 0.0
+    worst = worst_skip = 0.0
     for shape, text_len in [((1, cfg.in_channels, 2 * pt, 3 * ph, 5 * pw), 512), ((2, cfg.in_channels, 1, 2 * ph, 2 * pw), 9)]:
         g = torch.Generator().manual_seed(text_len)
         x = torch.randn(*shape, generator=g)
@@ -387,11 +450,39 @@ def check_transformer(transformer, out):
         feeds = {"hidden_states": x.to(transformer.dtype), "timestep": t, "encoder_hidden_states": ctx.to(transformer.dtype)}
         if transformer.dtype == torch.bfloat16:
             continue  # ORT's CPU provider has no bf16 kernels for this graph; checked on CUDA instead
-        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+        got, residual = session.run(None, {k: v.numpy() for k, v in feeds.items()})
         worst = max(worst, float(np.abs(got - expected.float().numpy()).max()))
-    print(f"transformer vs diffusers: max |diff| {worst:.2e}")
-    if worst > 1e-3:
+        # A skipped pass with this pass's own residual is this pass (blocks in, blocks out).
+        skipped = skip.run(None, {"hidden_states": feeds["hidden_states"].numpy(), "timestep": t.numpy(),
+                                  "residual": residual})[0]
+        worst_skip = max(worst_skip, float(np.abs(skipped - expected.float().numpy()).max()))
+    print(f"transformer vs diffusers: max |diff| {worst:.2e}; skip graph with its own residual: {worst_skip:.2e}")
+    if worst > 1e-3 or worst_skip > 1e-3:
         sys.exit("transformer export does not match diffusers")
+
+
+def step_cache(args, config):
+    """The manifest's `step_cache`: MagCache's magnitude ratios per guidance branch."""
+    import magcache
+
+    choice = args.cache_ratios
+    if choice == "auto":
+        choice = "published" if magcache.is_1_3b(config) else "calibrate"
+    if choice == "none":
+        return None
+    if choice == "published":
+        if not magcache.is_1_3b(config):
+            sys.exit("--cache-ratios published: the published ratios are Wan2.1-T2V-1.3B's; calibrate this model")
+        return {"method": "magcache", "calibrated_steps": 50, "ratios": magcache.PUBLISHED_1_3B,
+                "source": "MagCache4Wan2.1 (published for Wan2.1-T2V-1.3B, 832x480, 50 UniPC steps)"}
+    from diffusers import WanPipeline
+
+    torch.set_num_threads(2)
+    pipe = WanPipeline.from_pretrained(args.src, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    ratios = magcache.calibrate(pipe, steps=50)
+    return {"method": "magcache", "calibrated_steps": 50, "ratios": ratios,
+            "source": "diffusers MagCacheConfig(calibrate=True), 128x64, 9 frames, 50 steps, guidance 5"}
 
 
 def sha256(path: pathlib.Path) -> str:
@@ -415,6 +506,10 @@ def main() -> None:
     parser.add_argument("--attention", choices=["contrib", "onnx"], default="contrib",
                         help="the transformer's attention as com.microsoft.MultiHeadAttention (default: fused "
                              "kernels on the CPU and CUDA) or as torch exports it, ONNX Attention (for comparison)")
+    parser.add_argument("--cache-ratios", choices=["auto", "published", "calibrate", "none"], default="auto",
+                        help="the step cache's magnitude ratios for the manifest: MagCache's published ones for "
+                             "Wan2.1-T2V-1.3B, or calibrated here with diffusers (a 50-step run of the source "
+                             "model; small models only); auto: published for the 1.3B architecture, else calibrate")
     parser.add_argument("--skip", nargs="*", default=[], choices=["text_encoder", "transformer", "vae"],
                         help="leave out parts (for proving the export of one part at real size)")
     args = parser.parse_args()
@@ -423,6 +518,14 @@ def main() -> None:
 
     manifest = {"format": "wanserve-model", "version": 1, "model": json.loads((args.src / "model_index.json").read_text())
                 .get("_name_or_path", "Wan2.1-T2V"), "dtype": args.dtype}
+    # Parts left out keep what an earlier export wrote for them.
+    previous = args.out / "wanserve-model.json"
+    if args.skip and previous.exists():
+        kept = json.loads(previous.read_text())
+        for part, keys in {"text_encoder": ["text_encoder", "tokenizer"], "transformer": ["transformer", "step_cache"],
+                           "vae": ["vae"]}.items():
+            if part in args.skip:
+                manifest.update({k: kept[k] for k in keys if k in kept})
     files = {}
     if "text_encoder" not in args.skip:
         text_dtype = args.text_encoder_dtype or args.dtype
@@ -440,11 +543,13 @@ def main() -> None:
         tr = transformer.config
         if args.check and args.dtype == "fp32":
             check_transformer(transformer, args.out)
-        manifest["transformer"] = {"file": "transformer.onnx", "dtype": args.dtype, "in_channels": tr.in_channels,
+        manifest["transformer"] = {"file": "transformer.onnx", "skip_file": "transformer_skip.onnx",
+                                   "dtype": args.dtype, "in_channels": tr.in_channels,
                                    "out_channels": tr.out_channels, "patch_size": list(tr.patch_size),
                                    "text_dim": tr.text_dim, "num_layers": tr.num_layers,
                                    "num_attention_heads": tr.num_attention_heads,
                                    "attention_head_dim": tr.attention_head_dim}
+        manifest["step_cache"] = step_cache(args, tr)
     if "vae" not in args.skip:
         vae, va, slots = export_vae(args.src, args.out)
         manifest["vae"] = {"init_file": "vae_decode_init.onnx", "step_file": "vae_decode_step.onnx", "dtype": "fp32",

@@ -10,6 +10,8 @@ For each case OUT_DIR/<case>/ gets:
   prompt_embeds.npy  text-encoder output after zeroing past the prompt (diffusers' _get_t5_prompt_embeds)
   latents.npy        final latents before de-normalisation
   frames.npy         uint8 [N, H, W, 3]: round(255 * frame) of output_type="np"
+The step-cached cases' case.json also hold the cache mode, the ratios given to diffusers'
+MagCacheConfig and, per guidance branch, which DiT passes diffusers' MagCache skipped.
 and OUT_DIR/scheduler.json holds UniPC timesteps, sigmas and toy trajectories for several configs.
 """
 
@@ -21,7 +23,10 @@ import pathlib
 import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
+from diffusers.hooks.mag_cache import MagCacheConfig
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+import magcache
 
 LONG = ("A slow cinematic drone shot over a coastal town at golden hour, waves rolling in, "
         "seagulls circling, warm light on white houses, people walking along the harbour, ") * 20
@@ -40,6 +45,19 @@ CASES = [
     ("api_size_832x480", "A beautiful sunset over the mountains", None, (832, 480), 24, 20, 5.0, 1, [0, 1, 12, 23]),
 ]
 
+# wanserve's step-cache modes as diffusers' MagCacheConfig (threshold, max_skip_steps, retention_ratio);
+# host/src/pipeline/step_cache.rs holds the same numbers.
+CACHE_MODES = {"fast": (0.12, 2, 0.2), "faster": (0.12, 4, 0.2)}
+
+# Cases run with diffusers' MagCache on, ratios from the tiny model's manifest (its conditional
+# branch's: a MagCacheConfig takes one array, which diffusers applies to both branches).
+# name, prompt, negative, size, frames, steps, guidance, seed, kept frames, cache mode
+CACHE_CASES = [
+    ("magcache_fast", "A beautiful sunset over the mountains", None, (128, 64), 9, 30, 5.0, 3, None, "fast"),
+    ("magcache_faster_unguided", "Two dogs running through a field of sunflowers", None, (96, 64), 5, 25, 1.0, 11,
+     None, "faster"),
+]
+
 SCHEDULER_CONFIGS = [
     {"solver_order": 2, "solver_type": "bh2", "flow_shift": 3.0, "steps": 10},
     {"solver_order": 2, "solver_type": "bh2", "flow_shift": 3.0, "steps": 50},
@@ -55,7 +73,8 @@ def next_4k1(n: int) -> int:
     return 1 if n <= 1 else math.ceil((n - 1) / 4) * 4 + 1
 
 
-def run_case(pipe, out_dir, name, prompt, negative, size, frames, steps, guidance, seed, keep):
+def run_case(pipe, out_dir, name, prompt, negative, size, frames, steps, guidance, seed, keep, cache=None,
+             ratios=None):
     width, height = size
     ran_frames = next_4k1(frames)
     shape = (1, pipe.transformer.config.in_channels, (ran_frames - 1) // pipe.vae_scale_factor_temporal + 1,
@@ -68,9 +87,23 @@ def run_case(pipe, out_dir, name, prompt, negative, size, frames, steps, guidanc
             final["latents"] = kwargs["latents"].clone()
         return {}
 
-    out = pipe(prompt=prompt, negative_prompt=negative, height=height, width=width, num_frames=ran_frames,
-               num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(), output_type="np",
-               callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents"])
+    skipped = None
+    # Recording from before the hooks exist: diffusers binds each hook's forward when it registers it.
+    with magcache.recording_plan() as skipped_by_branch:
+        if cache is not None:
+            threshold, k, retention = CACHE_MODES[cache]
+            pipe.transformer.enable_cache(MagCacheConfig(threshold=threshold, max_skip_steps=k,
+                                                         retention_ratio=retention, num_inference_steps=steps,
+                                                         mag_ratios=np.array(ratios)))
+        try:
+            out = pipe(prompt=prompt, negative_prompt=negative, height=height, width=width, num_frames=ran_frames,
+                       num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(), output_type="np",
+                       callback_on_step_end=capture, callback_on_step_end_tensor_inputs=["latents"])
+        finally:
+            if cache is not None:
+                pipe.transformer.disable_cache()
+    if cache is not None:
+        skipped = {"cond": skipped_by_branch["cond"], "uncond": skipped_by_branch.get("uncond", [])}
     video = out.frames[0][:frames]
     frames_u8 = np.round(np.clip(video, 0.0, 1.0) * 255.0).astype(np.uint8)
     kept = list(range(frames)) if keep is None else keep
@@ -91,6 +124,8 @@ def run_case(pipe, out_dir, name, prompt, negative, size, frames, steps, guidanc
             "num_frames": frames, "reference_frames": ran_frames, "infer_steps": steps, "guidance_scale": guidance,
             "seed": seed, "kept_frames": kept, "prompt_ids": ids(prompt),
             "negative_prompt_ids": ids(negative or "") if guidance > 1.0 else None}
+    if cache is not None:
+        case.update({"cache": cache, "mag_ratios": list(map(float, ratios)), "skipped": skipped})
     (case_dir / "case.json").write_text(json.dumps(case, indent=1, ensure_ascii=False) + "\n")
     print(f"{name}: {len(case['prompt_ids'])} tokens, latents {tuple(shape)}, frames {frames_u8.shape}")
 
@@ -124,6 +159,8 @@ def main() -> None:
     parser.add_argument("src", type=pathlib.Path)
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("--only", nargs="*", default=None, help="case names to (re)generate")
+    parser.add_argument("--model", type=pathlib.Path, default=pathlib.Path(__file__).parent / "tiny",
+                        help="the wanserve export of SRC_DIR, whose manifest's step-cache ratios the cached cases use")
     args = parser.parse_args()
     torch.set_num_threads(2)
     pipe = WanPipeline.from_pretrained(args.src, torch_dtype=torch.float32)
@@ -133,6 +170,12 @@ def main() -> None:
         if args.only is None or case[0] in args.only:
             with torch.no_grad():
                 run_case(pipe, args.out, *case)
+    manifest = json.loads((args.model / "wanserve-model.json").read_text())
+    ratios = manifest["step_cache"]["ratios"]["cond"]
+    for case in CACHE_CASES:
+        if args.only is None or case[0] in args.only:
+            with torch.no_grad():
+                run_case(pipe, args.out, *case, ratios=ratios)
     (args.out / "scheduler.json").write_text(json.dumps(scheduler_references()) + "\n")
 
 

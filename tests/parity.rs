@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use wanserve::backend::{Device, OrtBackend};
 use wanserve::model::ModelDir;
-use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline};
+use wanserve::pipeline::step_cache::CacheMode;
+use wanserve::pipeline::step_cache::MagRatios;
+use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, skip_plan};
 
 #[derive(Deserialize)]
 struct Case {
@@ -26,6 +28,19 @@ struct Case {
     kept_frames: Vec<usize>,
     prompt_ids: Vec<i64>,
     negative_prompt_ids: Option<Vec<i64>>,
+    /// Step-cached cases: the mode, the ratios diffusers was given, and what it skipped.
+    #[serde(default)]
+    cache: Option<CacheMode>,
+    #[serde(default)]
+    mag_ratios: Option<Vec<f64>>,
+    #[serde(default)]
+    skipped: Option<Skipped>,
+}
+
+#[derive(Deserialize)]
+struct Skipped {
+    cond: Vec<bool>,
+    uncond: Vec<bool>,
 }
 
 fn load_pipeline() -> Pipeline<OrtBackend> {
@@ -80,6 +95,7 @@ fn check_case_with(pipeline: &Pipeline<OrtBackend>, name: &str) {
         infer_steps: case.infer_steps,
         guidance_scale: case.guidance_scale,
         seed: case.seed,
+        cache: case.cache.unwrap_or_default(),
     };
 
     // Tokens, with diffusers' prompt cleaning.
@@ -210,4 +226,73 @@ fn twenty_steps() {
 #[test]
 fn api_size_832x480_24_frames() {
     check_case("api_size_832x480");
+}
+
+/// A step-cached case: diffusers' `MagCacheConfig` was given one ratio array, which it applies to
+/// both guidance branches; the bundled manifest's (per-branch) ratios are set to it.
+fn check_cached_case(name: &str) {
+    let dir = case_dir(name);
+    let case: Case =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let ratios = case
+        .mag_ratios
+        .clone()
+        .expect("a cached case has its ratios");
+    let expected = case.skipped.as_ref().expect("a cached case has its skips");
+    let mut model = ModelDir::open(&common::tiny_model()).expect("bundled model opens");
+    let spec = model
+        .manifest
+        .step_cache
+        .as_mut()
+        .expect("the bundled model has step-cache ratios");
+    spec.ratios = MagRatios {
+        cond: ratios.clone(),
+        uncond: ratios,
+    };
+    let backend = OrtBackend::load(&model, Device::Cpu, 2).expect("bundled model loads");
+    let cached = Pipeline::new(backend, &model).expect("pipeline");
+    let request = GenerateRequest {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        width: case.width,
+        height: case.height,
+        num_frames: case.num_frames,
+        infer_steps: case.infer_steps,
+        guidance_scale: case.guidance_scale,
+        seed: case.seed,
+        cache: case.cache.expect("a cached case has its mode"),
+    };
+
+    // The same passes skipped, branch by branch.
+    let plan = skip_plan(cached.manifest(), &request).unwrap();
+    assert_eq!(plan.cond, expected.cond, "{name}: conditional skips");
+    assert_eq!(plan.uncond, expected.uncond, "{name}: unconditional skips");
+    assert!(plan.skipped_passes() > 0, "{name}: the case skips nothing");
+
+    check_case_with(&cached, name);
+
+    // And the skips matter: without them the same request ends elsewhere.
+    let full = GenerateRequest {
+        cache: CacheMode::Off,
+        ..request
+    };
+    let uncached = cached
+        .generate(&full, &CancelToken::default(), &mut |_| {}, &mut |_| Ok(()))
+        .unwrap();
+    let expected_latents: Array5<f32> = read_npy(dir.join("latents.npy")).unwrap();
+    let d_uncached = max_abs_diff(&uncached.latents, &expected_latents);
+    assert!(
+        d_uncached > 1e-3,
+        "{name}: the uncached run is as close ({d_uncached}) as the cached one"
+    );
+}
+
+#[test]
+fn step_cache_fast_with_guidance_skips_what_diffusers_skips() {
+    check_cached_case("magcache_fast");
+}
+
+#[test]
+fn step_cache_faster_without_guidance_skips_what_diffusers_skips() {
+    check_cached_case("magcache_faster_unguided");
 }

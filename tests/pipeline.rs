@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 use wanserve::backend::{Backend, BackendError, Device, OrtBackend};
 use wanserve::model::ModelDir;
+use wanserve::pipeline::step_cache::CacheMode;
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, PipelineError, Progress, Stage};
 
 fn pipeline() -> Arc<Pipeline<OrtBackend>> {
@@ -41,6 +42,7 @@ fn request(seed: u64, steps: usize) -> GenerateRequest {
         infer_steps: steps,
         guidance_scale: 5.0,
         seed,
+        cache: CacheMode::Off,
     }
 }
 
@@ -218,9 +220,35 @@ impl<B: Backend> Backend for TurnLog<B> {
     type Arithmetic = B::Arithmetic;
     type VaeCache = B::VaeCache;
     type RunControl = B::RunControl;
+    type Residual = B::Residual;
 
     fn run_control(&self) -> Result<Self::RunControl, BackendError> {
         self.inner.run_control()
+    }
+    fn supports_step_cache(&self) -> bool {
+        self.inner.supports_step_cache()
+    }
+    fn predict_keeping_residual(
+        &self,
+        latents: &Self::Latents,
+        timestep: i64,
+        context: &Self::Context,
+        run: &Self::RunControl,
+    ) -> Result<(Self::Latents, Self::Residual), BackendError> {
+        self.calls.lock().unwrap().push(JOB.get());
+        self.inner
+            .predict_keeping_residual(latents, timestep, context, run)
+    }
+    fn predict_skipping_blocks(
+        &self,
+        latents: &Self::Latents,
+        timestep: i64,
+        residual: &Self::Residual,
+        run: &Self::RunControl,
+    ) -> Result<Self::Latents, BackendError> {
+        self.calls.lock().unwrap().push(JOB.get());
+        self.inner
+            .predict_skipping_blocks(latents, timestep, residual, run)
     }
     fn encode_text(
         &self,

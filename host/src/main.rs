@@ -197,6 +197,10 @@ struct GenerateArgs {
     /// Also write the final latents (before VAE decoding) as a float32 .npy file.
     #[arg(long)]
     dump_latents: Option<PathBuf>,
+    /// Step caching (MagCache): `fast` and `faster` skip the transformer's blocks on steps the
+    /// model's magnitude ratios allow (see ARCHITECTURE.md); `off` runs every step in full.
+    #[arg(long, value_enum, default_value = "off")]
+    cache: wanserve::pipeline::step_cache::CacheMode,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
@@ -227,6 +231,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         infer_steps: args.infer_steps,
         guidance_scale: args.guidance_scale,
         seed,
+        cache: args.cache,
     };
     let model_dir = args.model_dir.unwrap_or_else(bundled_model_dir);
     let verify = if args.verify_model {

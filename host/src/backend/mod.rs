@@ -53,6 +53,9 @@ pub trait Backend: Send + Sync {
     type VaeCache;
     /// One job's handle on its runs (see [`RunControl`]).
     type RunControl: RunControl;
+    /// The transformer blocks' residual of a guidance branch's last computed step (step
+    /// caching), kept where the latents are.
+    type Residual;
 
     /// A fresh control for one job's runs.
     fn run_control(&self) -> Result<Self::RunControl, BackendError>;
@@ -94,6 +97,25 @@ pub trait Backend: Send + Sync {
         latents: &Self::Latents,
         timestep: i64,
         context: &Self::Context,
+        run: &Self::RunControl,
+    ) -> Result<Self::Latents, BackendError>;
+    /// Whether the model can skip steps: its export has the step-cached pass.
+    fn supports_step_cache(&self) -> bool;
+    /// [`Backend::predict`], also returning the blocks' residual for later skipped passes.
+    fn predict_keeping_residual(
+        &self,
+        latents: &Self::Latents,
+        timestep: i64,
+        context: &Self::Context,
+        run: &Self::RunControl,
+    ) -> Result<(Self::Latents, Self::Residual), BackendError>;
+    /// A step-cached pass: the patch and time embeddings, `residual` in place of the blocks, and
+    /// the output head (no text context: only the blocks read it).
+    fn predict_skipping_blocks(
+        &self,
+        latents: &Self::Latents,
+        timestep: i64,
+        residual: &Self::Residual,
         run: &Self::RunControl,
     ) -> Result<Self::Latents, BackendError>;
     /// First latent frame `[1, Z, 1, h, w]` → one video frame `[1, 3, 1, H, W]` and the cache.

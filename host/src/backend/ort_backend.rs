@@ -4,9 +4,7 @@
 //! interleave call by call (a denoising step of one job, then of the other); the sessions and
 //! their weights exist once.
 
-use super::arithmetic::{
-    DeviceTensor, OrtTensors, host_memory, output_memory, run_bound, run_on_device,
-};
+use super::arithmetic::{DeviceTensor, OrtTensors, host_memory, output_memory, run_bound};
 use super::{Backend, BackendError, RunControl, runtime};
 use crate::model::ModelDir;
 use half::bf16;
@@ -63,13 +61,6 @@ struct Graph {
     /// Every output's name, in the graph's order (the VAE's video, then its cache slots); never
     /// empty (`load` refuses a graph without outputs).
     outputs: Vec<String>,
-}
-
-impl Graph {
-    /// The first output (the one the pipeline uses).
-    fn output(&self) -> &str {
-        &self.outputs[0]
-    }
 }
 
 /// The VAE decoder's causal cache between chunks: the decoder graph's cache outputs, fed back
@@ -142,6 +133,8 @@ impl RunControl for OrtRunControl {
 pub struct OrtBackend {
     text_encoder: Graph,
     transformer: Graph,
+    /// The step-cached pass, for exports that have it (`transformer_skip.onnx`).
+    transformer_skip: Option<Graph>,
     vae_init: Graph,
     vae_step: Graph,
     cache_slots: usize,
@@ -299,6 +292,13 @@ impl OrtBackend {
                 },
             )?,
             transformer: load(model, &m.transformer.file, "transformer", config)?,
+            // Only where the manifest also has the ratios that decide when to use it.
+            transformer_skip: match (&m.transformer.skip_file, m.step_cache()) {
+                (Some(file), Some(_)) => {
+                    Some(load(model, file, "transformer (step-cached pass)", config)?)
+                }
+                _ => None,
+            },
             vae_init: load(model, &m.vae.init_file, "VAE decoder (first chunk)", config)?,
             vae_step: load(model, &m.vae.step_file, "VAE decoder", config)?,
             cache_slots: m.vae.cache_slots.len(),
@@ -406,6 +406,83 @@ fn decode_output_memory(device: Device, outputs: usize) -> ort::Result<Vec<Memor
 }
 
 impl OrtBackend {
+    /// One DiT graph run on the device: latents (cast for bf16 graphs), a timestep per batch
+    /// entry, and `extra` (the text context, or a step-cached pass's residual); its first
+    /// `outputs` outputs stay in the device's memory.
+    fn run_dit(
+        &self,
+        graph: &Graph,
+        latents: &DeviceTensor,
+        timestep: i64,
+        extra: (&str, &DeviceTensor),
+        outputs: usize,
+        control: &OrtRunControl,
+    ) -> Result<Vec<DeviceTensor>, BackendError> {
+        let failed = |e: ort::Error| BackendError::Run {
+            graph: graph.name,
+            reason: e.to_string(),
+        };
+        // Any batch: one timestep per latent, one context (or residual) each.
+        let batch = latents.value().shape().first().copied().unwrap_or(1).max(1);
+        let timestep = Tensor::from_array((vec![batch], vec![timestep; batch as usize]))
+            .map_err(failed)?
+            .upcast();
+        // bf16 graphs: latents are cast on the device, both ways; the scheduler stays in f32.
+        let cast;
+        let hidden = if graph.bf16 {
+            cast = self.arithmetic.cast(latents, TensorElementType::Bfloat16)?;
+            &cast
+        } else {
+            latents
+        };
+        if graph.outputs.len() < outputs {
+            return Err(BackendError::Output {
+                graph: graph.name,
+                reason: format!(
+                    "{} outputs, {outputs} needed (export the model again for step caching)",
+                    graph.outputs.len()
+                ),
+            });
+        }
+        let memory = output_memory(self.device).map_err(failed)?;
+        let bound: Vec<(&str, &MemoryInfo<'static>)> = graph.outputs[..outputs]
+            .iter()
+            .map(|name| (name.as_str(), &memory))
+            .collect();
+        let mut session = graph
+            .session
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let values = run_bound(
+            &mut session,
+            self.device,
+            &[
+                ("hidden_states", hidden.value()),
+                ("timestep", &timestep),
+                (extra.0, extra.1.value()),
+            ],
+            &bound,
+            Some(control.for_device(graph.device)),
+        )
+        .map_err(failed)?;
+        if values.len() != outputs {
+            return Err(BackendError::Output {
+                graph: graph.name,
+                reason: format!("{} outputs, {outputs} bound", values.len()),
+            });
+        }
+        Ok(values.into_iter().map(DeviceTensor::new).collect())
+    }
+
+    /// A DiT output as the f32 latents the scheduler takes.
+    fn prediction(&self, graph: &Graph, out: DeviceTensor) -> Result<DeviceTensor, BackendError> {
+        if graph.bf16 {
+            Ok(self.arithmetic.cast(&out, TensorElementType::Float32)?)
+        } else {
+            Ok(out)
+        }
+    }
+
     /// One VAE chunk: the video comes back to host memory (the encoder reads it there), the cache
     /// outputs stay where the graph runs, for the next chunk.
     fn decode(
@@ -475,6 +552,7 @@ impl Backend for OrtBackend {
     type Arithmetic = OrtTensors;
     type VaeCache = OrtVaeCache;
     type RunControl = OrtRunControl;
+    type Residual = DeviceTensor;
 
     fn run_control(&self) -> Result<OrtRunControl, BackendError> {
         OrtRunControl::new().map_err(|e| BackendError::Run {
@@ -593,42 +671,58 @@ impl Backend for OrtBackend {
         context: &DeviceTensor,
         control: &OrtRunControl,
     ) -> Result<DeviceTensor, BackendError> {
-        // Any batch: one timestep per latent, one context each.
+        let mut outputs = self.run_dit(
+            &self.transformer,
+            latents,
+            timestep,
+            ("encoder_hidden_states", context),
+            1,
+            control,
+        )?;
+        self.prediction(&self.transformer, outputs.remove(0))
+    }
+
+    fn supports_step_cache(&self) -> bool {
+        self.transformer_skip.is_some()
+    }
+
+    fn predict_keeping_residual(
+        &self,
+        latents: &DeviceTensor,
+        timestep: i64,
+        context: &DeviceTensor,
+        control: &OrtRunControl,
+    ) -> Result<(DeviceTensor, DeviceTensor), BackendError> {
         let graph = &self.transformer;
-        let failed = |e: ort::Error| BackendError::Run {
+        let mut outputs = self.run_dit(
+            graph,
+            latents,
+            timestep,
+            ("encoder_hidden_states", context),
+            2,
+            control,
+        )?;
+        let residual = outputs.pop().ok_or(BackendError::Output {
             graph: graph.name,
-            reason: e.to_string(),
-        };
-        let batch = latents.value().shape().first().copied().unwrap_or(1).max(1);
-        let timestep =
-            Tensor::from_array((vec![batch], vec![timestep; batch as usize])).map_err(failed)?;
-        // bf16 graphs: latents are cast on the device, both ways; the scheduler stays in f32.
-        let cast;
-        let hidden = if graph.bf16 {
-            cast = self.arithmetic.cast(latents, TensorElementType::Bfloat16)?;
-            &cast
-        } else {
-            latents
-        };
-        let timestep = timestep.upcast();
-        let out = run_on_device(
-            &graph.session,
-            self.device,
-            &[
-                ("hidden_states", hidden.value()),
-                ("timestep", &timestep),
-                ("encoder_hidden_states", context.value()),
-            ],
-            graph.output(),
-            Some(control.for_device(graph.device)),
-        )
-        .map(DeviceTensor::new)
-        .map_err(failed)?;
-        if graph.bf16 {
-            Ok(self.arithmetic.cast(&out, TensorElementType::Float32)?)
-        } else {
-            Ok(out)
-        }
+            reason: "no residual output (export the model again for step caching)".into(),
+        })?;
+        Ok((self.prediction(graph, outputs.remove(0))?, residual))
+    }
+
+    fn predict_skipping_blocks(
+        &self,
+        latents: &DeviceTensor,
+        timestep: i64,
+        residual: &DeviceTensor,
+        control: &OrtRunControl,
+    ) -> Result<DeviceTensor, BackendError> {
+        let graph = self.transformer_skip.as_ref().ok_or(BackendError::Run {
+            graph: "transformer (step-cached pass)",
+            reason: "this model has no step-cached pass".into(),
+        })?;
+        let mut outputs =
+            self.run_dit(graph, latents, timestep, ("residual", residual), 1, control)?;
+        self.prediction(graph, outputs.remove(0))
     }
 
     fn decode_first(

@@ -79,6 +79,10 @@ pub struct JobRequest {
     pub guidance_scale: f32,
     pub infer_steps: u32,
     pub seed: u32,
+    /// Step caching: the host's field (the validate plugin does not see it); jobs stored before
+    /// it existed read as `off`.
+    #[serde(default)]
+    pub cache: crate::pipeline::step_cache::CacheMode,
 }
 
 impl From<&GenerationRequest> for JobRequest {
@@ -93,6 +97,7 @@ impl From<&GenerationRequest> for JobRequest {
             guidance_scale: r.guidance_scale,
             infer_steps: r.infer_steps,
             seed: r.seed,
+            cache: Default::default(),
         }
     }
 }

@@ -572,6 +572,7 @@ impl Inner {
             infer_steps: r.infer_steps as usize,
             guidance_scale: r.guidance_scale,
             seed: r.seed as u64,
+            cache: r.cache,
         };
         let temp = self
             .config

@@ -12,6 +12,10 @@ pub struct Manifest {
     pub transformer: TransformerSpec,
     pub vae: VaeSpec,
     pub scheduler: SchedulerConfig,
+    /// MagCache's magnitude ratios for this checkpoint; absent in exports made before step
+    /// caching (they run every step in full and refuse `cache` other than `off`).
+    #[serde(default)]
+    pub step_cache: Option<StepCacheSpec>,
     pub fps: u32,
     /// File name → SHA-256 (hex) of every file in the directory.
     pub files: BTreeMap<String, String>,
@@ -36,11 +40,27 @@ pub struct TokenizerSpec {
 #[derive(Debug, Clone, Deserialize)]
 pub struct TransformerSpec {
     pub file: String,
+    /// The step-cached pass (embedding, + residual, head; no blocks), with `file`'s second output
+    /// `residual`: both come with exports that support step caching.
+    #[serde(default)]
+    pub skip_file: Option<String>,
     pub dtype: String,
     pub in_channels: usize,
     pub out_channels: usize,
     pub patch_size: [usize; 3],
     pub text_dim: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StepCacheSpec {
+    /// `magcache`, the only method.
+    pub method: String,
+    /// The step count the ratios were measured at (other counts are resampled).
+    pub calibrated_steps: usize,
+    pub ratios: crate::pipeline::step_cache::MagRatios,
+    /// Where the ratios come from (published, or how they were calibrated).
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,17 +223,42 @@ impl Manifest {
         if self.text_encoder.max_length == 0 || self.fps == 0 {
             return Err("text_encoder.max_length and fps must be positive".into());
         }
+        if let Some(cache) = &self.step_cache {
+            if cache.method != "magcache" {
+                return Err(format!(
+                    "step_cache: method {:?} is not supported (magcache)",
+                    cache.method
+                ));
+            }
+            let ratios = &cache.ratios;
+            for (branch, values) in [("cond", &ratios.cond), ("uncond", &ratios.uncond)] {
+                if values.is_empty() || values.iter().any(|r| !r.is_finite() || *r <= 0.0) {
+                    return Err(format!(
+                        "step_cache: ratios.{branch} must be a non-empty list of positive numbers"
+                    ));
+                }
+            }
+        }
         self.scheduler.validate()
     }
 
+    /// Whether this export can skip steps: the ratios and the step-cached graph are both there.
+    pub fn step_cache(&self) -> Option<&StepCacheSpec> {
+        self.step_cache
+            .as_ref()
+            .filter(|_| self.transformer.skip_file.is_some())
+    }
+
     /// Files the runtime opens (each must carry a checksum).
-    pub fn referenced_files(&self) -> [&str; 5] {
-        [
-            &self.text_encoder.file,
+    pub fn referenced_files(&self) -> Vec<&str> {
+        let mut files = vec![
+            self.text_encoder.file.as_str(),
             &self.tokenizer.file,
             &self.transformer.file,
             &self.vae.init_file,
             &self.vae.step_file,
-        ]
+        ];
+        files.extend(self.transformer.skip_file.as_deref());
+        files
     }
 }

@@ -8,6 +8,7 @@
 pub mod noise;
 pub mod prompt;
 pub mod scheduler;
+pub mod step_cache;
 
 use crate::backend::{Backend, BackendError, RunControl};
 use crate::model::{Manifest, ModelDir};
@@ -16,6 +17,7 @@ use ndarray::{Array3, Array5, ArrayView5, Axis, s};
 use prompt::{PromptError, PromptTokenizer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use step_cache::{CacheMode, SkipPlan};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -28,6 +30,8 @@ pub struct GenerateRequest {
     pub infer_steps: usize,
     pub guidance_scale: f32,
     pub seed: u64,
+    /// Step caching (MagCache): which steps may skip the transformer's blocks.
+    pub cache: step_cache::CacheMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +291,7 @@ impl<B: Backend> Pipeline<B> {
             infer_steps: 1,
             guidance_scale: 2.0,
             seed: 0,
+            cache: CacheMode::Off,
         };
         self.generate(&warm, &CancelToken::default(), &mut |_| {}, &mut |_| Ok(()))
             .map(|_| ())
@@ -375,11 +380,20 @@ impl<B: Backend> Pipeline<B> {
             total: 1 + usize::from(guided),
         });
         let cond = self.encode_prompt_with(&req.prompt, run)?;
+        let skips = skip_plan(&self.manifest, req)?;
+        let caching = skips.skipped_passes() > 0;
+        if caching && !self.backend.supports_step_cache() {
+            return Err(PipelineError::InvalidRequest {
+                field: "cache",
+                reason: "this model's sessions have no step-cached pass".into(),
+            });
+        }
         let contexts = if !guided {
             Contexts::Unguided(self.backend.prepare_context(&cond)?)
         } else {
             let uncond = self.encode_prompt_with(&req.negative_prompt, run)?;
-            if self.batched_guidance {
+            // A step-cached job keeps one residual per branch, so its branches run as two calls.
+            if self.batched_guidance && !caching {
                 Contexts::Batched(self.backend.prepare_context_pair(&cond, &uncond)?)
             } else {
                 Contexts::TwoCalls {
@@ -403,6 +417,8 @@ impl<B: Backend> Pipeline<B> {
             total: timesteps.len(),
         });
         let member = self.denoise_turns.join();
+        // Each branch's residual from its last computed step, for the steps it skips.
+        let mut residuals: [Option<B::Residual>; 2] = [None, None];
         for (i, &t) in timesteps.iter().enumerate() {
             let turn = member.take();
             check(cancel)?;
@@ -413,12 +429,31 @@ impl<B: Backend> Pipeline<B> {
                 run.clone()
             };
             let g = req.guidance_scale;
+            // One branch's pass: the whole DiT, or its embedding and head around the residual.
+            let mut pass = |branch: usize, skips: &[bool], context: &B::Context| {
+                let residual = &mut residuals[branch];
+                if !caching {
+                    self.backend.predict(&latents, t, context, run)
+                } else if skips.get(i).copied().unwrap_or(false) {
+                    let kept = residual.as_ref().ok_or(BackendError::Run {
+                        graph: "transformer (step-cached pass)",
+                        reason: format!("step {i} skips before any computed step"),
+                    })?;
+                    self.backend.predict_skipping_blocks(&latents, t, kept, run)
+                } else {
+                    let (prediction, fresh) = self
+                        .backend
+                        .predict_keeping_residual(&latents, t, context, run)?;
+                    *residual = Some(fresh);
+                    Ok(prediction)
+                }
+            };
             let prediction = match &contexts {
-                Contexts::Unguided(context) => self.backend.predict(&latents, t, context, run)?,
+                Contexts::Unguided(context) => pass(0, &skips.cond, context)?,
                 Contexts::TwoCalls { cond, uncond } => {
-                    let cond = self.backend.predict(&latents, t, cond, run)?;
+                    let cond = pass(0, &skips.cond, cond)?;
                     check(cancel)?;
-                    let uncond = self.backend.predict(&latents, t, uncond, run)?;
+                    let uncond = pass(1, &skips.uncond, uncond)?;
                     // uncond + g·(cond − uncond)
                     arithmetic.weighted_sum(&[(1.0 - g, &uncond), (g, &cond)])?
                 }
@@ -444,6 +479,8 @@ impl<B: Backend> Pipeline<B> {
             denoise_s = (denoise_done - text_done).as_secs_f32(),
             decode_and_sink_s = denoise_done.elapsed().as_secs_f32(),
             steps = timesteps.len(),
+            cache = %req.cache,
+            skipped_passes = skips.skipped_passes(),
             latent_shape = ?plan.latent_shape,
             "generated"
         );
@@ -539,6 +576,7 @@ pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, Pipeline
     if !req.guidance_scale.is_finite() {
         return invalid("guidance_scale", "must be a finite number".into());
     }
+    skip_plan(manifest, req)?;
     let vae = &manifest.vae;
     let ts = vae.scale_factor_temporal;
     let generated_frames = (req.num_frames - 1).div_ceil(ts) * ts + 1;
@@ -560,6 +598,31 @@ pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, Pipeline
             req.width / vae.scale_factor_spatial,
         ],
     })
+}
+
+/// Which DiT passes of `req` skip the blocks on `manifest`'s model (known before it runs), or
+/// why its `cache` mode cannot be used.
+pub fn skip_plan(manifest: &Manifest, req: &GenerateRequest) -> Result<SkipPlan, PipelineError> {
+    let guided = req.guidance_scale > 1.0;
+    let Some(settings) = req.cache.settings() else {
+        return Ok(SkipPlan::none(req.infer_steps, guided));
+    };
+    let spec = manifest
+        .step_cache()
+        .ok_or_else(|| PipelineError::InvalidRequest {
+            field: "cache",
+            reason: format!(
+                "{:?}: this model's export has no step cache (export it again with \
+                 models/export.py); use \"off\"",
+                req.cache.as_str()
+            ),
+        })?;
+    Ok(SkipPlan::new(
+        &spec.ratios,
+        settings,
+        req.infer_steps,
+        guided,
+    ))
 }
 
 fn check(cancel: &CancelToken) -> Result<(), PipelineError> {

@@ -98,6 +98,7 @@ impl HostLimits {
             infer_steps: r.infer_steps as usize,
             guidance_scale: r.guidance_scale,
             seed: u64::from(r.seed),
+            cache: r.cache,
         };
         crate::pipeline::plan(&self.manifest, &request).map_err(|e| match e {
             crate::pipeline::PipelineError::InvalidRequest { field, reason } => {
