@@ -1,6 +1,6 @@
 //! Hot paths of one generation, on the bundled tiny model at the API's 832x480 size:
-//! a denoising step (two DiT calls with guidance + the scheduler, and the same with one batch-2
-//! call), the scheduler alone at the
+//! a denoising step (two DiT calls with guidance + the scheduler, the same with one batch-2
+//! call, and a step-cached step whose passes skip the blocks), the scheduler alone at the
 //! real 480p/81-frame latent size, one VAE chunk, the seeded noise, and H.264 encoding of 81
 //! frames; and two jobs at once against one after the other. `cargo bench -p wanserve --bench
 //! pipeline`.
@@ -98,6 +98,40 @@ fn denoise_and_decode(c: &mut Criterion) {
     group.bench_function("denoise_step_cfg_batched", |b| {
         step(b, &|x, t| {
             backend.predict_guided(x, t, &pair, 5.0, &run).unwrap()
+        })
+    });
+    // Step caching: a step that skips the blocks in both branches (embedding + kept residual +
+    // head, then the same update) against the full step above.
+    let cond_residual = backend
+        .predict_keeping_residual(
+            &backend.upload_latents(&latents).unwrap(),
+            999,
+            &context,
+            &run,
+        )
+        .unwrap()
+        .1;
+    let uncond_residual = backend
+        .predict_keeping_residual(
+            &backend.upload_latents(&latents).unwrap(),
+            999,
+            &negative,
+            &run,
+        )
+        .unwrap()
+        .1;
+    group.bench_function("denoise_step_cfg_cached", |b| {
+        step(b, &|x, t| {
+            let cond = backend
+                .predict_skipping_blocks(x, t, &cond_residual, &run)
+                .unwrap();
+            let uncond = backend
+                .predict_skipping_blocks(x, t, &uncond_residual, &run)
+                .unwrap();
+            backend
+                .arithmetic()
+                .weighted_sum(&[(-4.0, &uncond), (5.0, &cond)])
+                .unwrap()
         })
     });
     // A steady-state chunk: first chunk once for its cache, then time the next chunk.
@@ -234,8 +268,38 @@ fn two_jobs(c: &mut Criterion) {
     group.finish();
 }
 
+/// A whole 50-step denoising on the bundled model, every step against `cache: fast` (decoding
+/// kept small: 1 frame at 416x224, so the denoising dominates).
+fn step_cache_50_steps(c: &mut Criterion) {
+    let pipeline = tiny_pipeline();
+    let job = |cache| GenerateRequest {
+        width: 832,
+        height: 480,
+        num_frames: 1,
+        infer_steps: 50,
+        cache,
+        ..request(1)
+    };
+    let run = |req: &GenerateRequest| {
+        pipeline
+            .generate(req, &CancelToken::default(), &mut |_| {}, &mut |_| Ok(()))
+            .unwrap()
+            .frames
+    };
+    let mut group = c.benchmark_group("tiny_832x480_50steps");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(30));
+    for cache in [CacheMode::Off, CacheMode::Fast, CacheMode::Faster] {
+        let req = job(cache);
+        group.bench_function(format!("cache_{cache}"), |b| b.iter(|| run(&req)));
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    step_cache_50_steps,
     two_jobs,
     denoise_and_decode,
     scheduler_and_noise,

@@ -296,3 +296,45 @@ fn step_cache_fast_with_guidance_skips_what_diffusers_skips() {
 fn step_cache_faster_without_guidance_skips_what_diffusers_skips() {
     check_cached_case("magcache_faster_unguided");
 }
+
+/// wanserve's calibration run against diffusers' `MagCacheConfig(calibrate=True)`, which wrote
+/// the bundled manifest's ratios (models/export.py: 128x64, 9 frames, 50 steps, guidance 5,
+/// seed 0, this prompt).
+#[test]
+fn step_cache_calibration_measures_the_ratios_diffusers_measured() {
+    let model = ModelDir::open(&common::tiny_model()).expect("bundled model opens");
+    let diffusers = model
+        .manifest
+        .step_cache
+        .clone()
+        .expect("the bundled model has ratios")
+        .ratios;
+    let request = GenerateRequest {
+        prompt: "A beautiful sunset over the mountains, golden light on the snow".into(),
+        negative_prompt: String::new(),
+        width: 128,
+        height: 64,
+        num_frames: 9,
+        infer_steps: 50,
+        guidance_scale: 5.0,
+        seed: 0,
+        cache: CacheMode::Off,
+    };
+    let ours = pipeline()
+        .calibrate_step_cache(&request, &mut |_| {})
+        .unwrap();
+    for (branch, a, b) in [
+        ("cond", &ours.cond, &diffusers.cond),
+        ("uncond", &ours.uncond, &diffusers.uncond),
+    ] {
+        assert_eq!(a.len(), 50, "{branch}");
+        assert_eq!(a.len(), b.len(), "{branch}");
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-4, "{branch}: ratios differ by {worst}");
+        eprintln!("calibration {branch}: max |Δ| {worst:.1e}");
+    }
+}

@@ -239,6 +239,12 @@ impl<B: Backend> Backend for TurnLog<B> {
         self.inner
             .predict_keeping_residual(latents, timestep, context, run)
     }
+    fn residual_to_host(
+        &self,
+        residual: &Self::Residual,
+    ) -> Result<(Vec<usize>, Vec<f32>), BackendError> {
+        self.inner.residual_to_host(residual)
+    }
     fn predict_skipping_blocks(
         &self,
         latents: &Self::Latents,

@@ -45,6 +45,103 @@ enum Command {
     Status(client::cli::JobArgs),
     /// Cancel a job (queued: it leaves the queue; running: it stops before its next step).
     Cancel(client::cli::JobArgs),
+    /// Measure a model's step-cache (MagCache) magnitude ratios, as diffusers'
+    /// `MagCacheConfig(calibrate=True)` does; prints them as JSON, and with --write stores them
+    /// in the model's manifest.
+    CalibrateCache(CalibrateArgs),
+}
+
+#[derive(clap::Args)]
+struct CalibrateArgs {
+    /// A wanserve model directory (from models/export.py); default: the bundled tiny model.
+    #[arg(long, env = "WANSERVE_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    #[arg(
+        long,
+        default_value = "A beautiful sunset over the mountains, golden light on the snow"
+    )]
+    prompt: String,
+    /// WIDTHxHEIGHT of the calibration run (MagCache calibrated Wan2.1-1.3B at 832x480).
+    #[arg(long, value_parser = parse_size, default_value = "832x480")]
+    image_size: (usize, usize),
+    #[arg(long, default_value_t = 81)]
+    num_frames: usize,
+    /// Steps of the calibration run: the ratios' length (other step counts are resampled).
+    #[arg(long, default_value_t = 50)]
+    infer_steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    guidance_scale: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Store the ratios in <model-dir>/wanserve-model.json (`step_cache`).
+    #[arg(long)]
+    write: bool,
+    #[arg(long, value_enum, default_value = "cpu", env = "WANSERVE_DEVICE")]
+    device: Device,
+    /// Intra-op threads per ONNX session (0: one per core).
+    #[arg(long, default_value_t = 0, env = "WANSERVE_THREADS")]
+    threads: usize,
+}
+
+fn calibrate_cache(args: CalibrateArgs) -> Result<(), String> {
+    let model_dir = args.model_dir.unwrap_or_else(bundled_model_dir);
+    let model = ModelDir::open(&model_dir).map_err(|e| e.to_string())?;
+    let backend = OrtBackend::load(&model, args.device, args.threads).map_err(|e| e.to_string())?;
+    let pipeline = Pipeline::new(backend, &model).map_err(|e| e.to_string())?;
+    let request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: String::new(),
+        width: args.image_size.0,
+        height: args.image_size.1,
+        num_frames: args.num_frames,
+        infer_steps: args.infer_steps,
+        guidance_scale: args.guidance_scale,
+        seed: args.seed,
+        cache: wanserve::pipeline::step_cache::CacheMode::Off,
+    };
+    let bar = ProgressBar::new(args.infer_steps as u64);
+    let ratios = pipeline
+        .calibrate_step_cache(&request, &mut |p| {
+            if p.stage == Stage::Denoising {
+                bar.set_position(p.step as u64);
+            }
+        })
+        .map_err(|e| e.to_string());
+    bar.finish_and_clear();
+    let ratios = ratios?;
+    let (w, h) = args.image_size;
+    let spec = serde_json::json!({
+        "method": "magcache",
+        "calibrated_steps": args.infer_steps,
+        "ratios": ratios,
+        "source": format!(
+            "wanserve calibrate-cache, {w}x{h}, {} frames, {} steps, guidance {}, seed {}",
+            args.num_frames, args.infer_steps, args.guidance_scale, args.seed
+        ),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&spec).unwrap_or_default()
+    );
+    if args.write {
+        let path = model_dir.join("wanserve-model.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut manifest: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+        let object = manifest
+            .as_object_mut()
+            .ok_or_else(|| format!("{} is not a JSON object", path.display()))?;
+        object.insert("step_cache".into(), spec);
+        // Written beside and renamed over, so a failure leaves the old manifest whole.
+        let temp = path.with_extension("json.partial");
+        let body = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n";
+        std::fs::write(&temp, body).map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
+        std::fs::rename(&temp, &path)
+            .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+        eprintln!("wrote the ratios into {}", path.display());
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
@@ -343,6 +440,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => client::cli::submit(*args),
         Command::Status(args) => client::cli::status(args),
         Command::Cancel(args) => client::cli::cancel(args),
+        Command::CalibrateCache(args) => calibrate_cache(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -164,6 +164,10 @@ fn every_parameter_at_and_beyond_its_bounds() {
         ("seed", json!(0)),
         ("seed", json!(2147483647)),
         ("seed", Value::Null),
+        ("cache", json!("off")),
+        ("cache", json!("fast")),
+        ("cache", json!("faster")),
+        ("cache", Value::Null),
     ];
     for (field, value) in accepted {
         let body = with(field, value.clone());
@@ -180,6 +184,20 @@ fn every_parameter_at_and_beyond_its_bounds() {
         );
         if field == "seed" && !value.is_null() {
             assert_eq!(status["seed"], value);
+        }
+        // The mode asked for (off by default), and its plan from submit on.
+        if field == "cache" {
+            let mode = if value.is_null() {
+                json!("off")
+            } else {
+                value.clone()
+            };
+            assert_eq!(status["cache"]["mode"], mode, "{status}");
+            assert_eq!(status["cache"]["passes"], 40, "{status}");
+            let skipped = status["cache"]["skippedPasses"]
+                .as_u64()
+                .expect("skippedPasses");
+            assert_eq!(skipped == 0, mode == "off", "{status}");
         }
         cancel(server, ALICE, &id);
     }
@@ -204,6 +222,10 @@ fn every_parameter_at_and_beyond_its_bounds() {
         ("seed", json!(-1)),
         ("seed", json!(2147483648u64)),
         ("model", json!("Wan2.1-T2V-14B")),
+        ("cache", json!("Fast")),
+        ("cache", json!("slow")),
+        ("cache", json!(1)),
+        ("cache", json!(true)),
     ];
     for (field, value) in refused {
         let (status, body) =
@@ -213,14 +235,24 @@ fn every_parameter_at_and_beyond_its_bounds() {
     }
     // Every bad field is listed, not just the first.
     let body = json!({"model": "Wan2.1-T2V-1.3B", "prompt": "short", "image_size": "1x1",
-        "num_frames": 1, "guidance_scale": 50, "infer_steps": 1000});
+        "num_frames": 1, "guidance_scale": 50, "infer_steps": 1000, "cache": "everything"});
     let (status, error) = error_of(server.post("/video/submit", Some(ALICE), &body));
     assert_eq!(status, 422);
+    let reason = error["error"]["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["field"] == "cache"))
+        .map(|f| f["reason"].to_string())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("fast") && reason.contains("everything"),
+        "the reason names the modes and what was sent: {error}"
+    );
     let mut fields = bad_fields(&error);
     fields.sort();
     assert_eq!(
         fields,
         [
+            "cache",
             "guidance_scale",
             "image_size",
             "infer_steps",

@@ -34,6 +34,64 @@ fn download(server: &Server, url: &str, dir: &std::path::Path) -> std::path::Pat
     path
 }
 
+/// A step-cached job through the server: the plan status shows from submit on is the one the
+/// pipeline computes from the bundled model's ratios, the log says the passes were skipped, and
+/// the video is whole.
+#[test]
+fn a_step_cached_job_skips_the_planned_passes_and_succeeds() {
+    use wanserve::pipeline::step_cache::CacheMode;
+    let server = Server::start(Options::default());
+    let mut body = small_job();
+    body["cache"] = json!("fast");
+    let id = server.submit(ALICE, &body);
+    let model = wanserve::model::ModelDir::open(&common::tiny_model()).expect("bundled model");
+    let request = wanserve::pipeline::GenerateRequest {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        width: 832,
+        height: 480,
+        num_frames: 24,
+        infer_steps: 20,
+        guidance_scale: 5.0,
+        seed: 7,
+        cache: CacheMode::Fast,
+    };
+    let plan = wanserve::pipeline::skip_plan(&model.manifest, &request).expect("a plan");
+    assert!(plan.skipped_passes() > 0, "the bundled ratios skip nothing");
+    let submitted = server.status(ALICE, &id);
+    let expected_steps: Vec<u64> = plan.skipped_steps().iter().map(|&s| s as u64).collect();
+    assert_eq!(
+        submitted["cache"]["skippedSteps"],
+        json!(expected_steps),
+        "{submitted}"
+    );
+    let done = server.wait_final(ALICE, &id);
+    assert_eq!(state(&done), "Succeed", "{done}\n{}", server.log());
+    assert_eq!(done["cache"]["mode"], "fast", "{done}");
+    assert_eq!(
+        done["cache"]["skippedPasses"],
+        plan.skipped_passes() as u64,
+        "{done}"
+    );
+    assert_eq!(done["metadata"]["cache"], "fast", "{done}");
+    let generated = server
+        .log_line(|l| l.contains("generated") && l.contains("cache=fast"))
+        .unwrap_or_else(|| panic!("no cached generation in the log:\n{}", server.log()));
+    assert!(
+        generated.contains(&format!("skipped_passes={}", plan.skipped_passes())),
+        "{generated}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = done["results"]["videos"][0]["url"]
+        .as_str()
+        .expect("a video URL");
+    let (codec, width, height, _, frames, _) = common::probe(&download(&server, url, dir.path()));
+    assert_eq!(
+        (codec.as_str(), width, height, frames),
+        ("h264", 832, 480, 24)
+    );
+}
+
 #[test]
 fn a_job_succeeds_and_its_url_opens_without_a_key() {
     let server = Server::start(Options::default());

@@ -118,6 +118,11 @@ pub trait Backend: Send + Sync {
         residual: &Self::Residual,
         run: &Self::RunControl,
     ) -> Result<Self::Latents, BackendError>;
+    /// A residual's shape and values on the host as f32 (for calibration runs only).
+    fn residual_to_host(
+        &self,
+        residual: &Self::Residual,
+    ) -> Result<(Vec<usize>, Vec<f32>), BackendError>;
     /// First latent frame `[1, Z, 1, h, w]` → one video frame `[1, 3, 1, H, W]` and the cache.
     fn decode_first(
         &self,

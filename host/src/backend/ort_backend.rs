@@ -709,6 +709,20 @@ impl Backend for OrtBackend {
         Ok((self.prediction(graph, outputs.remove(0))?, residual))
     }
 
+    fn residual_to_host(
+        &self,
+        residual: &DeviceTensor,
+    ) -> Result<(Vec<usize>, Vec<f32>), BackendError> {
+        let cast;
+        let residual = if self.transformer.bf16 {
+            cast = self.arithmetic.cast(residual, TensorElementType::Float32)?;
+            &cast
+        } else {
+            residual
+        };
+        self.arithmetic.download(residual, "residual")
+    }
+
     fn predict_skipping_blocks(
         &self,
         latents: &DeviceTensor,

@@ -59,6 +59,9 @@ pub struct SubmitArgs {
     /// A URL the server POSTs the final status to (signed; see the README).
     #[arg(long)]
     webhook: Option<String>,
+    /// Step caching: off, fast or faster (default: the server's).
+    #[arg(long, value_enum)]
+    cache: Option<crate::pipeline::step_cache::CacheMode>,
     /// Follow the job to its end (progress on standard error) and download the video.
     #[arg(long)]
     wait: bool,
@@ -93,6 +96,9 @@ pub fn submit(args: SubmitArgs) -> Result<(), String> {
     });
     if let Some(seed) = args.seed {
         body["seed"] = seed.into();
+    }
+    if let Some(cache) = args.cache {
+        body["cache"] = cache.as_str().into();
     }
     if let Some(negative) = args.negative_prompt {
         body["negative_prompt"] = negative.into();

@@ -6,6 +6,7 @@
 //! `running` is fenced on the job's attempt number, so a worker that lost its job (cancelled,
 //! re-queued) cannot overwrite what happened since.
 
+pub mod eta;
 pub mod postgres;
 pub mod retention;
 pub mod scheduler;
@@ -83,6 +84,23 @@ pub struct JobRequest {
     /// it existed read as `off`.
     #[serde(default)]
     pub cache: crate::pipeline::step_cache::CacheMode,
+}
+
+impl JobRequest {
+    /// The pipeline's request for this job (`negative_prompt` empty means diffusers' default).
+    pub fn generate_request(&self) -> crate::pipeline::GenerateRequest {
+        crate::pipeline::GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width as usize,
+            height: self.height as usize,
+            num_frames: self.num_frames as usize,
+            infer_steps: self.infer_steps as usize,
+            guidance_scale: self.guidance_scale,
+            seed: u64::from(self.seed),
+            cache: self.cache,
+        }
+    }
 }
 
 impl From<&GenerationRequest> for JobRequest {

@@ -7,10 +7,12 @@
 //! set and the pipeline stops before its next step, and the worker takes the next job.
 //! Shutdown: every running job is stopped the same way and put back in the queue.
 
+use super::eta::StepClock;
 use super::{Completion, Job, JobStore, StoredProgress, now_ms};
 use crate::backend::OrtBackend;
 use crate::pipeline::scheduler::SchedulerError;
-use crate::pipeline::{CancelToken, FrameChunk, GenerateRequest, Pipeline, PipelineError, Stage};
+use crate::pipeline::step_cache::SkipPlan;
+use crate::pipeline::{CancelToken, FrameChunk, Pipeline, PipelineError, Stage};
 use crate::plugins::{FinishedJob, OutputPolicy, PluginHost};
 use crate::storage::VideoStore;
 use crate::video::{EncoderSettings, Mp4Writer};
@@ -56,8 +58,9 @@ struct Running {
     stage: Stage,
     step: usize,
     total: usize,
-    denoise_started: Option<Instant>,
     last_step: Option<Instant>,
+    /// The denoising steps' times, knowing which skip the blocks.
+    steps: StepClock,
     /// Frames × pixels this job decodes, to scale earlier jobs' decode times.
     work: f64,
 }
@@ -68,6 +71,8 @@ struct Timing {
     decode_per_unit: Option<f64>,
     /// Wall seconds of the last finished jobs (for Retry-After).
     last_job_seconds: Option<f64>,
+    /// A block-skipping DiT pass's cost relative to a full one, from the last job that had both.
+    skip_fraction: Option<f64>,
 }
 
 struct Inner {
@@ -326,7 +331,10 @@ impl Inner {
 
     /// Progress of `id` if this process runs it, with the ETA.
     fn live_progress(&self, id: &str) -> Option<LiveProgress> {
-        let decode_per_unit = lock(&self.timing).decode_per_unit;
+        let (decode_per_unit, skip_fraction) = {
+            let timing = lock(&self.timing);
+            (timing.decode_per_unit, timing.skip_fraction)
+        };
         let running = lock(&self.running);
         let r = running.get(id)?;
         let stage = match r.stage {
@@ -335,16 +343,15 @@ impl Inner {
             Stage::Decoding => "decoding",
         };
         let decode_estimate = decode_per_unit.map(|per| per * r.work);
-        let eta_seconds = match (r.stage, r.denoise_started, r.last_step) {
-            (Stage::Denoising, Some(started), Some(last)) if r.step > 0 => {
-                let per_step = (last - started).as_secs_f64() / r.step as f64;
-                let remaining = per_step * (r.total - r.step.min(r.total)) as f64;
-                // The current step is partly done already.
-                let in_step = last.elapsed().as_secs_f64().min(per_step);
+        let eta_seconds = match (r.stage, r.last_step) {
+            (Stage::Denoising, Some(last)) if r.step > 0 => {
+                let in_step = last.elapsed().as_secs_f64();
                 // Before any job has been decoded, the estimate covers denoising only.
-                Some((remaining - in_step).max(0.0) + decode_estimate.unwrap_or(0.0))
+                r.steps
+                    .remaining(r.step, in_step, skip_fraction)
+                    .map(|left| left + decode_estimate.unwrap_or(0.0))
             }
-            (Stage::Decoding, _, Some(last)) if r.step > 0 => decode_estimate.map(|d| {
+            (Stage::Decoding, Some(last)) if r.step > 0 => decode_estimate.map(|d| {
                 let done = r.step as f64 / r.total.max(1) as f64;
                 (d * (1.0 - done) - last.elapsed().as_secs_f64()).max(0.0)
             }),
@@ -411,8 +418,16 @@ impl Inner {
                 stage: Stage::EncodingText,
                 step: 0,
                 total: 1,
-                denoise_started: None,
                 last_step: None,
+                steps: StepClock::new(
+                    crate::pipeline::skip_plan(pipeline.manifest(), &request.generate_request())
+                        .unwrap_or_else(|_| {
+                            SkipPlan::none(
+                                request.infer_steps as usize,
+                                request.guidance_scale > 1.0,
+                            )
+                        }),
+                ),
                 work,
             },
         );
@@ -514,12 +529,17 @@ impl Inner {
             if r.attempt != job.attempt {
                 return;
             }
-            if stage == Stage::Denoising {
-                if step == 0 {
-                    r.denoise_started = Some(now);
-                } else if let Some(last) = r.last_step.filter(|_| r.stage == Stage::Denoising) {
-                    metrics::histogram!("wanserve_step_duration_seconds")
-                        .record((now - last).as_secs_f64());
+            if stage == Stage::Denoising
+                && step > 0
+                && let Some(last) = r.last_step.filter(|_| r.stage == Stage::Denoising)
+            {
+                let seconds = (now - last).as_secs_f64();
+                metrics::histogram!("wanserve_step_duration_seconds").record(seconds);
+                r.steps.record(step - 1, seconds);
+                if step == total
+                    && let Some(fraction) = r.steps.skip_fraction()
+                {
+                    lock(&self.timing).skip_fraction = Some(fraction);
                 }
             }
             r.stage = stage;
@@ -562,18 +582,7 @@ impl Inner {
         cancel: &CancelToken,
         started: Instant,
     ) -> Outcome {
-        let r = &job.request;
-        let request = GenerateRequest {
-            prompt: r.prompt.clone(),
-            negative_prompt: r.negative_prompt.clone(),
-            width: r.width as usize,
-            height: r.height as usize,
-            num_frames: r.num_frames as usize,
-            infer_steps: r.infer_steps as usize,
-            guidance_scale: r.guidance_scale,
-            seed: r.seed as u64,
-            cache: r.cache,
-        };
+        let request = job.request.generate_request();
         let temp = self
             .config
             .work_dir

@@ -357,8 +357,42 @@ impl<B: Backend> Pipeline<B> {
             PipelineError::Backend(_) if cancel.is_cancelled() => PipelineError::Cancelled,
             other => other,
         };
-        self.run_job(req, cancel, &run, on_progress, on_frames)
+        self.run_job(req, cancel, &run, on_progress, on_frames, None)
             .map_err(interrupted)
+    }
+
+    /// MagCache's calibration run (diffusers' `MagCacheConfig(calibrate=True)`): `req`
+    /// denoised with every step in full, measuring per branch the mean over tokens of
+    /// ‖residual‖ / ‖previous step's residual‖ (1.0 for the first step). Nothing is decoded.
+    pub fn calibrate_step_cache(
+        &self,
+        req: &GenerateRequest,
+        on_progress: &mut dyn FnMut(Progress),
+    ) -> Result<step_cache::MagRatios, PipelineError> {
+        if !self.backend.supports_step_cache() {
+            return Err(PipelineError::InvalidRequest {
+                field: "model",
+                reason: "this export has no residual output and step-cached pass: export it \
+                         again with models/export.py"
+                    .into(),
+            });
+        }
+        let req = GenerateRequest {
+            cache: CacheMode::Off,
+            ..req.clone()
+        };
+        let run = self.backend.run_control()?;
+        let mut calibration = Calibration::default();
+        self.run_job(
+            &req,
+            &CancelToken::default(),
+            &run,
+            on_progress,
+            &mut |_| Ok(()),
+            Some(&mut calibration),
+        )?;
+        let [cond, uncond] = calibration.ratios;
+        Ok(step_cache::MagRatios { cond, uncond })
     }
 
     fn run_job(
@@ -368,6 +402,7 @@ impl<B: Backend> Pipeline<B> {
         run: &B::RunControl,
         on_progress: &mut dyn FnMut(Progress),
         on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
+        mut calibration: Option<&mut Calibration>,
     ) -> Result<Generated, PipelineError> {
         let plan = self.plan(req)?;
         let guided = req.guidance_scale > 1.0;
@@ -432,7 +467,13 @@ impl<B: Backend> Pipeline<B> {
             // One branch's pass: the whole DiT, or its embedding and head around the residual.
             let mut pass = |branch: usize, skips: &[bool], context: &B::Context| {
                 let residual = &mut residuals[branch];
-                if !caching {
+                if let Some(calibration) = calibration.as_deref_mut() {
+                    let (prediction, fresh) = self
+                        .backend
+                        .predict_keeping_residual(&latents, t, context, run)?;
+                    calibration.record(branch, self.backend.residual_to_host(&fresh)?);
+                    Ok(prediction)
+                } else if !caching {
                     self.backend.predict(&latents, t, context, run)
                 } else if skips.get(i).copied().unwrap_or(false) {
                     let kept = residual.as_ref().ok_or(BackendError::Run {
@@ -473,6 +514,9 @@ impl<B: Backend> Pipeline<B> {
         let latents = self.backend.download_latents(&latents)?;
 
         let denoise_done = std::time::Instant::now();
+        if calibration.is_some() {
+            return Ok(Generated { latents, frames: 0 });
+        }
         let frames = self.decode(&latents, req, cancel, run, on_progress, on_frames)?;
         tracing::info!(
             text_s = (text_done - started).as_secs_f32(),
@@ -544,6 +588,27 @@ impl<B: Backend> Pipeline<B> {
             });
         }
         Ok(emitted)
+    }
+}
+
+/// A calibration run's state: each branch's last residual on the host and its ratios so far.
+#[derive(Default)]
+struct Calibration {
+    previous: [Option<(Vec<usize>, Vec<f32>)>; 2],
+    ratios: [Vec<f64>; 2],
+}
+
+impl Calibration {
+    fn record(&mut self, branch: usize, residual: (Vec<usize>, Vec<f32>)) {
+        let dim = residual.0.last().copied().unwrap_or(1);
+        let ratio = match &self.previous[branch] {
+            Some(previous) if previous.0 == residual.0 => {
+                step_cache::magnitude_ratio(&residual.1, &previous.1, dim)
+            }
+            _ => 1.0,
+        };
+        self.ratios[branch].push(ratio);
+        self.previous[branch] = Some(residual);
     }
 }
 

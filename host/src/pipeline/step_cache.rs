@@ -197,6 +197,29 @@ pub fn nearest_interp(src: &[f64], len: usize) -> Vec<f64> {
         .collect()
 }
 
+/// MagCache's calibration measure between two residuals of `dim`-wide token vectors: the mean
+/// over tokens of ‖current‖ / (‖previous‖ + 1e-8), as diffusers' `_perform_calibration_step`.
+pub fn magnitude_ratio(current: &[f32], previous: &[f32], dim: usize) -> f64 {
+    let dim = dim.max(1);
+    let norm = |token: &[f32]| {
+        token
+            .iter()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let tokens = current.len() / dim;
+    if tokens == 0 {
+        return 1.0;
+    }
+    let sum: f64 = current
+        .chunks_exact(dim)
+        .zip(previous.chunks_exact(dim))
+        .map(|(c, p)| norm(c) / (norm(p) + 1e-8))
+        .sum();
+    sum / tokens as f64
+}
+
 fn branch_plan(ratios: &[f64], settings: CacheSettings, steps: usize) -> Vec<bool> {
     let ratios = nearest_interp(ratios, steps);
     // Python's int(x + 0.5) on a non-negative float.
@@ -300,6 +323,15 @@ mod tests {
         assert_eq!(plan.uncond, [false, false, false, false]);
         assert!(plan.any_skip(1) && !plan.all_skip(1));
         assert!(plan.skipped_steps().is_empty());
+    }
+
+    #[test]
+    fn the_magnitude_ratio_is_the_mean_of_per_token_norm_ratios() {
+        // Two tokens of dim 2: norms 5 / 1 and 2 / 2.
+        let current = [3.0, 4.0, 0.0, 2.0];
+        let previous = [1.0, 0.0, 2.0, 0.0];
+        let ratio = magnitude_ratio(&current, &previous, 2);
+        assert!((ratio - 3.0).abs() < 1e-6, "{ratio}");
     }
 
     #[test]

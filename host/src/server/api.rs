@@ -8,6 +8,7 @@ use crate::jobs::{
     CancelOutcome, Job, JobPrincipal, JobRequest, JobState, NewJob, Submitted, WebhookDelivery,
     is_request_id, new_request_id, now_ms,
 };
+use crate::pipeline::step_cache::CacheMode;
 use crate::plugins::{PluginError, Slot};
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -58,6 +59,12 @@ pub struct SubmitBody {
     /// allowed them.
     #[schema(max_length = 2048, example = "https://example.com/hooks/video")]
     webhook: Option<String>,
+    /// Step caching (MagCache): `fast` and `faster` skip the transformer's blocks on the steps
+    /// the model's magnitude ratios allow (MagCache's published Wan2.1-1.3B settings E0.12 K2
+    /// R0.2 and E0.12 K4 R0.2); `off` runs every step in full. Default: the server's
+    /// `--cache-default` (off unless the operator chose otherwise). Checked by the server.
+    #[schema(value_type = Option<String>, example = "fast", pattern = "^(off|fast|faster)$")]
+    cache: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -151,12 +158,50 @@ pub struct StatusResponse {
     /// When it reached its final state, Unix milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
-    /// What the post-process plugin attached to a `Succeed` job's video.
+    /// What the post-process plugin attached to a `Succeed` job's video, and `cache` (the
+    /// step-cache mode) when the job ran with one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The job's step caching: its mode and, when on, which steps skip the transformer's
+    /// blocks (decided from the model's ratios alone, so known from submit on).
+    pub cache: CacheView,
     /// The delivery of the final status to the job's webhook, once the job has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheView {
+    /// `off`, `fast` or `faster`.
+    #[schema(example = "fast")]
+    pub mode: String,
+    /// Steps (0-based) on which every guidance branch skips the blocks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_steps: Vec<u32>,
+    /// DiT passes (one per branch per step) that skip the blocks, and all of them.
+    pub skipped_passes: u32,
+    pub passes: u32,
+}
+
+impl CacheView {
+    /// `request`'s plan on `manifest`'s model (empty if the model cannot cache, which submit
+    /// refuses anyway).
+    pub fn of(manifest: &crate::model::Manifest, request: &JobRequest) -> Self {
+        let generate = request.generate_request();
+        let plan = crate::pipeline::skip_plan(manifest, &generate).unwrap_or_else(|_| {
+            crate::pipeline::step_cache::SkipPlan::none(
+                generate.infer_steps,
+                generate.guidance_scale > 1.0,
+            )
+        });
+        Self {
+            mode: request.cache.as_str().into(),
+            skipped_steps: plan.skipped_steps().into_iter().map(|s| s as u32).collect(),
+            skipped_passes: plan.skipped_passes() as u32,
+            passes: plan.passes() as u32,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -316,6 +361,19 @@ pub async fn submit(
         field: "webhook".into(),
         reason,
     });
+    // Step caching is the engine's business, not a policy: checked here, unseen by the plugin.
+    let cache = match body.remove("cache") {
+        None | Some(serde_json::Value::Null) => Ok(state.limits.cache_default),
+        Some(serde_json::Value::String(name)) => CacheMode::parse(&name).ok_or(name),
+        Some(other) => Err(other.to_string()),
+    }
+    .map_err(|got| FieldProblem {
+        field: "cache".into(),
+        reason: format!(
+            "must be one of {} (got {got})",
+            CacheMode::NAMES.map(|n| format!("\"{n}\"")).join(", ")
+        ),
+    });
     let fields = crate::plugins::json_fields(&body);
     let plugins = state.plugins.clone();
     let caller = principal.clone();
@@ -325,9 +383,9 @@ pub async fn submit(
         .run(move || plugins.validate(&caller, &fields))
         .await
         .map_err(ApiError::internal)?;
-    let request = match (verdict, webhook.as_ref()) {
-        (Ok(Ok(request)), Ok(_)) => request,
-        (Ok(verdict), webhook) => {
+    let request = match (verdict, webhook.as_ref(), cache.as_ref()) {
+        (Ok(Ok(request)), Ok(_), Ok(_)) => request,
+        (Ok(verdict), webhook, cache) => {
             // Every bad field at once: the plugin's and the webhook's.
             let mut problems: Vec<FieldProblem> = verdict
                 .err()
@@ -339,12 +397,16 @@ pub async fn submit(
                 })
                 .collect();
             problems.extend(webhook.err().cloned());
+            problems.extend(cache.err().cloned());
             return Err(ApiError::invalid(problems));
         }
-        (Err(e), _) => return Err(plugin_failure(Slot::Validate, &e)),
+        (Err(e), _, _) => return Err(plugin_failure(Slot::Validate, &e)),
     };
     let webhook_url = webhook.ok().flatten();
-    let request = JobRequest::from(&request);
+    let request = JobRequest {
+        cache: cache.unwrap_or_default(),
+        ..JobRequest::from(&request)
+    };
     state.limits.check(&request)?;
     let outcome = state
         .store
@@ -447,6 +509,7 @@ pub(super) async fn status_view(
         started_at: job.started_at,
         finished_at: job.finished_at,
         metadata: BTreeMap::new(),
+        cache: CacheView::of(&state.limits.manifest, &job.request),
         webhook: None,
     };
     if job.webhook_url.is_some() && job.state.is_final() {
@@ -494,6 +557,13 @@ pub(super) async fn status_view(
             response.results.timings.inference = job.inference_seconds;
             response.expires_at = job.expires_at;
             response.metadata = job.metadata.iter().cloned().collect();
+            // The host's entry beside the plugin's (the plugin's wins a clash).
+            if job.request.cache != CacheMode::Off {
+                response
+                    .metadata
+                    .entry("cache".into())
+                    .or_insert_with(|| job.request.cache.as_str().into());
+            }
             let expires_at = job.expires_at.unwrap_or(now);
             response.expired = job.video_deleted_at.is_some() || expires_at <= now;
             if !response.expired

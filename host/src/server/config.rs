@@ -4,6 +4,7 @@
 
 use crate::backend::{CudaMemory, Device};
 use crate::model::{Verify, bundled_model_dir};
+use crate::pipeline::step_cache::CacheMode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr};
@@ -82,6 +83,10 @@ pub struct ServeArgs {
     /// Largest step count of a job, whatever the validate plugin accepts [default: 100].
     #[arg(long, env = "WANSERVE_MAX_STEPS")]
     pub max_steps: Option<u32>,
+    /// Step caching for a job whose submit body has no `cache`: `off`, `fast` or `faster`
+    /// [default: off]. A mode other than off needs a model exported with step-cache ratios.
+    #[arg(long, env = "WANSERVE_CACHE_DEFAULT", value_enum)]
+    pub cache_default: Option<CacheMode>,
     /// Largest request body in bytes (submit, status, cancel) [default: 65536].
     #[arg(long, env = "WANSERVE_BODY_LIMIT")]
     pub body_limit: Option<usize>,
@@ -169,6 +174,7 @@ struct ServerTable {
     sweep_interval_ms: Option<u64>,
     max_pixel_frames: Option<u64>,
     max_steps: Option<u32>,
+    cache_default: Option<String>,
     body_limit: Option<usize>,
     header_timeout_ms: Option<u64>,
     store_retry_seconds: Option<u64>,
@@ -217,6 +223,7 @@ pub struct ServeConfig {
     pub sweep_interval: Duration,
     pub max_pixel_frames: u64,
     pub max_steps: u32,
+    pub cache_default: CacheMode,
     pub body_limit: usize,
     pub header_timeout: Duration,
     pub store_retry: Duration,
@@ -334,6 +341,11 @@ impl ServeConfig {
                 reason: "api and worker hosts share a queue: set --queue postgres://…".into(),
             });
         }
+        let cache_default = match (args.cache_default, t.cache_default.as_deref()) {
+            (Some(mode), _) => mode,
+            (None, Some(name)) => named("server.cache_default", name)?,
+            (None, None) => CacheMode::Off,
+        };
         let lease_ms = args.lease_ms.or(t.lease_ms).unwrap_or(10_000);
         if lease_ms < 300 {
             return Err(ServeConfigError::Invalid {
@@ -387,6 +399,7 @@ impl ServeConfig {
                 .or(t.max_pixel_frames)
                 .unwrap_or(DEFAULT_MAX_PIXEL_FRAMES),
             max_steps: args.max_steps.or(t.max_steps).unwrap_or(DEFAULT_MAX_STEPS),
+            cache_default,
             body_limit,
             header_timeout,
             store_retry: Duration::from_secs(

@@ -20,7 +20,7 @@ use crate::jobs::scheduler::{Scheduler, SchedulerConfig};
 use crate::jobs::sqlite::SqliteJobStore;
 use crate::jobs::{JobRequest, JobStore};
 use crate::model::ModelDir;
-use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::plugins::config::{PluginsConfig, start_plugins};
 use crate::plugins::watch::PluginWatcher;
 use crate::plugins::{PluginHost, Slot};
@@ -49,6 +49,8 @@ use utoipa_swagger_ui::SwaggerUi;
 pub struct HostLimits {
     pub max_pixel_frames: u64,
     pub max_steps: u32,
+    /// Step caching for a submit body without `cache`.
+    pub cache_default: crate::pipeline::step_cache::CacheMode,
     pub body_limit: usize,
     pub manifest: crate::model::Manifest,
 }
@@ -89,18 +91,7 @@ impl HostLimits {
         if !fields.is_empty() {
             return Err(ApiError::invalid(fields));
         }
-        let request = GenerateRequest {
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            width: r.width as usize,
-            height: r.height as usize,
-            num_frames: r.num_frames as usize,
-            infer_steps: r.infer_steps as usize,
-            guidance_scale: r.guidance_scale,
-            seed: u64::from(r.seed),
-            cache: r.cache,
-        };
-        crate::pipeline::plan(&self.manifest, &request).map_err(|e| match e {
+        crate::pipeline::plan(&self.manifest, &r.generate_request()).map_err(|e| match e {
             crate::pipeline::PipelineError::InvalidRequest { field, reason } => {
                 let field = match field {
                     "width" | "height" => "image_size",
@@ -430,6 +421,21 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     } else {
         tracing::info!(dir = %config.model_dir.display(), dtype = %model.manifest.dtype, "serving the exported model");
     }
+    match model.manifest.step_cache() {
+        Some(cache) => tracing::info!(
+            default = %config.cache_default,
+            ratios = cache.source.as_deref().unwrap_or("unnamed"),
+            "step caching available (\"cache\": off | fast | faster)"
+        ),
+        None if config.cache_default != crate::pipeline::step_cache::CacheMode::Off => {
+            return Err(format!(
+                "--cache-default {}: {} has no step cache (export it again with models/export.py)",
+                config.cache_default,
+                config.model_dir.display()
+            ));
+        }
+        None => tracing::info!("this model has no step cache: \"cache\" other than off is refused"),
+    }
 
     // Plugins: flags/env override the [plugins] table the same way the env does.
     let overrides = [
@@ -600,6 +606,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         limits: HostLimits {
             max_pixel_frames: config.max_pixel_frames,
             max_steps: config.max_steps,
+            cache_default: config.cache_default,
             body_limit: config.body_limit,
             manifest: model.manifest.clone(),
         },

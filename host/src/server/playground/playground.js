@@ -55,6 +55,13 @@ function checkLocally() {
   return ok;
 }
 
+// "· step cache fast: 26 of 100 passes skipped", or nothing when the job runs every step.
+function cacheNote(s) {
+  const c = s.cache;
+  if (!c || c.mode === "off") return "";
+  return ` · step cache ${c.mode}: ${c.skippedPasses} of ${c.passes} passes skipped`;
+}
+
 function requestBody() {
   const body = {
     model: MODEL,
@@ -65,6 +72,7 @@ function requestBody() {
     infer_steps: Number($("infer_steps").value),
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("cache").value !== "") body.cache = $("cache").value;
   if ($("negative_prompt").value.trim() !== "") body.negative_prompt = $("negative_prompt").value.trim();
   return body;
 }
@@ -154,14 +162,14 @@ function render(s, source) {
     progress.dataset.stage = p.stage;
     progress.dataset.step = String(p.step);
     const eta = s.etaSeconds != null ? ` · about ${Math.ceil(s.etaSeconds)} s left` : "";
-    detail.textContent = `${p.stage === "decoding" ? "chunk" : "step"} ${p.step} of ${p.total}${eta}`;
+    detail.textContent = `${p.stage === "decoding" ? "chunk" : "step"} ${p.step} of ${p.total}${eta}${cacheNote(s)}`;
   } else if (s.status === "Succeed") {
     state.textContent = "Done";
     state.className = "state ok";
     progress.max = 1;
     progress.value = 1;
     const seconds = s.results && s.results.timings && s.results.timings.inference;
-    detail.textContent = `seed ${s.seed}` + (seconds != null ? ` · generated in ${seconds.toFixed(1)} s` : "");
+    detail.textContent = `seed ${s.seed}` + (seconds != null ? ` · generated in ${seconds.toFixed(1)} s` : "") + cacheNote(s);
     const url = s.results && s.results.videos && s.results.videos[0] && s.results.videos[0].url;
     if (url) {
       const video = $("video");
