@@ -445,11 +445,51 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
     let host = PluginHost::new(PluginLimits::default()).unwrap();
     host.replace(Slot::Auth, &auth_wasm(), config.clone())
         .unwrap();
-    assert_eq!(
-        authenticate(&host, &[("authorization", &bearer(BOB))])
+    let bob = authenticate(&host, &[("authorization", &bearer(BOB))])
+        .unwrap()
+        .id;
+    assert!(bob.starts_with("key:key-") && !bob.contains(BOB), "{bob}");
+    // A key's principal does not depend on its place in the list: with Alice's key removed,
+    // or the list reordered, Bob is still Bob (and never becomes Alice).
+    for list in [BOB.to_string(), format!("{BOB},{ALICE}")] {
+        let mut config = BTreeMap::new();
+        seed_api_keys(&mut config, Some(&list), data.path()).unwrap();
+        let host = PluginHost::new(PluginLimits::default()).unwrap();
+        host.replace(Slot::Auth, &auth_wasm(), config).unwrap();
+        assert_eq!(
+            authenticate(&host, &[("authorization", &bearer(BOB))])
+                .unwrap()
+                .id,
+            bob,
+            "{list}"
+        );
+    }
+    // Named explicitly (`name=key`; the old position names can be kept this way), and a bare
+    // key with base64 padding is still one key.
+    let padded = "c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+    let mut config = BTreeMap::new();
+    seed_api_keys(
+        &mut config,
+        Some(&format!("env-1={ALICE},ci.runner={BOB},{padded}")),
+        data.path(),
+    )
+    .unwrap();
+    let host = PluginHost::new(PluginLimits::default()).unwrap();
+    host.replace(Slot::Auth, &auth_wasm(), config).unwrap();
+    let id = |key: &str| {
+        authenticate(&host, &[("authorization", &bearer(key))])
             .unwrap()
-            .id,
-        "key:env-2"
+            .id
+    };
+    assert_eq!(id(ALICE), "key:env-1");
+    assert_eq!(id(BOB), "key:ci.runner");
+    assert!(id(padded).starts_with("key:key-"), "{}", id(padded));
+    let mut config = BTreeMap::new();
+    let err = seed_api_keys(&mut config, Some("good,bad\tkey"), data.path()).unwrap_err();
+    assert!(err.to_string().contains("entry 2"), "{err}");
+    assert!(
+        !err.to_string().contains("bad"),
+        "the key stays out of errors: {err}"
     );
 
     // Nothing configured: a key is generated, only its hash is stored (owner-only), and the

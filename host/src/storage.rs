@@ -202,8 +202,8 @@ impl VideoStore {
     }
 
     /// Writes and deletes a small object: what `/ready` checks.
-    pub async fn probe_writable(&self) -> Result<(), StorageError> {
-        let path = self.path(".wanserve-ready-probe")?;
+    pub async fn probe_writable(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path(key)?;
         self.objects.put(&path, "ok".into()).await?;
         self.objects.delete(&path).await?;
         Ok(())

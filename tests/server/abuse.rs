@@ -506,3 +506,65 @@ fn a_thousand_concurrent_submits_against_a_small_queue_lose_nothing() {
         refused as u64
     );
 }
+
+/// `/metrics` lines: series kept by the server until restart.
+fn metric_series(metrics: &str) -> Vec<String> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            l.rsplit_once(' ')
+                .map_or(l, |(series, _)| series)
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn made_up_methods_and_paths_do_not_grow_metrics() {
+    let server = Server::start(Options::default());
+    let send = |method: &str, target: &str| {
+        raw_request(
+            &server.url,
+            format!("{method} {target} HTTP/1.1\r\nHost: wanserve\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .0
+    };
+    // One of each kind first, so that the series a flood may legitimately touch exist.
+    assert_eq!(send("GET", "/health"), 200);
+    send("BREW", "/health");
+    send("GET", "/no-such-path");
+    send("BREW", "/no-such-path");
+    // The first scrape is counted after it answers: the second one shows its series too.
+    server.metrics();
+    let before = metric_series(&server.metrics());
+
+    for i in 0..300 {
+        send(&format!("X{i}JUNK"), "/health");
+        send("GET", &format!("/junk/{i}"));
+        send(&format!("Y{i}"), &format!("/video/x{i}"));
+    }
+    let after = server.metrics();
+    let after_series = metric_series(&after);
+    let grown: Vec<&String> = after_series
+        .iter()
+        .filter(|s| !before.contains(s))
+        .collect();
+    assert!(
+        grown.is_empty(),
+        "900 junk requests added series: {grown:?}"
+    );
+    assert!(
+        !after.contains("JUNK") && !after.contains("/junk/"),
+        "a client's method or path became a label"
+    );
+    let other = requests_counted(&after, "/health", 405)
+        + requests_counted(&after, "unmatched", 404)
+        + requests_counted(&after, "unmatched", 405);
+    assert!(
+        other >= 900,
+        "the junk requests are still counted, under closed labels: {other}"
+    );
+    assert!(after.contains("method=\"other\""), "{after}");
+}

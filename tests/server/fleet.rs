@@ -126,6 +126,15 @@ impl Drop for Postgres {
 }
 
 fn host(role: &str, postgres: &Postgres, s3: &S3Server) -> Server {
+    host_with_env(role, postgres, s3, vec![])
+}
+
+fn host_with_env(
+    role: &str,
+    postgres: &Postgres,
+    s3: &S3Server,
+    env: Vec<(String, String)>,
+) -> Server {
     Server::start(Options {
         slots: Some(2),
         extra_args: vec![
@@ -138,9 +147,22 @@ fn host(role: &str, postgres: &Postgres, s3: &S3Server) -> Server {
             "--lease-ms".into(),
             "1500".into(),
         ],
-        env: s3.env(),
+        env: s3.env().into_iter().chain(env).collect(),
         ..Options::default()
     })
+}
+
+/// Debian's libfaketime (scripts/setup installs `faketime` with the test tools).
+fn libfaketime() -> PathBuf {
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|dir| Path::new(dir).join("faketime/libfaketime.so.1"))
+    .find(|p| p.exists())
+    .expect("libfaketime is not installed: scripts/setup --for-tests (Debian's faketime)")
 }
 
 fn state(status: &Value) -> &str {
@@ -369,4 +391,65 @@ fn two_workers_share_one_queue_survive_a_kill_and_obey_cancel() {
     let (_, last) = events.last().expect("events");
     assert_eq!(state(last), "Cancelled");
     drop(dying);
+}
+
+#[test]
+fn a_worker_whose_clock_runs_ahead_takes_over_no_live_lease() {
+    let postgres = Postgres::start();
+    let s3 = start_s3("videos");
+    let api = host("api", &postgres, &s3);
+    let honest = host("worker", &postgres, &s3);
+    let job = api.submit(ALICE, &long_job());
+    api.wait_for(ALICE, &job, Duration::from_secs(120), |s| {
+        s["progress"]["stage"] == "denoising"
+    });
+    // Four minutes ahead (within S3's signature skew), 160,000 leases of 1.5 s: on its own
+    // clock every lease the honest worker writes has long run out.
+    let ahead = host_with_env(
+        "worker",
+        &postgres,
+        &s3,
+        vec![
+            ("LD_PRELOAD".into(), libfaketime().display().to_string()),
+            ("FAKETIME".into(), "+240s".into()),
+            // Timers and timeouts keep the real pace; only the wall clock is off.
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+    );
+    // The skew took: the worker's log stamps run minutes ahead of the honest one's.
+    let stamp = |server: &Server| -> i64 {
+        let line = server
+            .log_line(|l| l.contains("listening"))
+            .expect("a log line");
+        // The line starts with its RFC 3339 time (maybe inside colour codes): hh:mm after the T.
+        let at = line.find('T').expect("a timestamp");
+        let field = |range: std::ops::Range<usize>| -> i64 {
+            line.get(at + range.start..at + range.end)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no time in {line:?}"))
+        };
+        field(1..3) * 60 + field(4..6)
+    };
+    let skew = (stamp(&ahead) - stamp(&honest)).rem_euclid(24 * 60);
+    assert!((3..=6).contains(&skew), "faketime did not take: {skew} min");
+    // Ten lease periods with the job running on the honest worker, the other one polling.
+    std::thread::sleep(Duration::from_secs(15));
+    let status = api.status(ALICE, &job);
+    assert_eq!(
+        state(&status),
+        "InProgress",
+        "the job must still be running: {status}"
+    );
+    assert!(
+        !ahead.log().contains(&format!("request_id={job}")),
+        "the job ran on the worker ahead:\n{}",
+        ahead.log()
+    );
+    // And it still works: it takes queued jobs.
+    let cancel = api.post("/video/cancel", Some(ALICE), &json!({"requestId": job}));
+    assert_eq!(cancel.status(), 200);
+    drop(honest);
+    let next = api.submit(ALICE, &small_job());
+    let done = api.wait_final(ALICE, &next);
+    assert_eq!(state(&done), "Succeed", "{done}\n{}", ahead.log());
 }

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 struct Received {
+    /// The request line's target: a path, or an absolute URL when sent to a proxy.
+    target: String,
     headers: HashMap<String, String>,
     body: String,
     answered: u16,
@@ -46,6 +48,7 @@ impl Receiver {
                 let mut headers = HashMap::new();
                 let mut line = String::new();
                 reader.read_line(&mut line).expect("request line");
+                let target = line.split(' ').nth(1).unwrap_or_default().to_string();
                 loop {
                     line.clear();
                     reader.read_line(&mut line).expect("header");
@@ -63,6 +66,7 @@ impl Receiver {
                 let mut got = kept.lock().expect("lock");
                 let answered = answers.get(got.len()).copied().unwrap_or(204);
                 got.push(Received {
+                    target,
                     headers,
                     body: String::from_utf8(body).expect("utf-8 body"),
                     answered,
@@ -132,15 +136,26 @@ fn verified(received: &Received) -> Value {
 }
 
 fn webhook_server() -> Server {
+    webhook_server_with(vec![], vec![])
+}
+
+fn webhook_server_with(extra_args: Vec<String>, env: Vec<(String, String)>) -> Server {
     Server::start(Options {
         slots: Some(1),
-        extra_args: vec![
-            "--webhook-allow".into(),
-            "127.0.0.1/32".into(),
-            "--webhook-first-retry-ms".into(),
-            "200".into(),
-        ],
-        env: vec![("WANSERVE_WEBHOOK_SECRET".into(), SECRET.into())],
+        extra_args: [
+            "--webhook-allow",
+            "127.0.0.1/32",
+            "--webhook-first-retry-ms",
+            "200",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(extra_args)
+        .collect(),
+        env: [("WANSERVE_WEBHOOK_SECRET".to_string(), SECRET.to_string())]
+            .into_iter()
+            .chain(env)
+            .collect(),
         ..Options::default()
     })
 }
@@ -228,6 +243,8 @@ fn targets_the_server_must_not_call_are_refused_at_submit() {
         (json!("http://10.0.0.1/hook"), "internal"),
         (json!("http://127.0.0.2:8080/hook"), "internal"),
         (json!("http://[::1]/hook"), "internal"),
+        // NAT64's local-use prefix (RFC 8215), here carrying 10.0.0.1.
+        (json!("http://[64:ff9b:1::a00:1]/hook"), "internal"),
         (json!("http://169.254.169.254/latest/meta-data"), "internal"),
         (json!("file:///etc/passwd"), "http or https"),
         (json!(42), "must be a string"),
@@ -267,4 +284,55 @@ fn targets_the_server_must_not_call_are_refused_at_submit() {
     let metrics = server.metrics();
     assert!(metrics.contains("wanserve_queue_depth 0"), "{metrics}");
     assert!(metrics.contains("wanserve_jobs_running 0"), "{metrics}");
+}
+
+#[test]
+fn proxies_come_from_the_operator_never_from_the_environment() {
+    // A dead proxy in every variable reqwest would read: deliveries go direct regardless.
+    let dead = "http://127.0.0.1:9".to_string();
+    let env = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .map(|name| (name.to_string(), dead.clone()))
+    .to_vec();
+    let direct = Receiver::start(&[]);
+    let server = webhook_server_with(vec![], env.clone());
+    let id = server.submit(ALICE, &with_webhook(small_job(), &direct.url));
+    direct.wait_delivered();
+    let got = direct.got.lock().expect("lock");
+    assert_eq!(got.len(), 1, "delivered once, directly");
+    assert_eq!(got[0].target, "/hooks/video", "not a proxy request");
+    assert_eq!(verified(&got[0])["data"]["requestId"], id.as_str());
+    drop(got);
+    drop(server);
+
+    // --webhook-proxy: every delivery goes to the operator's proxy (here the receiver, which
+    // sees the proxy form of the request), and the target is still checked at submit.
+    let proxy = Receiver::start(&[]);
+    let proxy_url = proxy.url.trim_end_matches("/hooks/video").to_string();
+    let server = webhook_server_with(vec!["--webhook-proxy".into(), proxy_url], env);
+    let target = direct.url.replace("/hooks/video", "/through-proxy");
+    let id = server.submit(ALICE, &with_webhook(small_job(), &target));
+    proxy.wait_delivered();
+    let got = proxy.got.lock().expect("lock");
+    assert_eq!(
+        got.len(),
+        1,
+        "{:?}",
+        got.iter().map(|r| &r.target).collect::<Vec<_>>()
+    );
+    assert_eq!(got[0].target, target, "the proxy gets the absolute target");
+    assert_eq!(verified(&got[0])["data"]["requestId"], id.as_str());
+    let mut job = small_job();
+    job["webhook"] = json!("http://10.0.0.1/hook");
+    assert_eq!(
+        server.post("/video/submit", Some(ALICE), &job).status(),
+        422,
+        "a proxy does not open internal targets"
+    );
 }

@@ -3,7 +3,8 @@
 //!
 //! - **Claims** take the oldest queued job with `FOR UPDATE SKIP LOCKED` (two workers never
 //!   get the same one, and neither waits for the other) and lease it to this process until
-//!   `now + lease`; the scheduler renews the leases of the jobs it runs. A running job whose
+//!   `now + lease`, `now` being the database's clock (hosts' clocks may disagree; a host whose
+//!   clock ran ahead would otherwise take over every running job); the scheduler renews the leases of the jobs it runs. A running job whose
 //!   lease has passed (its host died, or was cut off) is claimed again like a queued one, with
 //!   the next attempt number.
 //! - **Fencing**: every write of a running job names its attempt, so a worker that lost its
@@ -30,6 +31,10 @@ use std::time::Duration;
 const CANCEL_CHANNEL: &str = "wanserve_cancel";
 /// A job was queued: idle workers on every host look at the queue now.
 const QUEUED_CHANNEL: &str = "wanserve_queued";
+
+/// The database's clock in milliseconds since the epoch: leases are written and compared on it,
+/// so that a host whose clock runs ahead cannot see every other host's leases as expired.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 pub struct PgJobStore {
     pool: PgPool,
@@ -92,8 +97,8 @@ impl PgJobStore {
         }))
     }
 
-    fn lease_until(&self, now: i64) -> i64 {
-        now.saturating_add(self.lease.as_millis() as i64)
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
     }
 
     async fn stamp(&self, id: &str, column: &'static str, at_ms: i64) -> Result<(), StoreError> {
@@ -278,18 +283,19 @@ impl JobStore for PgJobStore {
         let row = sqlx::query(&format!(
             "WITH next AS (
                  SELECT seq AS next_seq, pending_key AS stale_key FROM jobs
-                 WHERE status = 'queued' OR (status = 'running' AND lease_until < $1)
+                 WHERE status = 'queued' OR (status = 'running' AND lease_until < {DB_NOW_MS})
                  ORDER BY seq LIMIT 1
                  FOR UPDATE SKIP LOCKED)
              UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1,
                  progress_stage = NULL, progress_step = NULL, progress_total = NULL,
-                 progress_eta = NULL, pending_key = NULL, lease_owner = $2, lease_until = $3
+                 progress_eta = NULL, pending_key = NULL, lease_owner = $2,
+                 lease_until = {DB_NOW_MS} + $3
              FROM next WHERE jobs.seq = next.next_seq
              RETURNING {JOB_COLUMNS}, stale_key"
         ))
         .bind(now)
         .bind(&self.owner)
-        .bind(self.lease_until(now))
+        .bind(self.lease_ms())
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
@@ -308,12 +314,12 @@ impl JobStore for PgJobStore {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
-        let rows = sqlx::query(
-            "UPDATE jobs SET lease_until = $1
+        let rows = sqlx::query(&format!(
+            "UPDATE jobs SET lease_until = {DB_NOW_MS} + $1
              WHERE id = ANY($2) AND lease_owner = $3 AND status = 'running'
-             RETURNING id, attempt",
-        )
-        .bind(self.lease_until(now_ms()))
+             RETURNING id, attempt"
+        ))
+        .bind(self.lease_ms())
         .bind(&ids)
         .bind(&self.owner)
         .fetch_all(&self.pool)

@@ -19,6 +19,10 @@ pub struct SqliteJobStore {
     writer: SqlitePool,
     reader: SqlitePool,
     cache: JobCache,
+    /// Held while the store is open: a second process on the same database would requeue the
+    /// first one's running jobs as left over from a crash, and the cache above assumes one
+    /// writer. The kernel releases it when the process ends, however it ends.
+    _exclusive: std::fs::File,
 }
 
 /// Jobs as last read, so that polling status does not cost a database round trip (each one is
@@ -71,6 +75,7 @@ impl JobCache {
 impl SqliteJobStore {
     /// Opens (creating if needed) the database at `path` and applies the migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let exclusive = lock_exclusively(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -97,6 +102,7 @@ impl SqliteJobStore {
             writer,
             reader,
             cache: JobCache::default(),
+            _exclusive: exclusive,
         })
     }
 }
@@ -112,6 +118,48 @@ impl SqliteJobStore {
         self.cache.invalidate(id);
         Ok(())
     }
+}
+
+/// Takes `<database>.lock` for this process, and writes its pid there for the error another
+/// process gets.
+fn lock_exclusively(database: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = database.with_extension("db.lock");
+    let failed = |reason: String| StoreError::Open {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| failed(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                "another wanserve process".to_string()
+            } else {
+                format!("another wanserve process (pid {holder})")
+            };
+            return Err(failed(format!(
+                "{who} is serving from this data directory; stop it, or give this one its own \
+                 --data-dir (hosts that share jobs share a --queue, not a directory)"
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(failed(format!("cannot lock: {e}"))),
+    }
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| write!(file, "{}", std::process::id()));
+    written.map_err(|e| failed(e.to_string()))?;
+    Ok(file)
 }
 
 fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {

@@ -40,20 +40,22 @@ pub fn seed_api_keys(
                 .collect()
         })
         .unwrap_or_default();
-    for (i, key) in env_keys
+    for (i, entry) in env_keys
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .enumerate()
     {
-        if key.chars().any(char::is_whitespace) {
-            return Err(ConfigError::Env {
-                var: "WANSERVE_API_KEYS".into(),
-                reason: format!("key {} contains whitespace", i + 1),
-            });
+        let env_error = |reason: String| ConfigError::Env {
+            var: "WANSERVE_API_KEYS".into(),
+            reason: format!("entry {}: {reason}", i + 1),
+        };
+        if entry.chars().any(char::is_whitespace) {
+            return Err(env_error("contains whitespace".into()));
         }
-        entries.push(format!("env-{}={}", i + 1, hash_key(key)));
+        let (name, key) = named_key(entry);
+        entries.push(format!("{name}={}", hash_key(key)));
     }
     match std::fs::read_to_string(&path) {
         Ok(text) => entries.extend(
@@ -78,6 +80,35 @@ pub fn seed_api_keys(
     }
     auth_config.insert("api_keys".into(), entries.join(","));
     Ok(generated)
+}
+
+/// A `WANSERVE_API_KEYS` entry as (principal name, key): `name=key`, or a bare key, named by a
+/// digest of itself. Either way the name is the same wherever the key is listed, in whatever
+/// order (it used to be the key's position, so removing one key handed the next one its jobs).
+/// A bare key whose `=`s are only trailing base64 padding stays a bare key.
+fn named_key(entry: &str) -> (String, &str) {
+    if let Some((name, key)) = entry.split_once('=')
+        && is_principal_name(name)
+        && !key.chars().all(|c| c == '=')
+    {
+        return (name.to_string(), key);
+    }
+    (derived_name(entry), entry)
+}
+
+/// `key-` and 16 hex digits of a digest that is not the stored hash (nothing learnt from one
+/// helps with the other), stable across hosts and restarts.
+pub fn derived_name(key: &str) -> String {
+    let digest = Sha256::digest(format!("wanserve-principal:{key}").as_bytes());
+    format!("key-{}", &hex::encode(digest)[..16])
+}
+
+/// Names an operator may give a key: what the key file and the plugin's list can carry.
+fn is_principal_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Writes the key file whole or not at all, readable by the owner only.

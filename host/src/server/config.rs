@@ -128,6 +128,12 @@ pub struct ServeArgs {
     /// Webhook retries stop this long after the job ended [default: 3600].
     #[arg(long, env = "WANSERVE_WEBHOOK_GIVE_UP_SECONDS")]
     pub webhook_give_up_seconds: Option<u64>,
+    /// An HTTP(S) proxy for webhook deliveries, `http://[user:pass@]host:port` [default: none:
+    /// deliveries connect directly, whatever HTTP(S)_PROXY/ALL_PROXY say]. Through a proxy the
+    /// address checks resolve the target's name before each attempt and the proxy resolves it
+    /// again itself.
+    #[arg(long, env = "WANSERVE_WEBHOOK_PROXY", hide_env_values = true)]
+    pub webhook_proxy: Option<SecretString>,
     /// The webhook signing secret, `whsec_<base64>` (every host of a fleet needs the same)
     /// [default: <data-dir>/webhook-secret, generated once].
     #[arg(long, env = "WANSERVE_WEBHOOK_SECRET", hide_env_values = true)]
@@ -232,6 +238,7 @@ pub struct ServeConfig {
     pub webhook_allow: Vec<ipnet::IpNet>,
     pub webhook_first_retry: Duration,
     pub webhook_give_up: Duration,
+    pub webhook_proxy: Option<SecretString>,
     pub webhook_secret: Option<SecretString>,
     /// A PostgreSQL URL (secret: it may carry a password); `None`: SQLite in the data dir.
     pub queue: Option<SecretString>,
@@ -421,6 +428,7 @@ impl ServeConfig {
                     .or(t.webhook_give_up_seconds)
                     .unwrap_or(3600),
             ),
+            webhook_proxy: args.webhook_proxy,
             webhook_secret: args.webhook_secret,
             queue,
             role,

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod playground;
 pub mod plugin_pool;
+pub mod readiness;
 pub mod webhooks;
 
 use crate::backend::{LoadOptions, OrtBackend};
@@ -129,6 +130,8 @@ pub struct AppState {
     /// Where jobs' final states are POSTed, and where they may be.
     pub webhooks: webhooks::Webhooks,
     pub role: config::Role,
+    /// Whether the object store took the last probe's write (every 5 s).
+    pub store_readiness: Arc<readiness::StoreReadiness>,
 }
 
 /// Where the model is, one state in one atomic: loading (0, the default) until the loading
@@ -225,13 +228,8 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let plugins = Slot::ALL
         .into_iter()
         .all(|s| state.plugins.installed(s).is_some());
-    let store = match state.videos.probe_writable().await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "object store is not writable");
-            false
-        }
-    };
+    // The background probe's last result (readiness.rs): a probe never writes.
+    let store = state.store_readiness.writable();
     let body = Readiness {
         ready: model && plugins && store,
         model,
@@ -277,7 +275,7 @@ async fn track_http(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
@@ -286,6 +284,25 @@ async fn track_http(request: Request, next: Next) -> Response {
     metrics::histogram!("wanserve_http_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// A request's method as a metric label, from a closed set: a label taken from what a client
+/// sent would let anyone, with no key, add a series to `/metrics` per made-up method name, kept
+/// until restart.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -538,6 +555,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             },
             first_retry: config.webhook_first_retry,
             give_up_after: config.webhook_give_up,
+            proxy: config.webhook_proxy.clone(),
         },
         webhooks::load_secret(
             config.webhook_secret.as_ref(),
@@ -592,6 +610,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot start the workers: {e}"))?;
 
+    let store_readiness = readiness::StoreReadiness::start(videos.clone())?;
     let state = Arc::new(AppState {
         store: store.clone(),
         videos: videos.clone(),
@@ -618,6 +637,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         shutting_down,
         webhooks,
         role: config.role,
+        store_readiness,
     });
 
     // The model loads beside the listener: /health answers at once, /ready once it is warm.

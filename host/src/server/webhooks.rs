@@ -67,6 +67,7 @@ const INTERNAL_NETWORKS: &[&str] = &[
     "::/128",
     "::1/128",
     "64:ff9b::/96",
+    "64:ff9b:1::/48",
     "100::/64",
     "2001:db8::/32",
     "fc00::/7",
@@ -224,10 +225,16 @@ pub struct WebhookSettings {
     pub first_retry: Duration,
     /// No attempt starts this long after the job ended.
     pub give_up_after: Duration,
+    /// The operator's egress proxy (`--webhook-proxy`); `None`: direct connections, never a
+    /// proxy from the environment (its name, not the target's, would pass the address checks,
+    /// and a dead one would stop every delivery).
+    pub proxy: Option<SecretString>,
 }
 
 pub struct Webhooks {
     http: reqwest::Client,
+    /// Through a proxy the resolver sees the proxy's name: each attempt checks the target first.
+    proxied: bool,
     pub policy: Arc<WebhookPolicy>,
     secret: SecretSlice<u8>,
     first_retry: Duration,
@@ -237,15 +244,27 @@ pub struct Webhooks {
 impl Webhooks {
     pub fn new(settings: WebhookSettings, secret: SecretSlice<u8>) -> Result<Self, WebhookError> {
         let policy = Arc::new(settings.policy);
-        let http = reqwest::Client::builder()
-            .dns_resolver(Arc::new(PolicyResolver(policy.clone())))
+        let builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(ATTEMPT_TIMEOUT)
-            .user_agent(concat!("wanserve-webhooks/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("wanserve-webhooks/", env!("CARGO_PKG_VERSION")));
+        let proxied = settings.proxy.is_some();
+        let builder = match &settings.proxy {
+            // The proxy is the operator's: its own address is not a webhook target.
+            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy.expose_secret()).map_err(
+                // Not the URL itself: it may carry the proxy's password.
+                |_| WebhookError::Client("--webhook-proxy is not a proxy URL".into()),
+            )?),
+            None => builder
+                .no_proxy()
+                .dns_resolver(Arc::new(PolicyResolver(policy.clone()))),
+        };
+        let http = builder
             .build()
             .map_err(|e| WebhookError::Client(e.to_string()))?;
         Ok(Self {
             http,
+            proxied,
             policy,
             secret,
             first_retry: settings.first_retry,
@@ -256,8 +275,9 @@ impl Webhooks {
     /// One POST; `Err` says why it did not count as delivered.
     async fn post(&self, delivery: &WebhookDelivery, body: &str) -> Result<(), String> {
         let url = Url::parse(&delivery.url).map_err(|e| format!("bad URL: {e}"))?;
-        // An address literal never reaches the resolver: check it here.
-        if let Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) = url.host() {
+        // An address literal never reaches the resolver, nor does any name through a proxy:
+        // check it here.
+        if self.proxied || matches!(url.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))) {
             self.policy.check(url.as_str()).await?;
         }
         let timestamp = now_ms() / 1000;
@@ -504,6 +524,7 @@ mod tests {
                     policy: policy(allowed),
                     first_retry: Duration::from_secs(1),
                     give_up_after: Duration::from_secs(10),
+                    proxy: None,
                 },
                 vec![1u8; 32].into(),
             )
@@ -542,6 +563,7 @@ mod tests {
                 policy: WebhookPolicy::default(),
                 first_retry: Duration::from_secs(1),
                 give_up_after: Duration::from_secs(10),
+                proxy: None,
             },
             vec![1u8; 32].into(),
         )
