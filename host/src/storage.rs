@@ -201,12 +201,19 @@ impl VideoStore {
         }
     }
 
-    /// Writes and deletes a small object: what `/ready` checks.
-    pub async fn probe_writable(&self, key: &str) -> Result<(), StorageError> {
-        let path = self.path(key)?;
+    /// The readiness probe's object: one name for every host, so that one a crash left between
+    /// write and delete is overwritten and deleted by the next probe of any host.
+    pub const PROBE_KEY: &'static str = ".wanserve-ready-probe";
+
+    /// Writes and deletes [`Self::PROBE_KEY`]: what `/ready` reports. Another host may have
+    /// deleted it first (a fleet's hosts probe the same object): that is not a failure.
+    pub async fn probe_writable(&self) -> Result<(), StorageError> {
+        let path = self.path(Self::PROBE_KEY)?;
         self.objects.put(&path, "ok".into()).await?;
-        self.objects.delete(&path).await?;
-        Ok(())
+        match self.objects.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A URL for `key` valid until `expires_at_ms` (and never longer); `None` once that has

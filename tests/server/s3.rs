@@ -40,6 +40,9 @@ impl S3Server {
             .filter_map(|p| p.strip_prefix(self.root.path()).ok())
             .map(|p| p.display().to_string())
             .filter(|p| !p.contains(".s3s"))
+            // The server's readiness probe object: there between its write and delete (and
+            // after a crash between them, until any host's next probe).
+            .filter(|p| !p.contains(".wanserve-ready-probe"))
             .collect()
     }
 }

@@ -610,7 +610,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot start the workers: {e}"))?;
 
-    let store_readiness = readiness::StoreReadiness::start(videos.clone())?;
+    let store_readiness = readiness::StoreReadiness::start(videos.clone());
     let state = Arc::new(AppState {
         store: store.clone(),
         videos: videos.clone(),

@@ -27,18 +27,8 @@ impl StoreReadiness {
     }
 
     /// Starts the probing task; the first probe runs at once.
-    pub fn start(videos: Arc<VideoStore>) -> Result<Arc<Self>, String> {
+    pub fn start(videos: Arc<VideoStore>) -> Arc<Self> {
         let readiness = Arc::new(Self::default());
-        // Its own object per process: hosts of a fleet share the bucket.
-        let mut suffix = [0u8; 8];
-        getrandom::fill(&mut suffix).map_err(|e| format!("no randomness: {e}"))?;
-        let key = format!(
-            ".wanserve-ready-probe-{}",
-            suffix
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
         let kept = readiness.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PROBE_EVERY);
@@ -46,7 +36,7 @@ impl StoreReadiness {
             loop {
                 tick.tick().await;
                 let result =
-                    match tokio::time::timeout(PROBE_TIMEOUT, videos.probe_writable(&key)).await {
+                    match tokio::time::timeout(PROBE_TIMEOUT, videos.probe_writable()).await {
                         Ok(written) => written.map_err(|e| e.to_string()),
                         Err(_) => Err(format!("no answer in {} s", PROBE_TIMEOUT.as_secs())),
                     };
@@ -62,6 +52,6 @@ impl StoreReadiness {
                 }
             }
         });
-        Ok(readiness)
+        readiness
     }
 }
