@@ -263,6 +263,65 @@ fn an_acceptance_is_reused_until_the_plugin_or_its_config_changes() {
     );
 }
 
+/// A config change (what the key-file watch applies) reaches the serving component and the one
+/// kept for rollback, drops what was reused, and a config the plugin refuses changes nothing.
+#[test]
+fn a_new_config_reaches_the_serving_and_the_kept_component() {
+    let host = auth_host(&[("api_keys", &keys_config())]);
+    // A second install, so a component is kept for rollback (with alice in its config).
+    host.replace(
+        Slot::Auth,
+        &auth_wasm(),
+        owned(&[("api_keys", &keys_config())]),
+    )
+    .unwrap();
+    let alice = request(&[("authorization", &bearer(ALICE))]);
+    let bob = request(&[("authorization", &bearer(BOB))]);
+    assert!(host.authenticate(&alice).unwrap().is_ok());
+    assert_eq!(reused(&host, &alice).as_deref(), Some("key:alice"));
+    let sha256 = host.installed(Slot::Auth).unwrap().sha256;
+
+    let without_alice = owned(&[("api_keys", &format!("bob={}", hash_key(BOB)))]);
+    assert!(host.reconfigure(Slot::Auth, without_alice.clone()).unwrap());
+    assert_eq!(
+        reused(&host, &alice),
+        None,
+        "reuse ends with the old config"
+    );
+    assert!(host.authenticate(&alice).unwrap().is_err());
+    assert!(host.authenticate(&bob).unwrap().is_ok());
+    assert_eq!(
+        host.installed(Slot::Auth).unwrap().sha256,
+        sha256,
+        "same component"
+    );
+    assert_eq!(host.config(Slot::Auth), Some(without_alice.clone()));
+    // The same config again is no change.
+    assert!(!host.reconfigure(Slot::Auth, without_alice.clone()).unwrap());
+
+    // Rolling back brings the previous component, not the removed key.
+    host.rollback(Slot::Auth).unwrap();
+    assert!(host.authenticate(&alice).unwrap().is_err());
+    assert!(host.authenticate(&bob).unwrap().is_ok());
+
+    // An upload of a component takes the config the slot serves with.
+    host.replace_component(Slot::Auth, &auth_wasm()).unwrap();
+    assert!(host.authenticate(&alice).unwrap().is_err());
+    assert!(host.authenticate(&bob).unwrap().is_ok());
+
+    // A config its self-test refuses leaves the old one serving.
+    let bad = host.reconfigure(
+        Slot::Auth,
+        owned(&[("api_keys", &keys_config()), ("reuse_ms", "soon")]),
+    );
+    assert!(
+        matches!(bad, Err(PluginError::SelfTest(ref m)) if m.contains("reuse_ms")),
+        "{bad:?}"
+    );
+    assert!(host.authenticate(&alice).unwrap().is_err());
+    assert_eq!(host.config(Slot::Auth), Some(without_alice));
+}
+
 /// A JWT's acceptance is never reused past the token's `exp`.
 #[test]
 fn a_jwt_acceptance_is_not_reused_past_its_expiry() {
@@ -437,8 +496,13 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
     let data = tempfile::tempdir().unwrap();
     // From WANSERVE_API_KEYS: hashed, nothing written, nothing generated.
     let mut config = BTreeMap::new();
-    let generated =
-        seed_api_keys(&mut config, Some(&format!("{ALICE}, {BOB}")), data.path()).unwrap();
+    let generated = seed_api_keys(
+        &mut config,
+        Some(&format!("{ALICE}, {BOB}")),
+        data.path(),
+        true,
+    )
+    .unwrap();
     assert!(generated.is_none());
     assert!(!data.path().join("api-keys").exists());
     assert!(!config["api_keys"].contains(ALICE));
@@ -453,7 +517,7 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
     // or the list reordered, Bob is still Bob (and never becomes Alice).
     for list in [BOB.to_string(), format!("{BOB},{ALICE}")] {
         let mut config = BTreeMap::new();
-        seed_api_keys(&mut config, Some(&list), data.path()).unwrap();
+        seed_api_keys(&mut config, Some(&list), data.path(), true).unwrap();
         let host = PluginHost::new(PluginLimits::default()).unwrap();
         host.replace(Slot::Auth, &auth_wasm(), config).unwrap();
         assert_eq!(
@@ -472,6 +536,7 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
         &mut config,
         Some(&format!("env-1={ALICE},ci.runner={BOB},{padded}")),
         data.path(),
+        true,
     )
     .unwrap();
     let host = PluginHost::new(PluginLimits::default()).unwrap();
@@ -485,7 +550,7 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
     assert_eq!(id(BOB), "key:ci.runner");
     assert!(id(padded).starts_with("key:key-"), "{}", id(padded));
     let mut config = BTreeMap::new();
-    let err = seed_api_keys(&mut config, Some("good,bad\tkey"), data.path()).unwrap_err();
+    let err = seed_api_keys(&mut config, Some("good,bad\tkey"), data.path(), true).unwrap_err();
     assert!(err.to_string().contains("entry 2"), "{err}");
     assert!(
         !err.to_string().contains("bad"),
@@ -495,7 +560,7 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
     // Nothing configured: a key is generated, only its hash is stored (owner-only), and the
     // next start finds it instead of generating another.
     let mut config = BTreeMap::new();
-    let key = seed_api_keys(&mut config, None, data.path())
+    let key = seed_api_keys(&mut config, None, data.path(), true)
         .unwrap()
         .expect("a generated key");
     assert!(key.starts_with("wsk_") && key.len() == 4 + 64);
@@ -514,7 +579,7 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
     assert!(authenticate(&host, &[("authorization", &bearer(&key))]).is_ok());
     let mut again = BTreeMap::new();
     assert!(
-        seed_api_keys(&mut again, None, data.path())
+        seed_api_keys(&mut again, None, data.path(), true)
             .unwrap()
             .is_none()
     );
@@ -525,14 +590,19 @@ fn key_list_is_seeded_from_the_environment_or_generated_once() {
     let fresh = tempfile::tempdir().unwrap();
     let mut jwt_only = owned(&[("jwt_algorithm", "HS256"), ("jwt_key", HMAC_SECRET)]);
     assert!(
-        seed_api_keys(&mut jwt_only, None, fresh.path())
+        seed_api_keys(&mut jwt_only, None, fresh.path(), true)
             .unwrap()
             .is_none()
     );
     assert!(!fresh.path().join("api-keys").exists());
     // A key with whitespace in the environment is an error naming the variable, not the key.
-    let err =
-        seed_api_keys(&mut BTreeMap::new(), Some("good,has space"), fresh.path()).unwrap_err();
+    let err = seed_api_keys(
+        &mut BTreeMap::new(),
+        Some("good,has space"),
+        fresh.path(),
+        true,
+    )
+    .unwrap_err();
     assert!(
         err.to_string().contains("WANSERVE_API_KEYS") && !err.to_string().contains("has space")
     );
@@ -569,8 +639,8 @@ fn keys_and_tokens_never_reach_the_logs() {
         // "generated one" line to that race).
         tracing::callsite::rebuild_interest_cache();
         let mut config = owned(&[("public_paths", "/health")]);
-        generated = seed_api_keys(&mut config, None, data.path()).unwrap();
-        seed_api_keys(&mut config, Some(ALICE), data.path()).unwrap();
+        generated = seed_api_keys(&mut config, None, data.path(), true).unwrap();
+        seed_api_keys(&mut config, Some(ALICE), data.path(), true).unwrap();
         config.insert("jwt_algorithm".into(), "HS256".into());
         config.insert("jwt_key".into(), HMAC_SECRET.into());
         let host = PluginHost::new(PluginLimits::default()).unwrap();

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wanserve::plugins::config::{PluginsConfig, start_plugins};
+use wanserve::plugins::config::{ConfigSource, PluginsConfig, start_plugins};
 use wanserve::plugins::watch::PluginWatcher;
 use wanserve::plugins::{JsonValue, PluginError, PluginHost, PluginLimits, Slot, json_fields};
 
-fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + Send + Sync + 'static {
     let vars: HashMap<String, String> = vars
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -136,7 +136,7 @@ fn start_installs_every_slot_from_the_directory() {
         ("WANSERVE_PLUGIN_DIR", plugins.path().to_str().unwrap()),
         ("WANSERVE_API_KEYS", "k-123456"),
     ];
-    let started = start_plugins(None, data.path(), env(&vars)).unwrap();
+    let started = start_plugins(&ConfigSource::new(None, data.path(), env(&vars))).unwrap();
     assert_eq!(started.installed.len(), 3);
     assert!(
         started.generated_key.is_none(),
@@ -148,7 +148,7 @@ fn start_installs_every_slot_from_the_directory() {
 
     // A missing component names its slot and path.
     std::fs::remove_file(plugins.path().join("postprocess_retention.wasm")).unwrap();
-    let err = start_plugins(None, data.path(), env(&vars))
+    let err = start_plugins(&ConfigSource::new(None, data.path(), env(&vars)))
         .err()
         .unwrap()
         .to_string();

@@ -13,7 +13,7 @@ use wanserve::client;
 use wanserve::model::{ModelDir, Verify, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
 use wanserve::plugins::api_keys::hash_key;
-use wanserve::plugins::config::start_plugins;
+use wanserve::plugins::config::{ConfigSource, start_plugins};
 use wanserve::plugins::{PluginHost, PluginLimits, Slot, WIT_VERSION};
 use wanserve::server::config::{ServeArgs, ServeConfig};
 use wanserve::video::{EncoderSettings, Mp4Writer};
@@ -208,9 +208,9 @@ fn plugin(command: PluginCommand) -> Result<(), String> {
             Ok(())
         }
         PluginCommand::Load { config, data_dir } => {
-            let started =
-                start_plugins(config.as_deref(), &data_dir, |var| std::env::var(var).ok())
-                    .map_err(|e| e.to_string())?;
+            let source =
+                ConfigSource::new(config.as_deref(), &data_dir, |var| std::env::var(var).ok());
+            let started = start_plugins(&source).map_err(|e| e.to_string())?;
             for info in &started.installed {
                 println!(
                     "{:<12} {}  {}",

@@ -568,3 +568,115 @@ fn made_up_methods_and_paths_do_not_grow_metrics() {
     );
     assert!(after.contains("method=\"other\""), "{after}");
 }
+
+/// Waits (up to 10 s) until `key`'s status request answers `want`; returns how long it took.
+fn until_key_answers(server: &Server, key: &str, want: u16) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = server
+            .status_of_no_job(Some(("authorization", &format!("Bearer {key}"))))
+            .status()
+            .as_u16();
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{key}: still {got}, not {want}, 10 s after the change:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Replaces `path` the way deploy tools do: write beside it, then rename over it.
+fn deploy(path: &std::path::Path, text: &str) {
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, text).expect("write staged file");
+    std::fs::rename(&staged, path).expect("rename over");
+}
+
+/// Keys come and go while the server runs: a key added to the key file is accepted, one removed
+/// from it or from the config file is refused within the watch's debounce (even if it was
+/// accepted a moment ago and that acceptance would otherwise be reused for 10 s), and a config
+/// that does not read leaves the one before serving, with the reason in `/admin/plugins`.
+#[test]
+fn keys_removed_from_the_key_file_or_config_are_refused_without_a_restart() {
+    use wanserve::plugins::api_keys::hash_key;
+    const CAROL: &str = "carol-key-5555555555";
+    const DAVE: &str = "dave-key-7777777777";
+    let server = Server::start(Options {
+        toml: format!(
+            "[plugins.auth.config]\napi_keys = \"carol={}\"\n",
+            hash_key(CAROL)
+        ),
+        ..Options::default()
+    });
+    let config_file = server.data_dir.with_file_name("wanserve.toml");
+    let key_file = server.data_dir.join("api-keys");
+    // Accepted twice: the second answer is the host reusing the first acceptance.
+    until_key_answers(&server, CAROL, 404);
+    until_key_answers(&server, CAROL, 404);
+    until_key_answers(&server, DAVE, 401);
+
+    // Added to the key file (written in place, as `echo >>` would).
+    std::fs::write(&key_file, format!("dave={}\n", hash_key(DAVE))).expect("write key file");
+    let added = until_key_answers(&server, DAVE, 404);
+
+    // Removed from the config file (replaced by a rename): refused, reuse or not.
+    deploy(&config_file, "[plugins.auth.config]\napi_keys = \"\"\n");
+    let removed_from_config = until_key_answers(&server, CAROL, 401);
+    until_key_answers(&server, DAVE, 404);
+
+    // Removed from the key file.
+    until_key_answers(&server, DAVE, 404);
+    std::fs::write(&key_file, "# no keys\n").expect("write key file");
+    let removed_from_key_file = until_key_answers(&server, DAVE, 401);
+    // The environment's keys were never touched.
+    until_key_answers(&server, ALICE, 404);
+    println!(
+        "accepted {added:?} after being added; refused {removed_from_config:?} after leaving the \
+         config file, {removed_from_key_file:?} after leaving the key file"
+    );
+
+    // A config that does not parse changes nothing, and says why.
+    std::fs::write(&key_file, format!("dave={}\n", hash_key(DAVE))).expect("write key file");
+    until_key_answers(&server, DAVE, 404);
+    deploy(&config_file, "[plugins.auth.config\n");
+    std::fs::write(&key_file, "# no keys\n").expect("write key file");
+    let started = Instant::now();
+    let config_error = loop {
+        let listed: Value = server
+            .client()
+            .get(format!("{}/admin/plugins", server.url))
+            .bearer_auth(crate::harness::ADMIN)
+            .send()
+            .expect("sent")
+            .json()
+            .expect("JSON");
+        let auth = listed["plugins"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["slot"] == "auth"))
+            .cloned()
+            .expect("an auth plugin");
+        if let Some(error) = auth["configError"].as_str() {
+            break error.to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{listed}");
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert!(
+        config_error.contains("wanserve.toml") && config_error.contains("not reloaded"),
+        "{config_error}"
+    );
+    until_key_answers(&server, DAVE, 404);
+    until_key_answers(&server, CAROL, 401);
+
+    // Fixed: applied, and the error is gone.
+    deploy(&config_file, "[plugins.auth.config]\napi_keys = \"\"\n");
+    until_key_answers(&server, DAVE, 401);
+    let log = server.log();
+    for key in [CAROL, DAVE] {
+        assert!(!log.contains(key), "a key reached the log");
+    }
+}

@@ -19,11 +19,13 @@ pub fn hash_key(key: &str) -> String {
 }
 
 /// Completes `auth_config["api_keys"]` from the environment's keys and the key file, generating
-/// a key when there is none at all. Returns the generated key (to print once), if any.
+/// a key when there is none at all and `generate` allows. Returns the generated key (to print
+/// once), if any.
 pub fn seed_api_keys(
     auth_config: &mut BTreeMap<String, String>,
     env_keys: Option<&str>,
     data_dir: &Path,
+    generate: bool,
 ) -> Result<Option<String>, ConfigError> {
     let path = data_dir.join(KEY_FILE);
     let keys_error = |reason: String| ConfigError::Keys {
@@ -68,7 +70,7 @@ pub fn seed_api_keys(
         Err(e) => return Err(keys_error(e.to_string())),
     }
     let mut generated = None;
-    if entries.is_empty() && !auth_config.contains_key(super::jwt::ALGORITHM) {
+    if generate && entries.is_empty() && !auth_config.contains_key(super::jwt::ALGORITHM) {
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).map_err(|e| keys_error(format!("no randomness: {e}")))?;
         let key = format!("{GENERATED_PREFIX}{}", hex::encode(secret));

@@ -254,22 +254,9 @@ pub struct StartedPlugins {
     pub generated_key: Option<String>,
 }
 
-/// Reads the config (`file`, then the environment), completes the auth plugin's key list
-/// (see [`super::api_keys`]), and installs every slot.
-pub fn start_plugins(
-    file: Option<&Path>,
-    data_dir: &Path,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<StartedPlugins, ConfigError> {
-    let mut config = PluginsConfig::load(file, &env)?;
-    let mut generated_key = None;
-    if let Some(auth) = config.slot_mut(Slot::Auth) {
-        generated_key = super::api_keys::seed_api_keys(
-            &mut auth.config,
-            env("WANSERVE_API_KEYS").as_deref(),
-            data_dir,
-        )?;
-    }
+/// Reads the config (see [`ConfigSource::read`]) and installs every slot.
+pub fn start_plugins(source: &ConfigSource) -> Result<StartedPlugins, ConfigError> {
+    let (config, generated_key) = source.read(true)?;
     let host = PluginHost::new(config.limits).map_err(|e| ConfigError::Engine(e.to_string()))?;
     let installed = host.install_all(&config)?;
     Ok(StartedPlugins {
@@ -278,4 +265,55 @@ pub fn start_plugins(
         installed,
         generated_key,
     })
+}
+
+/// Reads one environment variable (the process's, or flags standing in for it).
+type EnvLookup = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+/// Where the plugin config comes from, kept so it can be read again while the server runs:
+/// the TOML file, the data directory (its key file) and the environment as the server saw it
+/// at start (flags included).
+#[derive(Clone)]
+pub struct ConfigSource {
+    pub file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    env: std::sync::Arc<EnvLookup>,
+}
+
+impl ConfigSource {
+    pub fn new(
+        file: Option<&Path>,
+        data_dir: &Path,
+        env: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            file: file.map(Path::to_path_buf),
+            data_dir: data_dir.to_path_buf(),
+            env: std::sync::Arc::new(env),
+        }
+    }
+
+    /// The key file this source reads.
+    pub fn key_file(&self) -> PathBuf {
+        self.data_dir.join(super::api_keys::KEY_FILE)
+    }
+
+    /// Reads the config (`file`, then the environment) and completes the auth plugin's key
+    /// list (see [`super::api_keys`]). With `generate_key`, a server with no key at all gets
+    /// one, returned to be printed once; a reload never generates one (an operator who removed
+    /// every key meant it).
+    pub fn read(&self, generate_key: bool) -> Result<(PluginsConfig, Option<String>), ConfigError> {
+        let env = |var: &str| (self.env)(var);
+        let mut config = PluginsConfig::load(self.file.as_deref(), env)?;
+        let mut generated_key = None;
+        if let Some(auth) = config.slot_mut(Slot::Auth) {
+            generated_key = super::api_keys::seed_api_keys(
+                &mut auth.config,
+                env("WANSERVE_API_KEYS").as_deref(),
+                &self.data_dir,
+                generate_key,
+            )?;
+        }
+        Ok((config, generated_key))
+    }
 }

@@ -135,6 +135,7 @@ pub struct PluginInfo {
 }
 
 /// A component's pre-instantiation, typed by its slot's world (export lookups done once).
+#[derive(Clone)]
 enum SlotPre {
     Auth(bindings::auth::AuthPluginPre<PluginState>),
     Validate(bindings::validate::ValidatePluginPre<PluginState>),
@@ -190,6 +191,12 @@ struct SlotState {
     constant_time_compares: AtomicU64,
     /// Per-slot call budget in milliseconds (0: the host's default).
     deadline_ms: AtomicU64,
+    /// Held while the slot's component or config changes, so two changes cannot interleave.
+    swap_lock: Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct PluginHost {
@@ -339,6 +346,12 @@ impl PluginHost {
         bytes: &[u8],
         config: BTreeMap<String, String>,
     ) -> Result<Loaded, PluginError> {
+        let (pre, info) = self.compile(slot, bytes)?;
+        self.configure(pre, info, config)
+    }
+
+    /// Compiles `bytes` and checks them against `slot`'s world (export lookups done once).
+    fn compile(&self, slot: Slot, bytes: &[u8]) -> Result<(SlotPre, PluginInfo), PluginError> {
         let component = Component::from_binary(&self.engine, bytes)
             .map_err(|e| PluginError::NotAComponent(root_cause(&e)))?;
         let wrong = |e: wasmtime::Error| PluginError::WrongWorld {
@@ -357,23 +370,36 @@ impl PluginHost {
                 bindings::postprocess::PostprocessPluginPre::new(pre).map_err(wrong)?,
             ),
         };
+        let info = PluginInfo {
+            slot,
+            world: format!("{WIT_PACKAGE}/{}", slot.world()),
+            sha256: hex::encode(Sha256::digest(bytes)),
+            size: bytes.len(),
+            loaded_at_ms: crate::jobs::now_ms(),
+        };
+        Ok((pre, info))
+    }
+
+    /// A compiled component with `config`, once its self-test passes with that config. Each
+    /// result starts with nothing to reuse: acceptances made under another config (a key since
+    /// removed) must not outlive it.
+    fn configure(
+        &self,
+        pre: SlotPre,
+        info: PluginInfo,
+        config: BTreeMap<String, String>,
+    ) -> Result<Loaded, PluginError> {
+        let slot = info.slot;
         let jwt = jwt::JwtVerifier::from_config(&config)
             .map_err(|reason| PluginError::Config { slot, reason })?;
-        let sha256 = hex::encode(Sha256::digest(bytes));
         let loaded = Loaded {
             context: Arc::new(PluginContext {
                 slot,
                 config,
                 jwt,
-                sha256_prefix: sha256.chars().take(12).collect(),
+                sha256_prefix: info.sha256.chars().take(12).collect(),
             }),
-            info: PluginInfo {
-                slot,
-                world: format!("{WIT_PACKAGE}/{}", slot.world()),
-                sha256,
-                size: bytes.len(),
-                loaded_at_ms: crate::jobs::now_ms(),
-            },
+            info,
             pre,
             reused: PrincipalCache::new(),
         };
@@ -397,21 +423,78 @@ impl PluginHost {
         bytes: &[u8],
         config: BTreeMap<String, String>,
     ) -> Result<PluginInfo, PluginError> {
+        let state = &self.slots[slot.index()];
+        let _swapping = lock(&state.swap_lock);
         let loaded = Arc::new(self.prepare(slot, bytes, config)?);
+        Ok(self.swap_in(slot, loaded))
+    }
+
+    /// [`PluginHost::replace`] with the config the slot serves with now (an upload, a changed
+    /// file): read under the same lock a [`PluginHost::reconfigure`] takes, so a component
+    /// installed while the config changes cannot come in with the old one.
+    pub fn replace_component(&self, slot: Slot, bytes: &[u8]) -> Result<PluginInfo, PluginError> {
+        let state = &self.slots[slot.index()];
+        let _swapping = lock(&state.swap_lock);
+        let config = state
+            .current
+            .load()
+            .as_ref()
+            .map(|loaded| loaded.context.config.clone())
+            .unwrap_or_default();
+        let loaded = Arc::new(self.prepare(slot, bytes, config)?);
+        Ok(self.swap_in(slot, loaded))
+    }
+
+    fn swap_in(&self, slot: Slot, loaded: Arc<Loaded>) -> PluginInfo {
         let info = loaded.info.clone();
         let state = &self.slots[slot.index()];
         let old = state.current.swap(Some(loaded));
         if let Some(old) = old {
-            *state.previous.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
+            *lock(&state.previous) = Some(old);
         }
         tracing::info!(slot = %slot, sha256 = %info.sha256, size = info.size, "plugin installed");
-        Ok(info)
+        info
+    }
+
+    /// Gives the serving component of `slot` (and the one kept for rollback) `config`, once its
+    /// self-test passes with it; until then, and if it fails, the old config keeps serving.
+    /// `Ok(false)`: nothing to do (the same config, or nothing installed). A kept component
+    /// that fails with the new config is dropped rather than kept with the old one: rolling
+    /// back must not bring a removed key back.
+    pub fn reconfigure(
+        &self,
+        slot: Slot,
+        config: BTreeMap<String, String>,
+    ) -> Result<bool, PluginError> {
+        let state = &self.slots[slot.index()];
+        let _swapping = lock(&state.swap_lock);
+        let Some(current) = state.current.load_full() else {
+            return Ok(false);
+        };
+        if current.context.config == config {
+            return Ok(false);
+        }
+        let reconfigured =
+            self.configure(current.pre.clone(), current.info.clone(), config.clone())?;
+        let mut previous = lock(&state.previous);
+        if let Some(kept) = previous.take() {
+            match self.configure(kept.pre.clone(), kept.info.clone(), config) {
+                Ok(kept) => *previous = Some(Arc::new(kept)),
+                Err(e) => {
+                    tracing::warn!(slot = %slot, sha256 = %kept.info.sha256, error = %e, "the previous plugin fails with the new config; no rollback to it");
+                }
+            }
+        }
+        state.current.store(Some(Arc::new(reconfigured)));
+        tracing::info!(slot = %slot, sha256 = %current.info.sha256, "plugin config changed");
+        Ok(true)
     }
 
     /// Puts the previous component of `slot` back (and keeps the current one as the new previous).
     pub fn rollback(&self, slot: Slot) -> Result<PluginInfo, PluginError> {
         let state = &self.slots[slot.index()];
-        let mut previous = state.previous.lock().unwrap_or_else(|p| p.into_inner());
+        let _swapping = lock(&state.swap_lock);
+        let mut previous = lock(&state.previous);
         let back = previous.take().ok_or(PluginError::NoPrevious(slot))?;
         // What it accepted before it was replaced is not reused: it starts as if installed.
         back.reused.clear();
@@ -419,6 +502,15 @@ impl PluginHost {
         *previous = state.current.swap(Some(back));
         tracing::info!(slot = %slot, sha256 = %info.sha256, "plugin rolled back");
         Ok(info)
+    }
+
+    /// The config `slot` serves with (`None`: nothing installed).
+    pub fn config(&self, slot: Slot) -> Option<BTreeMap<String, String>> {
+        self.slots[slot.index()]
+            .current
+            .load()
+            .as_ref()
+            .map(|loaded| loaded.context.config.clone())
     }
 
     pub fn installed(&self, slot: Slot) -> Option<PluginInfo> {

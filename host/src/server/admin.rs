@@ -33,6 +33,10 @@ pub struct PluginView {
     /// Why the last file dropped into the plugin directory was refused, if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Why the last change to the key file or config file was not applied to this slot (the
+    /// config before it keeps serving), if it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,6 +53,10 @@ fn view(state: &AppState, info: PluginInfo) -> PluginView {
         loaded_at: info.loaded_at_ms,
         failures: state.plugins.failures(info.slot),
         last_error: state.watcher.as_ref().and_then(|w| w.last_error(info.slot)),
+        config_error: state
+            .watcher
+            .as_ref()
+            .and_then(|w| w.config_error(info.slot)),
     }
 }
 
@@ -74,7 +82,7 @@ pub async fn list(State(state): State<Arc<AppState>>, _: Admin) -> Json<PluginLi
 }
 
 /// Upload a component (the raw .wasm bytes) into a slot. It serves only after it compiles,
-/// matches the slot's world and passes its self-test with the slot's configured config; calls
+/// matches the slot's world and passes its self-test with the config the slot serves with; calls
 /// in flight finish on the old one, which is kept for rollback.
 #[utoipa::path(put, path = "/admin/plugins/{slot}", tag = "admin",
     params(("slot" = String, Path, description = "auth, validate or postprocess")),
@@ -93,13 +101,8 @@ pub async fn upload(
 ) -> Result<Json<PluginView>, ApiError> {
     let slot = parse_slot(&slot)?;
     let bytes = super::api::body_bytes(body, MAX_COMPONENT_BYTES)?;
-    let config = state
-        .plugin_config
-        .slot(slot)
-        .map(|s| s.config.clone())
-        .unwrap_or_default();
     let plugins = state.plugins.clone();
-    let installed = tokio::task::spawn_blocking(move || plugins.replace(slot, &bytes, config))
+    let installed = tokio::task::spawn_blocking(move || plugins.replace_component(slot, &bytes))
         .await
         .map_err(ApiError::internal)?;
     match installed {

@@ -22,7 +22,7 @@ use crate::jobs::sqlite::SqliteJobStore;
 use crate::jobs::{JobRequest, JobStore};
 use crate::model::ModelDir;
 use crate::pipeline::Pipeline;
-use crate::plugins::config::{PluginsConfig, start_plugins};
+use crate::plugins::config::{ConfigSource, start_plugins};
 use crate::plugins::watch::PluginWatcher;
 use crate::plugins::{PluginHost, Slot};
 use crate::storage::VideoStore;
@@ -112,7 +112,6 @@ pub struct AppState {
     pub plugins: Arc<PluginHost>,
     /// Where request-path plugin calls (auth, validate) run.
     pub plugin_calls: plugin_pool::PluginPool,
-    pub plugin_config: PluginsConfig,
     pub watcher: Option<PluginWatcher>,
     pub scheduler: Arc<Scheduler>,
     pub limits: HostLimits,
@@ -468,15 +467,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
                 .map(|k| k.expose_secret().to_string()),
         ),
     ];
-    let env = |var: &str| {
+    let env = move |var: &str| {
         overrides
             .iter()
             .find(|(name, _)| *name == var)
             .and_then(|(_, value)| value.clone())
             .or_else(|| std::env::var(var).ok())
     };
-    let started = start_plugins(config.config_file.as_deref(), &config.data_dir, env)
-        .map_err(|e| e.to_string())?;
+    let plugin_source = ConfigSource::new(config.config_file.as_deref(), &config.data_dir, env);
+    let started = start_plugins(&plugin_source).map_err(|e| e.to_string())?;
     if let Some(key) = &started.generated_key {
         println!(
             "No API key was configured; generated one (shown only now, stored hashed in {}):",
@@ -492,9 +491,14 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         println!("admin key: {key}");
     }
     let watcher = match PluginWatcher::start(started.host.clone(), &started.config) {
-        Ok(w) => Some(w),
+        Ok(mut w) => {
+            if let Err(e) = w.watch_config(plugin_source) {
+                tracing::warn!(error = %e, "not watching the key file and config: key changes take a restart");
+            }
+            Some(w)
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "not watching the plugin directory");
+            tracing::warn!(error = %e, "not watching the plugin directory, key file and config");
             None
         }
     };
@@ -619,7 +623,6 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         )
         .map_err(|e| format!("cannot start the plugin threads: {e}"))?,
-        plugin_config: started.config.clone(),
         watcher,
         scheduler: scheduler.clone(),
         limits: HostLimits {
