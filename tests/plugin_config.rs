@@ -298,7 +298,11 @@ fn plugin_load_prints_a_generated_key_once_and_hash_key_hashes() {
         .find(|l| l.starts_with("wsk_"))
         .unwrap_or_else(|| panic!("no generated key in {out}"))
         .to_string();
-    for world in ["auth-plugin", "validate-plugin", "postprocess-plugin"] {
+    for world in [
+        "auth-plugin",
+        "validate-admission-plugin",
+        "postprocess-plugin",
+    ] {
         assert!(out.contains(world), "{out}");
     }
     assert!(

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wanserve::plugins::{
-    FinishedJob, GenerationRequest, HttpRequest, JsonValue, PluginError, PluginHost, PluginLimits,
-    Principal, RetentionDecision, Slot, StoredVideo, json_fields,
+    AdmissionAction, FinishedJob, GenerationRequest, HttpRequest, JsonValue, PluginError,
+    PluginHost, PluginLimits, Principal, RetentionDecision, Slot, StoredVideo, Usage, json_fields,
 };
 
 fn host_with(slot: Slot, name: &str) -> PluginHost {
@@ -551,7 +551,7 @@ fn plugin_check_cli() {
     assert!(ok.status.success(), "{}", stderr(&ok));
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(
-        out.contains("wanserve:policy@0.1.0/validate-plugin")
+        out.contains("wanserve:policy@0.1.0/validate-admission-plugin")
             && out.contains("version: wanserve:policy 0.1.0")
             && out.contains("sha256:"),
         "{out}"
@@ -584,4 +584,252 @@ fn plugin_check_cli() {
         "{}",
         stderr(&bad)
     );
+}
+
+fn validate_host(config: &[(&str, &str)]) -> Result<PluginHost, PluginError> {
+    let host = PluginHost::new(PluginLimits::default()).unwrap();
+    let config = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    host.replace(
+        Slot::Validate,
+        &std::fs::read(plugin_wasm("validate-seed")).unwrap(),
+        config,
+    )?;
+    Ok(host)
+}
+
+fn usage(queued: u32, running: u32, streams: u32, queue_limit: u32) -> Usage {
+    Usage {
+        jobs_queued: queued,
+        jobs_running: running,
+        streams_open: streams,
+        queue_total: queued,
+        queue_limit,
+    }
+}
+
+fn caller_of_tier(tier: &str) -> Principal {
+    Principal {
+        id: format!("key-{tier}"),
+        display_name: tier.into(),
+        attributes: vec![("tier".into(), tier.into())],
+    }
+}
+
+/// The default validator's admission: a quarter of the queue per caller and 16 streams unless
+/// configured, per tier where a `.<tier>` value exists, a refusal that names the limit, and a
+/// config that does not read refused before it serves. A validator without `admission`
+/// (the plain world) admits everything.
+#[test]
+fn the_default_admission_bounds_each_caller_by_tier() {
+    let admits = |host: &PluginHost, caller: &Principal, usage: Usage, action| {
+        host.admit(caller, usage, action).expect("the plugin runs")
+    };
+    let standard = caller_of_tier("standard");
+    let defaults = validate_host(&[]).unwrap();
+    assert!(
+        admits(
+            &defaults,
+            &standard,
+            usage(24, 2, 0, 100),
+            AdmissionAction::Submit
+        )
+        .is_ok()
+    );
+    let busy = admits(
+        &defaults,
+        &standard,
+        usage(25, 0, 0, 100),
+        AdmissionAction::Submit,
+    )
+    .expect_err("a quarter of the queue is the default");
+    assert!(busy.reason.contains("at most 25"), "{}", busy.reason);
+    assert_eq!(busy.retry_after_seconds, None, "the host estimates it");
+    // A tiny queue still lets everyone have one.
+    assert!(
+        admits(
+            &defaults,
+            &standard,
+            usage(0, 0, 0, 2),
+            AdmissionAction::Submit
+        )
+        .is_ok()
+    );
+    assert!(
+        admits(
+            &defaults,
+            &standard,
+            usage(1, 0, 0, 2),
+            AdmissionAction::Submit
+        )
+        .is_err()
+    );
+    assert!(
+        admits(
+            &defaults,
+            &standard,
+            usage(0, 0, 15, 100),
+            AdmissionAction::OpenStream
+        )
+        .is_ok()
+    );
+    let busy = admits(
+        &defaults,
+        &standard,
+        usage(0, 0, 16, 100),
+        AdmissionAction::OpenStream,
+    )
+    .expect_err("16 streams by default");
+    assert_eq!(busy.retry_after_seconds, Some(10));
+
+    let tiered = validate_host(&[
+        ("max_queued", "2"),
+        ("max_queued.premium", "10"),
+        ("max_jobs.premium", "11"),
+        ("max_streams", "1"),
+        ("max_streams.premium", "4"),
+        ("stream_retry_seconds", "3"),
+    ])
+    .unwrap();
+    let premium = caller_of_tier("premium");
+    assert!(
+        admits(
+            &tiered,
+            &standard,
+            usage(2, 0, 0, 100),
+            AdmissionAction::Submit
+        )
+        .is_err()
+    );
+    assert!(
+        admits(
+            &tiered,
+            &premium,
+            usage(9, 1, 0, 100),
+            AdmissionAction::Submit
+        )
+        .is_ok()
+    );
+    let busy = admits(
+        &tiered,
+        &premium,
+        usage(9, 2, 0, 100),
+        AdmissionAction::Submit,
+    )
+    .expect_err("waiting and running count against max_jobs");
+    assert!(busy.reason.contains("at most 11"), "{}", busy.reason);
+    assert!(
+        admits(
+            &tiered,
+            &standard,
+            usage(0, 0, 1, 100),
+            AdmissionAction::OpenStream
+        )
+        .is_err()
+    );
+    assert!(
+        admits(
+            &tiered,
+            &premium,
+            usage(0, 0, 3, 100),
+            AdmissionAction::OpenStream
+        )
+        .is_ok()
+    );
+    let busy = admits(
+        &tiered,
+        &premium,
+        usage(0, 0, 4, 100),
+        AdmissionAction::OpenStream,
+    )
+    .expect_err("the tier's own stream limit");
+    assert_eq!(busy.retry_after_seconds, Some(3));
+
+    // A limit that is not a number does not serve (the old config keeps serving instead).
+    let broken = validate_host(&[("max_queued", "lots")])
+        .err()
+        .expect("refused");
+    assert!(broken.to_string().contains("max_queued"), "{broken}");
+    // A tier's bad value is met only when a caller of that tier comes: refused, not unbounded.
+    let bad_tier = validate_host(&[("max_streams.premium", "-1")]).unwrap();
+    let busy = admits(
+        &bad_tier,
+        &premium,
+        usage(0, 0, 0, 100),
+        AdmissionAction::OpenStream,
+    )
+    .expect_err("a broken limit refuses");
+    assert!(busy.reason.contains("config is broken"), "{}", busy.reason);
+
+    // The plain validate world has no admission: the host admits everything for it.
+    let plain = host_with(Slot::Validate, "test-permissive");
+    assert!(
+        admits(
+            &plain,
+            &standard,
+            usage(1000, 0, 1000, 1),
+            AdmissionAction::Submit
+        )
+        .is_ok()
+    );
+}
+
+/// Plugins get time and randomness from `host` only: built for wasm32-wasip2, whose std imports
+/// WASI's clocks and random source, a component still loads, but reading the wall clock, the
+/// monotonic clock or the random source fails the call closed with a message naming the `host`
+/// import to use, and a `HashMap`'s order (std's fixed `insecure-seed`) is the same every call.
+#[test]
+fn plugins_have_no_wasi_clock_or_randomness() {
+    let wasm = std::fs::read(plugin_wasm_wasip2("test-hostile-auth")).unwrap();
+    let host = PluginHost::new(PluginLimits::default()).unwrap();
+    host.replace(Slot::Auth, &wasm, BTreeMap::new()).unwrap();
+    let ask = |host: &PluginHost, mode: &str| {
+        host.authenticate(&HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            headers: vec![("x-hostile".into(), mode.into())],
+            peer: "127.0.0.1:5000".into(),
+        })
+    };
+    for (mode, instead) in [
+        ("wall-clock", "host.now-unix-ms"),
+        ("monotonic-clock", "host.now-unix-ms"),
+        ("random", "host.random-u64"),
+    ] {
+        match ask(&host, mode) {
+            Err(PluginError::Trapped { reason, .. }) => assert!(
+                reason.contains("not available to plugins") && reason.contains(instead),
+                "{mode}: {reason}"
+            ),
+            other => panic!("{mode}: the plugin read WASI and got {other:?}"),
+        }
+    }
+    let order = |host: &PluginHost| match ask(host, "hash-map") {
+        Ok(Ok(principal)) => principal.id,
+        other => panic!("hash-map: {other:?}"),
+    };
+    let first = order(&host);
+    assert_eq!(first.split(',').count(), 32, "{first}");
+    assert_eq!(
+        order(&host),
+        first,
+        "a HashMap's order changed between calls"
+    );
+    let another = PluginHost::new(PluginLimits::default()).unwrap();
+    another.replace(Slot::Auth, &wasm, BTreeMap::new()).unwrap();
+    assert_eq!(
+        order(&another),
+        first,
+        "a HashMap's order changed between hosts"
+    );
+    // What needs neither still works, in the same host.
+    let plain = host.authenticate(&HttpRequest {
+        method: "GET".into(),
+        path: "/".into(),
+        headers: vec![],
+        peer: "127.0.0.1:5000".into(),
+    });
+    assert!(matches!(&plain, Ok(Ok(p)) if p.id == "tester"), "{plain:?}");
 }

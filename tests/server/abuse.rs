@@ -3,7 +3,7 @@
 //! thousand submits at once against a small queue.
 
 use crate::common::jwt::{b64, claims, fixture, hs256, rs256, unsigned};
-use crate::harness::{ALICE, BOB, Options, Server, raw_get, raw_request, small_job};
+use crate::harness::{ALICE, BOB, Options, Server, long_job, raw_get, raw_request, small_job};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -679,4 +679,318 @@ fn keys_removed_from_the_key_file_or_config_are_refused_without_a_restart() {
     for key in [CAROL, DAVE] {
         assert!(!log.contains(key), "a key reached the log");
     }
+}
+
+/// A metric's value as `/metrics` shows it (0 before its first use).
+fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn error_code(response: reqwest::blocking::Response) -> (u16, Option<u64>, Value) {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    (status, retry_after, response.json().unwrap_or(Value::Null))
+}
+
+/// One key cannot take the queue: with `--queue-limit 8` the default validator lets a caller
+/// have 2 jobs waiting (a quarter), then answers 429 `caller_busy` with a Retry-After while
+/// another key is still accepted and an idempotent retry still gets its job. One key's 120
+/// streams: 16 open, the rest 429 with Retry-After, `/health` answered within a second
+/// meanwhile, and the 16 cost one job read per second between them, not one each.
+#[test]
+fn one_key_takes_neither_the_queue_nor_unbounded_streams() {
+    let server = Server::start(Options {
+        slots: Some(1),
+        queue_limit: Some(8),
+        ..Options::default()
+    });
+    let running = server.submit(BOB, &long_job());
+    server.wait_for(BOB, &running, Duration::from_secs(60), |s| {
+        s["status"] == "InProgress"
+    });
+    let submit_with_key = |key: &str| {
+        server
+            .client()
+            .post(format!("{}/video/submit", server.url))
+            .bearer_auth(ALICE)
+            .header("Idempotency-Key", key)
+            .json(&long_job())
+            .send()
+            .expect("sent")
+    };
+    let first: Value = submit_with_key("first").json().expect("JSON");
+    let first = first["requestId"].as_str().expect("requestId").to_string();
+    let _second = server.submit(ALICE, &long_job());
+    let (status, retry_after, body) =
+        error_code(server.post("/video/submit", Some(ALICE), &long_job()));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("caller_busy")),
+        "{body}"
+    );
+    assert!(retry_after.is_some_and(|s| (1..=3600).contains(&s)));
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("at most 2"), "{message}");
+    // The retry of an accepted submit is answered with its job, limit or not.
+    let retried = submit_with_key("first");
+    assert_eq!(retried.status(), 202);
+    assert_eq!(retried.json::<Value>().expect("JSON")["requestId"], first);
+    // Another caller is not held up by Alice's jobs.
+    let bobs_queued = server.submit(BOB, &long_job());
+
+    let url = format!("{}/video/events/{first}", server.url);
+    let open = || {
+        server
+            .client()
+            .get(&url)
+            .bearer_auth(ALICE)
+            .send()
+            .expect("sent")
+    };
+    let mut streams = Vec::new();
+    let mut health_worst = Duration::ZERO;
+    let mut refused = 0;
+    for _ in 0..120 {
+        let response = open();
+        if response.status() == 200 {
+            streams.push(response);
+        } else {
+            let (status, retry_after, body) = error_code(response);
+            assert_eq!((status, retry_after), (429, Some(10)), "{body}");
+            assert_eq!(body["error"]["code"], "caller_busy");
+            refused += 1;
+        }
+        let started = Instant::now();
+        let health = raw_get(&server.url, "/health");
+        assert_eq!(health.0, 200);
+        health_worst = health_worst.max(started.elapsed());
+    }
+    assert_eq!((streams.len(), refused), (16, 104));
+    assert!(health_worst < Duration::from_secs(1), "{health_worst:?}");
+    eprintln!("16 streams open, 104 refused; slowest /health meanwhile {health_worst:?}");
+    // Bob's own stream is his to open.
+    let bobs = server
+        .client()
+        .get(format!("{}/video/events/{bobs_queued}", server.url))
+        .bearer_auth(BOB)
+        .send()
+        .expect("sent");
+    assert_eq!(bobs.status(), 200);
+    drop(bobs);
+
+    let before = server.metrics();
+    assert_eq!(metric_value(&before, "wanserve_event_streams_open"), 16.0);
+    std::thread::sleep(Duration::from_secs(4));
+    let reads = metric_value(&server.metrics(), "wanserve_event_feed_reads_total")
+        - metric_value(&before, "wanserve_event_feed_reads_total");
+    // One feed for Alice's job (≈ 1 read a second); Bob's ended stream may leave its feed
+    // reading for up to a second more. A poll per stream would be 64.
+    assert!(reads <= 8.0, "{reads} job reads in 4 s for 16 streams");
+    eprintln!("16 streams on one job: {reads} job reads in 4 s");
+
+    // Once the job ends its streams end, and their count with them.
+    let cancelled = server.post("/video/cancel", Some(ALICE), &json!({ "requestId": first }));
+    assert_eq!(cancelled.status(), 200);
+    for stream in streams {
+        let mut rest = String::new();
+        let mut stream = stream;
+        stream.read_to_string(&mut rest).expect("the stream ends");
+        assert!(rest.contains("Cancelled"), "{rest}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_value(&server.metrics(), "wanserve_event_streams_open") != 0.0 {
+        assert!(Instant::now() < deadline, "streams still counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the server has closed `stream` (EOF, a reset, or its last answer then EOF), with the
+/// status line of what it said, if anything. `None` while it is still open.
+fn closed_with(mut stream: &TcpStream, said: &mut Vec<u8>) -> Option<Option<u16>> {
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(said);
+    Some(
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|status| status.parse().ok()),
+    )
+}
+
+#[test]
+fn a_connection_flood_and_trickled_bodies_cannot_hold_the_server() {
+    let server = Server::start(Options {
+        extra_args: vec![
+            "--max-connections".into(),
+            "20".into(),
+            "--body-timeout-ms".into(),
+            "2000".into(),
+            "--header-timeout-ms".into(),
+            "3000".into(),
+        ],
+        ..Options::default()
+    });
+    let address = server.url.trim_start_matches("http://").to_string();
+    let connect = || {
+        let stream = TcpStream::connect(&address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        stream
+    };
+    // Twenty clients take every connection and send their bodies a byte at a time, each byte
+    // well within any per-read timeout: only a deadline on the whole body ends them.
+    let started = Instant::now();
+    let mut trickling: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut stream = connect();
+            let head = format!(
+                "POST /video/submit HTTP/1.1\r\nHost: w\r\nAuthorization: Bearer {ALICE}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{{"
+            );
+            stream.write_all(head.as_bytes()).expect("send head");
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // With the cap taken, a fresh connection still learns the process lives, and anything else
+    // is told to come back rather than left hanging.
+    let asked = Instant::now();
+    let (status, _) = raw_get(&server.url, "/health");
+    let health_took = asked.elapsed();
+    assert_eq!(status, 200, "health past the connection cap");
+    assert!(
+        health_took < Duration::from_secs(1),
+        "health took {health_took:?}"
+    );
+    let (status, response) = raw_get(&server.url, "/video/status?requestId=x");
+    assert_eq!(status, 503, "{response}");
+    assert!(response.contains("\"overloaded\""), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("retry-after: 1"),
+        "{response}"
+    );
+
+    let mut ended: Vec<Option<(Duration, Option<u16>)>> = vec![None; trickling.len()];
+    let mut said: Vec<Vec<u8>> = vec![Vec::new(); trickling.len()];
+    while ended.iter().any(Option::is_none) && started.elapsed() < Duration::from_secs(10) {
+        for (i, stream) in trickling.iter_mut().enumerate() {
+            if ended[i].is_some() {
+                continue;
+            }
+            let _ = stream.write_all(b" ");
+            if let Some(status) = closed_with(stream, &mut said[i]) {
+                ended[i] = Some((started.elapsed(), status));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        ended.iter().all(Option::is_some),
+        "trickling connections still open after 10 s: {}",
+        ended.iter().filter(|e| e.is_none()).count()
+    );
+    let timed_out: Vec<Duration> = ended
+        .iter()
+        .flatten()
+        .filter(|(_, status)| *status == Some(408))
+        .map(|(after, _)| *after)
+        .collect();
+    // One place may have gone to a connection the harness's client keeps; that trickler was
+    // answered 503 by the overflow responder instead.
+    assert!(timed_out.len() >= 19, "answers: {ended:?}");
+    let latest = timed_out.iter().max().expect("408s");
+    let earliest = timed_out.iter().min().expect("408s");
+    assert!(
+        *earliest >= Duration::from_millis(1800) && *latest < Duration::from_secs(5),
+        "bodies cut off between {earliest:?} and {latest:?} (deadline 2 s)"
+    );
+    let text = String::from_utf8_lossy(&said[0]).to_string();
+    assert!(text.contains("\"request_timeout\""), "{text}");
+    eprintln!(
+        "trickled bodies cut off between {earliest:?} and {latest:?}; health past the cap in {health_took:?}"
+    );
+
+    // Afterwards the server serves as before.
+    let (status, response) = raw_get(&server.url, "/video/status?requestId=x");
+    assert_ne!(status, 503, "{response}");
+
+    // A flood of idle connections: past the cap and the overflow responder's own, the rest are
+    // closed at once; the ones it holds go at their deadlines, and then it answers again.
+    let flood_started = Instant::now();
+    let flood: Vec<TcpStream> = (0..200).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut flood_said = Vec::new();
+    let closed_at_once = flood
+        .iter()
+        .filter(|stream| {
+            flood_said.clear();
+            closed_with(stream, &mut flood_said).is_some()
+        })
+        .count();
+    assert!(
+        closed_at_once >= 200 - 20 - 64 - 1,
+        "{closed_at_once} of 200 closed within 300 ms"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let (status, _) = raw_get(&server.url, "/health");
+    assert_eq!(
+        status, 200,
+        "health once the overflow responder's deadline passed"
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    let still_open = flood
+        .iter()
+        .filter(|stream| {
+            flood_said.clear();
+            closed_with(stream, &mut flood_said).is_none()
+        })
+        .count();
+    assert_eq!(
+        still_open,
+        0,
+        "idle connections open after {:?}",
+        flood_started.elapsed()
+    );
+    let metrics = server
+        .client()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("metrics text");
+    let closed = metric_value(
+        &metrics,
+        "wanserve_connections_refused_total{answer=\"closed\"}",
+    );
+    let answered = metric_value(
+        &metrics,
+        "wanserve_connections_refused_total{answer=\"503\"}",
+    );
+    assert!(
+        // Which of the two depends on how fast the responder's connections end under load.
+        closed + answered >= 200.0 - 20.0 - 1.0 && answered >= 2.0,
+        "refused: {closed} closed, {answered} answered"
+    );
+    eprintln!("flood of 200: {closed_at_once} closed within 300 ms");
 }

@@ -383,6 +383,26 @@ pub struct Counts {
     pub running: u64,
 }
 
+impl Counts {
+    /// From `(status, n)` rows of a `GROUP BY status` over queued and running jobs.
+    fn from_rows<R: sqlx::Row>(rows: &[R]) -> Result<Self, StoreError>
+    where
+        for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        for<'r> &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        for<'r> &'r str: sqlx::ColumnIndex<R>,
+    {
+        let mut counts = Counts::default();
+        for row in rows {
+            let n = row.try_get::<i64, _>("n")?.max(0) as u64;
+            match row.try_get::<&str, _>("status")? {
+                "queued" => counts.queued = n,
+                _ => counts.running = n,
+            }
+        }
+        Ok(counts)
+    }
+}
+
 /// Idempotency keys are remembered this long.
 pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
@@ -397,6 +417,8 @@ pub trait JobStore: Send + Sync {
     /// Queued jobs ahead of the one with `seq`.
     async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError>;
     async fn counts(&self) -> Result<Counts, StoreError>;
+    /// One caller's queued and running jobs (what admission weighs).
+    async fn counts_of(&self, principal_id: &str) -> Result<Counts, StoreError>;
     /// Cancels `id` if `principal_id` owns it and it has not ended.
     async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError>;
     /// The oldest queued job (or, in a shared store, a running one whose host's lease ran

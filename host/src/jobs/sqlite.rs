@@ -270,15 +270,17 @@ impl JobStore for SqliteJobStore {
         )
         .fetch_all(&self.reader)
         .await?;
-        let mut counts = Counts::default();
-        for row in rows {
-            let n = row.try_get::<i64, _>("n")?.max(0) as u64;
-            match row.try_get::<&str, _>("status")? {
-                "queued" => counts.queued = n,
-                _ => counts.running = n,
-            }
-        }
-        Ok(counts)
+        Counts::from_rows(&rows)
+    }
+
+    async fn counts_of(&self, principal_id: &str) -> Result<Counts, StoreError> {
+        let rows = sqlx::query(
+            "SELECT status, count(*) AS n FROM jobs WHERE principal_id = ? AND status IN ('queued', 'running') GROUP BY status",
+        )
+        .bind(principal_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Counts::from_rows(&rows)
     }
 
     async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError> {

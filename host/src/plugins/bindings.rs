@@ -16,6 +16,19 @@ pub mod auth {
     });
 }
 
+/// The validate slot with `admission` (tried first; a component without it loads as
+/// `validate-plugin`).
+pub mod validate_admission {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "validate-admission-plugin",
+        with: {
+            "wanserve:policy/types": super::validate::wanserve::policy::types,
+            "wanserve:policy/host": super::validate::wanserve::policy::host,
+        },
+    });
+}
+
 pub mod postprocess {
     wasmtime::component::bindgen!({
         path: "../wit",

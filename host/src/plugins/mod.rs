@@ -24,6 +24,9 @@ pub use bindings::postprocess::exports::wanserve::policy::postprocess::{
     FinishedJob, OutputPolicy, RetentionDecision, StoredVideo,
 };
 pub use bindings::types::{FieldError, GenerationRequest, JsonValue, Principal};
+pub use bindings::validate_admission::exports::wanserve::policy::admission::{
+    Action as AdmissionAction, Busy, Usage,
+};
 use reuse::PrincipalCache;
 pub use reuse::RequestParts;
 
@@ -123,6 +126,63 @@ pub enum PluginError {
     Engine(String),
 }
 
+/// The WASI version whose interfaces `wasmtime_wasi` links (a component importing any 0.2.x
+/// resolves to it).
+const WASI_VERSION: &str = "0.2.12";
+
+/// WASI functions a plugin may import but not call, with what to use instead. Time and
+/// randomness come from `host` (`now-unix-ms`, `random-u64`) so that what a plugin sees is what
+/// the WIT declares; WASI's are replaced by functions that trap, failing the call closed, with
+/// a message naming the import to use. (WASI's own rule for deterministic hosts is to omit
+/// `get-random-bytes` rather than make it deterministic; a trap is that, at call time, so that a
+/// component whose std merely imports it still loads.) `insecure-seed` stays: std's `HashMap`
+/// calls it, and it returns a fixed value (`state.rs`), so iteration order is the same every call.
+const WITHHELD_WASI: &[(&str, &[&str], &str)] = &[
+    (
+        "wasi:clocks/wall-clock",
+        &["now", "resolution"],
+        "host.now-unix-ms",
+    ),
+    (
+        "wasi:clocks/monotonic-clock",
+        &[
+            "now",
+            "resolution",
+            "subscribe-instant",
+            "subscribe-duration",
+        ],
+        "host.now-unix-ms",
+    ),
+    (
+        "wasi:random/random",
+        &["get-random-bytes", "get-random-u64"],
+        "host.random-u64",
+    ),
+    (
+        "wasi:random/insecure",
+        &["get-insecure-random-bytes", "get-insecure-random-u64"],
+        "host.random-u64",
+    ),
+];
+
+fn withhold_wasi_clocks_and_randomness(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    for (interface, functions, instead) in WITHHELD_WASI {
+        let mut instance = linker.instance(&format!("{interface}@{WASI_VERSION}"))?;
+        for function in *functions {
+            let message = format!(
+                "{interface}.{function} is not available to plugins (no WASI clock or \
+                 randomness); use {instead}"
+            );
+            instance.func_new(function, move |_, _, _, _| {
+                Err(wasmtime::Error::msg(message.clone()))
+            })?;
+        }
+    }
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
 /// What `replace` and `plugin check` report about a component.
 #[derive(Debug, Clone)]
 pub struct PluginInfo {
@@ -139,10 +199,21 @@ pub struct PluginInfo {
 enum SlotPre {
     Auth(bindings::auth::AuthPluginPre<PluginState>),
     Validate(bindings::validate::ValidatePluginPre<PluginState>),
+    ValidateAdmission(bindings::validate_admission::ValidateAdmissionPluginPre<PluginState>),
     Postprocess(bindings::postprocess::PostprocessPluginPre<PluginState>),
 }
 
 impl SlotPre {
+    /// The world the component was typed as.
+    fn world(&self) -> &'static str {
+        match self {
+            SlotPre::Auth(_) => Slot::Auth.world(),
+            SlotPre::Validate(_) => Slot::Validate.world(),
+            SlotPre::ValidateAdmission(_) => "validate-admission-plugin",
+            SlotPre::Postprocess(_) => Slot::Postprocess.world(),
+        }
+    }
+
     fn auth(&self, store: &mut Store<PluginState>) -> wasmtime::Result<bindings::auth::AuthPlugin> {
         match self {
             SlotPre::Auth(pre) => pre.instantiate(store),
@@ -150,12 +221,42 @@ impl SlotPre {
         }
     }
 
-    fn validate(
+    fn call_validate(
         &self,
         store: &mut Store<PluginState>,
-    ) -> wasmtime::Result<bindings::validate::ValidatePlugin> {
+        caller: &Principal,
+        body: &[(String, JsonValue)],
+    ) -> wasmtime::Result<Result<GenerationRequest, Vec<FieldError>>> {
         match self {
-            SlotPre::Validate(pre) => pre.instantiate(store),
+            SlotPre::Validate(pre) => pre
+                .instantiate(&mut *store)?
+                .wanserve_policy_validate()
+                .call_validate(&mut *store, caller, body),
+            SlotPre::ValidateAdmission(pre) => pre
+                .instantiate(&mut *store)?
+                .wanserve_policy_validate()
+                .call_validate(&mut *store, caller, body),
+            _ => Err(wasmtime::format_err!(
+                "the validate slot holds another world"
+            )),
+        }
+    }
+
+    /// `None`: the component has no `admission` (it admits everything).
+    fn call_admit(
+        &self,
+        store: &mut Store<PluginState>,
+        caller: &Principal,
+        usage: Usage,
+        action: AdmissionAction,
+    ) -> wasmtime::Result<Option<Result<(), Busy>>> {
+        match self {
+            SlotPre::ValidateAdmission(pre) => pre
+                .instantiate(&mut *store)?
+                .wanserve_policy_admission()
+                .call_admit(&mut *store, caller, usage, action)
+                .map(Some),
+            SlotPre::Validate(_) => Ok(None),
             _ => Err(wasmtime::format_err!(
                 "the validate slot holds another world"
             )),
@@ -315,6 +416,7 @@ impl PluginHost {
         let engine = Engine::new(&config).map_err(engine_err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        withhold_wasi_clocks_and_randomness(&mut linker).map_err(engine_err)?;
         bindings::types::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
             .map_err(engine_err)?;
         bindings::host_api::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)
@@ -363,8 +465,15 @@ impl PluginHost {
         // The typed pre-instances check that the slot's exports exist with the right types.
         let pre = match slot {
             Slot::Auth => SlotPre::Auth(bindings::auth::AuthPluginPre::new(pre).map_err(wrong)?),
+            // With admission if it has it; otherwise the plain world (its error is the one
+            // reported: that is the world most components are written for).
             Slot::Validate => {
-                SlotPre::Validate(bindings::validate::ValidatePluginPre::new(pre).map_err(wrong)?)
+                match bindings::validate_admission::ValidateAdmissionPluginPre::new(pre.clone()) {
+                    Ok(with_admission) => SlotPre::ValidateAdmission(with_admission),
+                    Err(_) => SlotPre::Validate(
+                        bindings::validate::ValidatePluginPre::new(pre).map_err(wrong)?,
+                    ),
+                }
             }
             Slot::Postprocess => SlotPre::Postprocess(
                 bindings::postprocess::PostprocessPluginPre::new(pre).map_err(wrong)?,
@@ -372,7 +481,7 @@ impl PluginHost {
         };
         let info = PluginInfo {
             slot,
-            world: format!("{WIT_PACKAGE}/{}", slot.world()),
+            world: format!("{WIT_PACKAGE}/{}", pre.world()),
             sha256: hex::encode(Sha256::digest(bytes)),
             size: bytes.len(),
             loaded_at_ms: crate::jobs::now_ms(),
@@ -406,6 +515,9 @@ impl PluginHost {
         let result = self.with_store(&loaded, |store, pre| match pre {
             SlotPre::Auth(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
             SlotPre::Validate(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
+            SlotPre::ValidateAdmission(p) => {
+                p.instantiate(&mut *store)?.call_self_test(&mut *store)
+            }
             SlotPre::Postprocess(p) => p.instantiate(&mut *store)?.call_self_test(&mut *store),
         });
         match result {
@@ -669,20 +781,47 @@ impl PluginHost {
         body: &[(String, JsonValue)],
     ) -> Result<Result<GenerationRequest, Vec<FieldError>>, PluginError> {
         let loaded = self.current(Slot::Validate)?;
+        self.with_store(&loaded, |store, pre| pre.call_validate(store, caller, body))
+            .and_then(|answer| {
+                match &answer {
+                    Ok(request) => check_request(request),
+                    Err(errors) => check_field_errors(errors),
+                }
+                .map_err(|reason| PluginError::BadResult {
+                    slot: Slot::Validate,
+                    reason,
+                })?;
+                Ok(answer)
+            })
+            .inspect_err(|e| self.record_failure(&loaded, e))
+    }
+
+    /// Whether `caller`, having `usage`, may do `action` now. `Ok(Err(busy))` is the plugin
+    /// refusing for now (429); `Err(_)` is the plugin failing, which the caller must treat as
+    /// a refusal too. A validate plugin without `admission` admits everything.
+    pub fn admit(
+        &self,
+        caller: &Principal,
+        usage: Usage,
+        action: AdmissionAction,
+    ) -> Result<Result<(), Busy>, PluginError> {
+        let loaded = self.current(Slot::Validate)?;
+        if matches!(loaded.pre, SlotPre::Validate(_)) {
+            return Ok(Ok(()));
+        }
         self.with_store(&loaded, |store, pre| {
-            pre.validate(store)?
-                .wanserve_policy_validate()
-                .call_validate(&mut *store, caller, body)
+            pre.call_admit(store, caller, usage, action)
         })
         .and_then(|answer| {
-            match &answer {
-                Ok(request) => check_request(request),
-                Err(errors) => check_field_errors(errors),
+            let answer = answer.unwrap_or(Ok(()));
+            if let Err(busy) = &answer {
+                check_text("busy reason", &busy.reason, MAX_TEXT).map_err(|reason| {
+                    PluginError::BadResult {
+                        slot: Slot::Validate,
+                        reason,
+                    }
+                })?;
             }
-            .map_err(|reason| PluginError::BadResult {
-                slot: Slot::Validate,
-                reason,
-            })?;
             Ok(answer)
         })
         .inspect_err(|e| self.record_failure(&loaded, e))

@@ -48,6 +48,9 @@ pub struct PluginContext {
     pub sha256_prefix: String,
 }
 
+/// What WASI's `insecure-seed` returns to every plugin call (std's `HashMap` keys).
+const INSECURE_SEED: u128 = 0x7761_6e73_6572_7665_2d70_6f6c_6963_7921;
+
 pub struct PluginState {
     pub limits: Limits,
     /// Built on first use: most calls never touch WASI, and building a context seeds a CSPRNG.
@@ -88,10 +91,14 @@ impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             // No preopened directories, no environment, no arguments, no network: WASI is only
-            // there because Rust's std for wasm32-wasip2 imports it.
-            ctx: self
-                .wasi
-                .get_or_insert_with(|| WasiCtxBuilder::new().build()),
+            // there because Rust's std for wasm32-wasip2 imports it. Its clocks and random
+            // sources trap (`withhold_wasi_clocks_and_randomness`); the hash-map seed is fixed so
+            // that a plugin's output depends on its inputs alone.
+            ctx: self.wasi.get_or_insert_with(|| {
+                WasiCtxBuilder::new()
+                    .insecure_random_seed(INSECURE_SEED)
+                    .build()
+            }),
             table: &mut self.table,
         }
     }

@@ -9,7 +9,7 @@ use crate::jobs::{
     is_request_id, new_request_id, now_ms,
 };
 use crate::pipeline::step_cache::CacheMode;
-use crate::plugins::{PluginError, Slot};
+use crate::plugins::{AdmissionAction, PluginError, Slot};
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -247,14 +247,23 @@ pub struct CancelResponse {
     pub status: &'static str,
 }
 
-/// The request body, or 413 past `limit` (400 when it cannot be read at all).
+/// The request body, or 413 past `limit`, 408 past the body deadline (400 when it cannot be
+/// read at all).
 pub fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge { limit }
-        } else {
-            ApiError::MalformedJson("cannot read the request body".into())
+            return ApiError::TooLarge { limit };
         }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+        while let Some(error) = cause {
+            if let Some(passed) = error.downcast_ref::<super::connections::BodyDeadlinePassed>() {
+                return ApiError::BodyTimeout {
+                    seconds: passed.0.as_secs().max(1),
+                };
+            }
+            cause = error.source();
+        }
+        ApiError::MalformedJson("cannot read the request body".into())
     })
 }
 
@@ -313,7 +322,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn plugin_failure(slot: Slot, error: &PluginError) -> ApiError {
+pub(super) fn plugin_failure(slot: Slot, error: &PluginError) -> ApiError {
     tracing::warn!(slot = %slot, error = %error, "refusing the request: plugin failed closed");
     ApiError::PluginUnavailable { slot }
 }
@@ -330,7 +339,7 @@ fn plugin_failure(slot: Slot, error: &PluginError) -> ApiError {
         (status = 409, description = "Idempotency-Key reused with a different body", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Every bad field, with the reason", body = ErrorBody),
-        (status = 429, description = "Queue full (see Retry-After)", body = ErrorBody),
+        (status = 429, description = "Queue full (queue_full) or this caller has enough jobs waiting (caller_busy); see Retry-After", body = ErrorBody),
         (status = 503, description = "A policy plugin failed (refused, fail closed)", body = ErrorBody),
         (status = 500, description = "Server error", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -408,18 +417,36 @@ pub async fn submit(
         ..JobRequest::from(&request)
     };
     state.limits.check(&request)?;
+    let job = NewJob {
+        id: new_request_id(),
+        principal: JobPrincipal::from(&principal),
+        request,
+        idempotency: key.map(|k| (k, body_hash)),
+        webhook_url,
+    };
+    // Held until the job is stored: this caller's next admission counts it.
+    let _admitted = match super::admission::admit(&state, &principal, AdmissionAction::Submit).await
+    {
+        Ok(admitted) => admitted,
+        // A retry of a job already submitted is answered with that job, even at the limit:
+        // with no room (limit 0) the store only looks the key up and inserts nothing.
+        Err(busy) if job.idempotency.is_some() => {
+            match state
+                .store
+                .submit(job, 0)
+                .await
+                .map_err(ApiError::internal)?
+            {
+                Submitted::Existing(id) => return Ok(accepted(id)),
+                Submitted::KeyReused => return Err(key_reused()),
+                Submitted::Created(_) | Submitted::QueueFull { .. } => return Err(busy),
+            }
+        }
+        Err(busy) => return Err(busy),
+    };
     let outcome = state
         .store
-        .submit(
-            NewJob {
-                id: new_request_id(),
-                principal: JobPrincipal::from(&principal),
-                request,
-                idempotency: key.map(|k| (k, body_hash)),
-                webhook_url,
-            },
-            state.queue_limit,
-        )
+        .submit(job, state.queue_limit)
         .await
         .map_err(ApiError::internal)?;
     let id = match outcome {
@@ -429,11 +456,7 @@ pub async fn submit(
             id
         }
         Submitted::Existing(id) => id,
-        Submitted::KeyReused => {
-            return Err(ApiError::Conflict(
-                "this Idempotency-Key was used with a different request body".into(),
-            ));
-        }
+        Submitted::KeyReused => return Err(key_reused()),
         Submitted::QueueFull { queued } => {
             return Err(ApiError::QueueFull {
                 queued,
@@ -441,11 +464,19 @@ pub async fn submit(
             });
         }
     };
-    Ok((
+    Ok(accepted(id))
+}
+
+fn accepted(id: String) -> Response {
+    (
         StatusCode::ACCEPTED,
         Json(SubmitResponse { request_id: id }),
     )
-        .into_response())
+        .into_response()
+}
+
+fn key_reused() -> ApiError {
+    ApiError::Conflict("this Idempotency-Key was used with a different request body".into())
 }
 
 /// The status of a job (only its submitter can see it).

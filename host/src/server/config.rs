@@ -94,6 +94,14 @@ pub struct ServeArgs {
     /// connection stays open; then the connection is closed [default: 30000].
     #[arg(long, env = "WANSERVE_HEADER_TIMEOUT_MS")]
     pub header_timeout_ms: Option<u64>,
+    /// How long a client has to send a request's whole body once its headers arrived; then the
+    /// request is answered 408 and the connection closed [default: 60000].
+    #[arg(long, env = "WANSERVE_BODY_TIMEOUT_MS")]
+    pub body_timeout_ms: Option<u64>,
+    /// Connections served at once; past it a connection gets only `/health` or 503
+    /// `overloaded` (64 such at once), then is closed [default: 4096].
+    #[arg(long, env = "WANSERVE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// How long an S3 request is retried (connection errors, 5xx) before the job that needs
     /// it fails; the job's slot waits meanwhile [default: 60].
     #[arg(long, env = "WANSERVE_STORE_RETRY_SECONDS")]
@@ -183,6 +191,8 @@ struct ServerTable {
     cache_default: Option<String>,
     body_limit: Option<usize>,
     header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
     store_retry_seconds: Option<u64>,
     webhook_allow: Option<Vec<String>>,
     webhook_first_retry_ms: Option<u64>,
@@ -232,6 +242,8 @@ pub struct ServeConfig {
     pub cache_default: CacheMode,
     pub body_limit: usize,
     pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_connections: usize,
     pub store_retry: Duration,
     pub admin_key: Option<SecretString>,
     pub api_keys: Option<SecretString>,
@@ -303,6 +315,20 @@ impl ServeConfig {
             });
         }
         let header_timeout = Duration::from_millis(header_timeout_ms);
+        let body_timeout_ms = args.body_timeout_ms.or(t.body_timeout_ms).unwrap_or(60_000);
+        if body_timeout_ms == 0 {
+            return Err(ServeConfigError::Invalid {
+                key: "body_timeout_ms",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let max_connections = args.max_connections.or(t.max_connections).unwrap_or(4096);
+        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&max_connections) {
+            return Err(ServeConfigError::Invalid {
+                key: "max_connections",
+                reason: "must be at least 1".into(),
+            });
+        }
         let sweep_ms = args
             .sweep_interval_ms
             .or(t.sweep_interval_ms)
@@ -409,6 +435,8 @@ impl ServeConfig {
             cache_default,
             body_limit,
             header_timeout,
+            body_timeout: Duration::from_millis(body_timeout_ms),
+            max_connections,
             store_retry: Duration::from_secs(
                 args.store_retry_seconds
                     .or(t.store_retry_seconds)

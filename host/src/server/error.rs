@@ -24,8 +24,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `unauthorized`, `not_found`, `invalid_request`,
-    /// `malformed_json`, `payload_too_large`, `queue_full`, `conflict`, `plugin_unavailable`,
-    /// `forbidden`, `not_ready`, `internal`.
+    /// `malformed_json`, `payload_too_large`, `request_timeout`, `queue_full`, `caller_busy`,
+    /// `conflict`, `plugin_unavailable`, `overloaded`, `forbidden`, `not_ready`, `internal`.
     pub code: &'static str,
     pub message: String,
     pub fields: Vec<FieldProblem>,
@@ -54,6 +54,9 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("the queue is full ({queued} jobs waiting); retry in {retry_after} s")]
     QueueFull { queued: u64, retry_after: u64 },
+    /// 429 from admission (the validate plugin): this caller has enough going already.
+    #[error("{reason}; retry in {retry_after} s")]
+    CallerBusy { reason: String, retry_after: u64 },
     #[error("{0}")]
     Conflict(String),
     /// A policy plugin failed closed.
@@ -61,6 +64,12 @@ pub enum ApiError {
     PluginUnavailable { slot: crate::plugins::Slot },
     #[error("{0}")]
     NotReady(String),
+    /// Past `--max-connections`: this connection is answered and closed.
+    #[error("the server has too many connections open; retry in 1 s")]
+    Overloaded,
+    /// The body did not arrive within `--body-timeout-ms` of the headers.
+    #[error("the request body did not arrive within {seconds} s")]
+    BodyTimeout { seconds: u64 },
     /// Logged with its id where it happened; the client sees only the id.
     #[error("internal error (error id {error_id})")]
     Internal { error_id: String },
@@ -101,11 +110,14 @@ impl ApiError {
             ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            ApiError::CallerBusy { .. } => (StatusCode::TOO_MANY_REQUESTS, "caller_busy"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PluginUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "plugin_unavailable")
             }
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -153,10 +165,14 @@ impl IntoResponse for ApiError {
                     .unwrap_or_else(|| HeaderValue::from_static(DEFAULT_CHALLENGE));
                 headers.insert(header::WWW_AUTHENTICATE, value);
             }
-            ApiError::QueueFull { retry_after, .. } => {
+            ApiError::QueueFull { retry_after, .. } | ApiError::CallerBusy { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
-            ApiError::PluginUnavailable { .. } | ApiError::NotReady(_) => {
+            ApiError::BodyTimeout { .. } => {
+                // The rest of the body may still come: nothing else is read on this connection.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            ApiError::PluginUnavailable { .. } | ApiError::NotReady(_) | ApiError::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

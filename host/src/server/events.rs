@@ -8,10 +8,12 @@
 //! its principal that expires in five minutes (`POST /video/events-token`), and puts that in the
 //! URL (`?token=`). Other clients may send their `Authorization` header instead.
 
-use super::AppState;
-use super::api::{StatusResponse, owned_job, request_id_of, status_view};
+use super::api::{owned_job, request_id_of, status_view};
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
+use super::job_feeds::{FeedValue, JobFeeds, Published};
+use super::{AppState, admission};
+use crate::plugins::{AdmissionAction, Principal};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -27,16 +29,12 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
 use utoipa::ToSchema;
 
 /// The token-signing secret's file in the data directory.
 pub const EVENTS_SECRET_FILE: &str = "events-secret";
 /// How long an events token opens a stream (a stream already open runs to its end).
 const TOKEN_SECONDS: i64 = 300;
-/// A stream re-reads its job at least this often (queue positions move when other jobs end).
-const REREAD: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Claims {
@@ -182,7 +180,8 @@ impl FromRequestParts<Arc<AppState>> for Follower {
          body = StatusEvent),
         (status = 401, description = "Authentication failed or token invalid", body = ErrorBody),
         (status = 404, description = "No such job for this caller", body = ErrorBody),
-        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
+        (status = 429, description = "The job's owner has enough streams open (caller_busy); see Retry-After", body = ErrorBody),
+        (status = 503, description = "The auth or validate plugin failed (refused)", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn events(
     State(state): State<Arc<AppState>>,
@@ -199,16 +198,24 @@ pub async fn events(
     // Subscribed before the first read, so no change between the two is missed.
     let changes = state.scheduler.changes();
     let job = owned_job(&state, &id, &owner).await?;
+    // Admission weighs the stream against the job's owner (with its tier), however it came.
+    let admitted = admission::admit(
+        &state,
+        &Principal::from(&job.principal),
+        AdmissionAction::OpenStream,
+    )
+    .await?;
+    let counted = admitted.open_stream(&state, &job.principal.id);
     let first = status_view(&state, job).await?;
+    let feed = JobFeeds::subscribe(&state, &id, changes, &first);
     let follow = Follow {
         shutting_down: state.shutting_down.clone(),
-        state,
-        id,
-        changes,
-        next: Some(first),
+        feed,
+        next: Published::of(&first),
         last: None,
         done: false,
         sent: 0,
+        _counted: counted,
     };
     let stream = futures::stream::unfold(follow, |mut follow| async move {
         let event = follow.next_event().await?;
@@ -218,16 +225,16 @@ pub async fn events(
 }
 
 struct Follow {
-    state: Arc<AppState>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
-    id: String,
-    changes: tokio::sync::broadcast::Receiver<Arc<str>>,
+    feed: tokio::sync::watch::Receiver<FeedValue>,
     /// A status read but not sent yet (the first).
-    next: Option<StatusResponse>,
+    next: FeedValue,
     /// The last status sent, as sent.
-    last: Option<String>,
+    last: Option<Arc<Published>>,
     done: bool,
     sent: u64,
+    /// Counts this stream against its caller's streams until it ends.
+    _counted: admission::OpenStream,
 }
 
 impl Follow {
@@ -241,42 +248,29 @@ impl Follow {
             let status = match self.next.take() {
                 Some(status) => status,
                 None => {
-                    let changed =
-                        tokio::time::timeout(REREAD, job_changed(&mut self.changes, &self.id));
                     tokio::select! {
-                        _ = changed => {}
+                        changed = self.feed.changed() => changed.ok()?,
                         // The client reconnects (to another host, or after the restart).
                         _ = self.shutting_down.wait_for(|stopping| *stopping) => return None,
                     }
-                    let job = self.state.store.get(&self.id).await.ok().flatten()?;
-                    status_view(&self.state, job).await.ok()?
+                    self.feed.borrow_and_update().clone()?
                 }
             };
-            let json = serde_json::to_string(&status).ok()?;
-            if self.last.as_deref() == Some(json.as_str()) {
+            if self
+                .last
+                .as_ref()
+                .is_some_and(|last| last.json == status.json)
+            {
                 continue;
             }
-            self.done = status.status.is_final();
+            self.done = status.is_final;
             self.sent += 1;
             let event = Event::default()
                 .event("status")
                 .id(self.sent.to_string())
-                .data(&json);
-            self.last = Some(json);
+                .data(&status.json);
+            self.last = Some(status);
             return Some(event);
-        }
-    }
-}
-
-/// Returns when `id` is announced on `changes` (or some announcements were missed).
-async fn job_changed(changes: &mut tokio::sync::broadcast::Receiver<Arc<str>>, id: &str) {
-    loop {
-        match changes.recv().await {
-            Ok(changed) if *changed == *id => return,
-            Ok(_) => {}
-            // Fell behind: whatever happened, re-read.
-            Err(RecvError::Lagged(_)) => return,
-            Err(RecvError::Closed) => std::future::pending::<()>().await,
         }
     }
 }

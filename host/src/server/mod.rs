@@ -3,12 +3,14 @@
 //! (validate plugin, host limits, store) → `error.rs` maps every failure to HTTP in one place.
 
 pub mod admin;
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
-mod connections;
+pub mod connections;
 pub mod error;
 pub mod events;
+pub mod job_feeds;
 pub mod playground;
 pub mod plugin_pool;
 pub mod readiness;
@@ -113,6 +115,10 @@ pub struct AppState {
     /// Where request-path plugin calls (auth, validate) run.
     pub plugin_calls: plugin_pool::PluginPool,
     pub watcher: Option<PluginWatcher>,
+    /// Per-caller admission: lock stripes and the streams open on this host.
+    pub admission: admission::Admission,
+    /// One reader per followed job, fanned out to its streams.
+    pub feeds: job_feeds::JobFeeds,
     pub scheduler: Arc<Scheduler>,
     pub limits: HostLimits,
     pub queue_limit: u64,
@@ -355,6 +361,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             },
         ))
         .with_state(state)
+}
+
+/// What a connection past `--max-connections` gets: liveness, else 503 (it reads no body).
+fn overflow_router() -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .fallback(|| async { ApiError::Overloaded })
 }
 
 fn prometheus() -> Result<PrometheusHandle, String> {
@@ -624,6 +637,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         )
         .map_err(|e| format!("cannot start the plugin threads: {e}"))?,
         watcher,
+        admission: Default::default(),
+        feeds: Default::default(),
         scheduler: scheduler.clone(),
         limits: HostLimits {
             max_pixel_frames: config.max_pixel_frames,
@@ -695,7 +710,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     tracing::info!(%local, public_url, store = videos.describe(), slots = config.slots, "listening; docs at {base_url}/docs");
 
     let app = router(state.clone());
-    connections::serve(listener, app, config.header_timeout, async move {
+    let limits = connections::ConnectionLimits {
+        header_timeout: config.header_timeout,
+        body_timeout: config.body_timeout,
+        max_connections: config.max_connections,
+    };
+    connections::serve(listener, app, overflow_router(), limits, async move {
         shutdown_signal().await;
         let _ = shutdown_begun.send(true);
     })

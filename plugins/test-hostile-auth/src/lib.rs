@@ -1,7 +1,10 @@
 //! An auth plugin that misbehaves as each request asks, for the server's fail-closed tests: the
 //! `x-hostile` header picks `loop` (never returns), `trap`, `grow` (allocates without bound),
-//! `huge` (a 1 MiB principal), `crlf` (a challenge that would inject a header). Without the
-//! header it lets the request in as `tester`.
+//! `huge` (a 1 MiB principal), `crlf` (a challenge that would inject a header); and, built for
+//! wasm32-wasip2, what it gets from WASI: `wall-clock`, `monotonic-clock` and `random` answer
+//! with the value read (the host is meant to trap instead), `hash-map` with a `HashMap`'s
+//! iteration order (std seeds it from WASI's `insecure-seed`). Without the header it lets the
+//! request in as `tester`.
 wit_bindgen::generate!({ path: "../../wit", world: "auth-plugin" });
 
 use exports::wanserve::policy::auth::{Denial, Guest as Auth, HttpRequest};
@@ -32,12 +35,44 @@ impl Auth for Component {
                 }
             }
             Some("huge") => Ok(principal("x".repeat(1 << 20))),
+            Some(ambient @ ("wall-clock" | "monotonic-clock" | "random" | "hash-map")) => {
+                Ok(principal(wasi::read(ambient)))
+            }
             Some("crlf") => Err(Denial {
                 reason: "no".into(),
                 challenge: Some("Bearer realm=\"x\"\r\nSet-Cookie: session=stolen".into()),
             }),
             Some(_) => panic!("test-hostile-auth traps"),
         }
+    }
+}
+
+#[cfg(target_os = "wasi")]
+mod wasi {
+    pub fn read(what: &str) -> String {
+        match what {
+            "wall-clock" => format!(
+                "{:?}",
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
+            ),
+            "monotonic-clock" => format!("{:?}", std::time::Instant::now().elapsed()),
+            "random" => {
+                let mut bytes = [0u8; 8];
+                format!("{:?} {bytes:?}", getrandom::fill(&mut bytes))
+            }
+            _ => {
+                let map: std::collections::HashMap<String, ()> =
+                    (0..32).map(|i| (format!("k{i}"), ())).collect();
+                map.into_keys().collect::<Vec<_>>().join(",")
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "wasi"))]
+mod wasi {
+    pub fn read(what: &str) -> String {
+        format!("{what}: built without WASI")
     }
 }
 
