@@ -85,6 +85,64 @@ fn same_seed_same_bytes_other_seed_other_video() {
     assert_ne!(bytes[0], bytes[2], "another seed must give another video");
 }
 
+/// The README's promise holds on a busy machine too: two busy loops beside it (one per core
+/// here), the same seed twice at the size where a busy machine once gave different bytes
+/// (832x480, 21 frames, so x264 has B-frames and both of its threads work), byte for byte.
+///
+/// Ignored until the cause is fixed: beside two busy loops *and* a cargo build, 2 of 8 runs gave
+/// a different frame 3 (one packet of 21); with busy loops alone, 32 of 32 were identical. Run
+/// it with `cargo test -p wanserve --test cli -- --ignored same_seed_same_bytes_on_a_busy`.
+#[test]
+#[ignore = "issue 23: the same seed can still differ in one frame under heavy load"]
+fn same_seed_same_bytes_on_a_busy_machine() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n = std::hint::black_box(n.wrapping_mul(6_364_136_223_846_793_005) | 1);
+                }
+            })
+        })
+        .collect();
+    let paths = ["a.mp4", "b.mp4"].map(|n| dir.path().join(n));
+    let runs: Vec<Output> = paths
+        .iter()
+        .map(|path| {
+            wanserve()
+                .args([
+                    "generate",
+                    "--prompt",
+                    "A beautiful sunset over the mountains",
+                ])
+                .args(["--image-size", "832x480", "--num-frames", "21"])
+                .args(["--infer-steps", "4", "--guidance-scale", "5", "--seed", "7"])
+                .args(["--threads", "1", "--output"])
+                .arg(path)
+                .output()
+                .expect("wanserve runs")
+        })
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    for thread in busy {
+        thread.join().unwrap();
+    }
+    for run in &runs {
+        assert!(run.status.success(), "{}", stderr(run));
+    }
+    let bytes = paths.each_ref().map(|p| std::fs::read(p).unwrap());
+    assert!(bytes[0].len() > 10_000, "{} bytes", bytes[0].len());
+    assert!(
+        bytes[0] == bytes[1],
+        "same seed, different bytes on a busy machine"
+    );
+}
+
 #[test]
 fn size_not_a_multiple_of_the_model_grid_is_refused() {
     let dir = tempfile::tempdir().unwrap();

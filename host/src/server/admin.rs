@@ -86,7 +86,10 @@ pub async fn list(State(state): State<Arc<AppState>>, _: Admin) -> Json<PluginLi
 /// in flight finish on the old one, which is kept for rollback.
 #[utoipa::path(put, path = "/admin/plugins/{slot}", tag = "admin",
     params(("slot" = String, Path, description = "auth, validate or postprocess")),
-    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    request_body(description = "The component's bytes, as `application/wasm` or \
+        `application/octet-stream`", content(
+        (inline(super::api::BinaryBody) = "application/wasm"),
+        (inline(super::api::BinaryBody) = "application/octet-stream"))),
     responses((status = 200, description = "Installed", body = PluginView),
         (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 404, description = "No such slot", body = ErrorBody),
