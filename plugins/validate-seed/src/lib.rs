@@ -12,6 +12,7 @@
 //!   server's `--queue-limit` (at least 1), so one caller never takes the whole queue.
 //! - `max_jobs` (`max_jobs.<tier>`): the caller's jobs waiting and running; default none.
 //! - `max_streams` (`max_streams.<tier>`): the caller's open live progress streams; default 16.
+//!
 //! Beyond a limit: refused for now (429 with `Retry-After`: the host's estimate for jobs,
 //! `stream_retry_seconds`, default 10, for streams).
 
