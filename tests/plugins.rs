@@ -627,16 +627,23 @@ fn the_default_admission_bounds_each_caller_by_tier() {
     let admits = |host: &PluginHost, caller: &Principal, usage: Usage, action| {
         host.admit(caller, usage, action).expect("the plugin runs")
     };
+    let assert_admission =
+        |host: &PluginHost, caller: &Principal, usage: Usage, action, admitted: bool| {
+            let answer = admits(host, caller, usage, action);
+            assert_eq!(
+                answer.is_ok(),
+                admitted,
+                "{action:?} at {usage:?}: {answer:?}"
+            );
+        };
     let standard = caller_of_tier("standard");
     let defaults = validate_host(&[]).unwrap();
-    assert!(
-        admits(
-            &defaults,
-            &standard,
-            usage(24, 2, 0, 100),
-            AdmissionAction::Submit
-        )
-        .is_ok()
+    assert_admission(
+        &defaults,
+        &standard,
+        usage(24, 2, 0, 100),
+        AdmissionAction::Submit,
+        true,
     );
     let busy = admits(
         &defaults,
@@ -648,32 +655,26 @@ fn the_default_admission_bounds_each_caller_by_tier() {
     assert!(busy.reason.contains("at most 25"), "{}", busy.reason);
     assert_eq!(busy.retry_after_seconds, None, "the host estimates it");
     // A tiny queue still lets everyone have one.
-    assert!(
-        admits(
-            &defaults,
-            &standard,
-            usage(0, 0, 0, 2),
-            AdmissionAction::Submit
-        )
-        .is_ok()
+    assert_admission(
+        &defaults,
+        &standard,
+        usage(0, 0, 0, 2),
+        AdmissionAction::Submit,
+        true,
     );
-    assert!(
-        admits(
-            &defaults,
-            &standard,
-            usage(1, 0, 0, 2),
-            AdmissionAction::Submit
-        )
-        .is_err()
+    assert_admission(
+        &defaults,
+        &standard,
+        usage(1, 0, 0, 2),
+        AdmissionAction::Submit,
+        false,
     );
-    assert!(
-        admits(
-            &defaults,
-            &standard,
-            usage(0, 0, 15, 100),
-            AdmissionAction::OpenStream
-        )
-        .is_ok()
+    assert_admission(
+        &defaults,
+        &standard,
+        usage(0, 0, 15, 100),
+        AdmissionAction::OpenStream,
+        true,
     );
     let busy = admits(
         &defaults,
@@ -694,23 +695,19 @@ fn the_default_admission_bounds_each_caller_by_tier() {
     ])
     .unwrap();
     let premium = caller_of_tier("premium");
-    assert!(
-        admits(
-            &tiered,
-            &standard,
-            usage(2, 0, 0, 100),
-            AdmissionAction::Submit
-        )
-        .is_err()
+    assert_admission(
+        &tiered,
+        &standard,
+        usage(2, 0, 0, 100),
+        AdmissionAction::Submit,
+        false,
     );
-    assert!(
-        admits(
-            &tiered,
-            &premium,
-            usage(9, 1, 0, 100),
-            AdmissionAction::Submit
-        )
-        .is_ok()
+    assert_admission(
+        &tiered,
+        &premium,
+        usage(9, 1, 0, 100),
+        AdmissionAction::Submit,
+        true,
     );
     let busy = admits(
         &tiered,
@@ -720,23 +717,19 @@ fn the_default_admission_bounds_each_caller_by_tier() {
     )
     .expect_err("waiting and running count against max_jobs");
     assert!(busy.reason.contains("at most 11"), "{}", busy.reason);
-    assert!(
-        admits(
-            &tiered,
-            &standard,
-            usage(0, 0, 1, 100),
-            AdmissionAction::OpenStream
-        )
-        .is_err()
+    assert_admission(
+        &tiered,
+        &standard,
+        usage(0, 0, 1, 100),
+        AdmissionAction::OpenStream,
+        false,
     );
-    assert!(
-        admits(
-            &tiered,
-            &premium,
-            usage(0, 0, 3, 100),
-            AdmissionAction::OpenStream
-        )
-        .is_ok()
+    assert_admission(
+        &tiered,
+        &premium,
+        usage(0, 0, 3, 100),
+        AdmissionAction::OpenStream,
+        true,
     );
     let busy = admits(
         &tiered,
@@ -765,14 +758,12 @@ fn the_default_admission_bounds_each_caller_by_tier() {
 
     // The plain validate world has no admission: the host admits everything for it.
     let plain = host_with(Slot::Validate, "test-permissive");
-    assert!(
-        admits(
-            &plain,
-            &standard,
-            usage(1000, 0, 1000, 1),
-            AdmissionAction::Submit
-        )
-        .is_ok()
+    assert_admission(
+        &plain,
+        &standard,
+        usage(1000, 0, 1000, 1),
+        AdmissionAction::Submit,
+        true,
     );
 }
 
