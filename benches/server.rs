@@ -24,9 +24,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wanserve::backend::{Device, OrtBackend};
+use wanserve::engine::render;
 use wanserve::model::{ModelDir, bundled_model_dir};
 use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline};
-use wanserve::video::{EncoderSettings, Mp4Writer};
+use wanserve::video::H264;
 
 const KEY: &str = "bench-key-0123456789";
 const CONCURRENCY: usize = 8;
@@ -277,25 +278,17 @@ fn server_benches(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("pipeline_in_process", |b| {
         b.iter(|| {
-            let settings = EncoderSettings {
-                fps: pipeline.manifest().fps,
-                ..EncoderSettings::default()
-            };
             let path = out.path().join("direct.mp4");
-            let mut writer = Mp4Writer::create(&path, 832, 480, &settings).expect("writer");
-            pipeline
-                .generate(
-                    &request,
-                    &CancelToken::default(),
-                    &mut |_| {},
-                    &mut |chunk| {
-                        writer
-                            .write_rgb(chunk.rgb, chunk.count)
-                            .map_err(|e| e.to_string())
-                    },
-                )
-                .expect("generate");
-            writer.finish().expect("finish")
+            render(
+                &pipeline,
+                &H264::default(),
+                &request,
+                &path,
+                &CancelToken::default(),
+                &mut |_| {},
+            )
+            .expect("render")
+            .path
         })
     });
     group.bench_function("through_server", |b| {

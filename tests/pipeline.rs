@@ -192,10 +192,10 @@ fn a_sink_error_stops_the_job_with_that_error() {
         &request(3, 2),
         &CancelToken::default(),
         &mut |_| {},
-        &mut |_| Err("disk full".to_string()),
+        &mut |_| Err("disk full".into()),
     );
     match result {
-        Err(PipelineError::Sink(message)) => assert_eq!(message, "disk full"),
+        Err(PipelineError::Sink(error)) => assert_eq!(error.to_string(), "disk full"),
         other => panic!("expected the sink's error, got {:?}", other.err()),
     }
 }

@@ -2,7 +2,12 @@
 
 pub mod backend;
 pub mod client;
+pub mod engine;
+pub mod error_chain;
 pub mod home;
+pub mod ids;
+#[cfg(test)]
+mod import_graph;
 pub mod jobs;
 pub mod model;
 pub mod peak_memory;
@@ -11,5 +16,7 @@ pub mod plugins;
 mod private_file;
 pub mod server;
 pub mod storage;
+pub mod sync;
 pub mod tensor;
 pub mod video;
+pub mod wire;

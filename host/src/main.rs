@@ -8,15 +8,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use wanserve::backend::{CudaMemory, Device, LoadOptions, OrtBackend};
 use wanserve::client;
-use wanserve::model::{ModelDir, Verify, bundled_model_dir};
-use wanserve::pipeline::{CancelToken, GenerateRequest, Pipeline, Progress, Stage};
+use wanserve::engine::{ModelArgs, ModelTable, load_pipeline, render};
+use wanserve::model::ModelDir;
+use wanserve::pipeline::step_cache::CacheMode;
+use wanserve::pipeline::{CancelToken, GenerateRequest, Progress, Stage};
 use wanserve::plugins::api_keys::hash_key;
 use wanserve::plugins::config::{ConfigSource, start_plugins};
 use wanserve::plugins::{PluginHost, PluginLimits, Slot, WIT_VERSION};
 use wanserve::server::config::{ServeArgs, ServeConfig};
-use wanserve::video::{EncoderSettings, Mp4Writer};
+use wanserve::video::H264;
+
+/// What a command ends with: its error is printed as `error: …`.
+type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
 #[command(
@@ -53,9 +57,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CalibrateArgs {
-    /// A wanserve model directory (from models/export.py); default: the bundled tiny model.
-    #[arg(long, env = "WANSERVE_MODEL_DIR")]
-    model_dir: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(
         long,
         default_value = "A beautiful sunset over the mountains, golden light on the snow"
@@ -76,18 +79,13 @@ struct CalibrateArgs {
     /// Store the ratios in <model-dir>/wanserve-model.json (`step_cache`).
     #[arg(long)]
     write: bool,
-    #[arg(long, value_enum, default_value = "cpu", env = "WANSERVE_DEVICE")]
-    device: Device,
-    /// Intra-op threads per ONNX session (0: one per core).
-    #[arg(long, default_value_t = 0, env = "WANSERVE_THREADS")]
-    threads: usize,
 }
 
-fn calibrate_cache(args: CalibrateArgs) -> Result<(), String> {
-    let model_dir = args.model_dir.unwrap_or_else(bundled_model_dir);
-    let model = ModelDir::open(&model_dir).map_err(|e| e.to_string())?;
-    let backend = OrtBackend::load(&model, args.device, args.threads).map_err(|e| e.to_string())?;
-    let pipeline = Pipeline::new(backend, &model).map_err(|e| e.to_string())?;
+fn calibrate_cache(args: CalibrateArgs) -> CliResult {
+    let settings = args.model.resolve(ModelTable::default())?;
+    let model_dir = settings.model_dir();
+    let model = ModelDir::open_with(&model_dir, settings.verify_model)?;
+    let pipeline = load_pipeline(&model, &settings)?;
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: String::new(),
@@ -97,16 +95,14 @@ fn calibrate_cache(args: CalibrateArgs) -> Result<(), String> {
         infer_steps: args.infer_steps,
         guidance_scale: args.guidance_scale,
         seed: args.seed,
-        cache: wanserve::pipeline::step_cache::CacheMode::Off,
+        cache: CacheMode::Off,
     };
     let bar = ProgressBar::new(args.infer_steps as u64);
-    let ratios = pipeline
-        .calibrate_step_cache(&request, &mut |p| {
-            if p.stage == Stage::Denoising {
-                bar.set_position(p.step as u64);
-            }
-        })
-        .map_err(|e| e.to_string());
+    let ratios = pipeline.calibrate_step_cache(&request, &mut |p| {
+        if p.stage == Stage::Denoising {
+            bar.set_position(p.step as u64);
+        }
+    });
     bar.finish_and_clear();
     let ratios = ratios?;
     let (w, h) = args.image_size;
@@ -135,7 +131,7 @@ fn calibrate_cache(args: CalibrateArgs) -> Result<(), String> {
         object.insert("step_cache".into(), spec);
         // Written beside and renamed over, so a failure leaves the old manifest whole.
         let temp = path.with_extension("json.partial");
-        let body = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())? + "\n";
+        let body = serde_json::to_string_pretty(&manifest)? + "\n";
         std::fs::write(&temp, body).map_err(|e| format!("cannot write {}: {e}", temp.display()))?;
         std::fs::rename(&temp, &path)
             .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
@@ -144,14 +140,14 @@ fn calibrate_cache(args: CalibrateArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
-    let config = ServeConfig::resolve(args).map_err(|e| e.to_string())?;
+fn serve(args: ServeArgs) -> CliResult {
+    let config = ServeConfig::resolve(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("wanserve-http")
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(wanserve::server::serve(config))
+    Ok(runtime.block_on(wanserve::server::serve(config))?)
 }
 
 #[derive(Subcommand)]
@@ -188,12 +184,12 @@ fn parse_config_entry(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-fn plugin(command: PluginCommand) -> Result<(), String> {
+fn plugin(command: PluginCommand) -> CliResult {
     match command {
         PluginCommand::Check { slot, file, config } => {
             let bytes =
                 std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let host = PluginHost::new(PluginLimits::default()).map_err(|e| e.to_string())?;
+            let host = PluginHost::new(PluginLimits::default())?;
             let info = host
                 .check(slot, &bytes, config.into_iter().collect())
                 .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -210,7 +206,7 @@ fn plugin(command: PluginCommand) -> Result<(), String> {
         PluginCommand::Load { config, data_dir } => {
             let source =
                 ConfigSource::new(config.as_deref(), &data_dir, |var| std::env::var(var).ok());
-            let started = start_plugins(&source).map_err(|e| e.to_string())?;
+            let started = start_plugins(&source)?;
             for info in &started.installed {
                 println!(
                     "{:<12} {}  {}",
@@ -269,28 +265,8 @@ struct GenerateArgs {
     /// Where to write the mp4.
     #[arg(long)]
     output: PathBuf,
-    /// A wanserve model directory (from models/export.py); default: the bundled tiny model.
-    #[arg(long, env = "WANSERVE_MODEL_DIR")]
-    model_dir: Option<PathBuf>,
-    /// Hash every model file, even those unchanged since they last verified on this machine.
-    #[arg(long, env = "WANSERVE_VERIFY_MODEL")]
-    verify_model: bool,
-    #[arg(long, value_enum, default_value = "cpu", env = "WANSERVE_DEVICE")]
-    device: Device,
-    /// Where the text encoder runs, if not on --device: `cpu` keeps its weights off the GPU.
-    #[arg(long, value_enum, env = "WANSERVE_TEXT_ENCODER_DEVICE")]
-    text_encoder_device: Option<Device>,
-    /// Classifier-free guidance as one batch-2 DiT call per step instead of two (same result;
-    /// ~20 % slower on the CPU with the tiny model, meant for measuring on a GPU).
-    #[arg(long, env = "WANSERVE_BATCH_CFG")]
-    batch_cfg: bool,
-    /// Intra-op threads per ONNX session (0: one per core).
-    #[arg(long, default_value_t = 0, env = "WANSERVE_THREADS")]
-    threads: usize,
-    /// On CUDA, `lean` bounds cuDNN's workspace and the arenas' growth; `exhaustive` is ONNX
-    /// Runtime's defaults (more GPU memory, slower first steps).
-    #[arg(long, value_enum, default_value = "lean", env = "WANSERVE_CUDA_MEMORY")]
-    cuda_memory: CudaMemory,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Also write the final latents (before VAE decoding) as a float32 .npy file.
     #[arg(long)]
     dump_latents: Option<PathBuf>,
@@ -317,7 +293,7 @@ fn random_seed() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now()) % (1 << 31)
 }
 
-fn generate(args: GenerateArgs) -> Result<(), String> {
+fn generate(args: GenerateArgs) -> CliResult {
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerateRequest {
         prompt: args.prompt,
@@ -330,56 +306,26 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         seed,
         cache: args.cache,
     };
-    let model_dir = args.model_dir.unwrap_or_else(bundled_model_dir);
-    let verify = if args.verify_model {
-        Verify::Full
-    } else {
-        Verify::Changed
-    };
-    let model = ModelDir::open_with(&model_dir, verify).map_err(|e| e.to_string())?;
-    let backend = OrtBackend::load_with(
-        &model,
-        LoadOptions {
-            device: args.device,
-            text_encoder_device: args.text_encoder_device,
-            threads: args.threads,
-            cuda_memory: args.cuda_memory,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let pipeline = Pipeline::new(backend, &model)
-        .map_err(|e| e.to_string())?
-        .with_batched_guidance(args.batch_cfg);
-    pipeline.plan(&request).map_err(|e| e.to_string())?;
+    let settings = args.model.resolve(ModelTable::default())?;
+    let model = ModelDir::open_with(&settings.model_dir(), settings.verify_model)?;
+    let pipeline = load_pipeline(&model, &settings)?;
+    pipeline.plan(&request)?;
     if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.is_dir()
     {
-        return Err(format!(
-            "output directory {} does not exist",
-            parent.display()
-        ));
+        return Err(format!("output directory {} does not exist", parent.display()).into());
     }
-    let settings = EncoderSettings {
-        fps: pipeline.manifest().fps,
-        ..EncoderSettings::default()
-    };
-    let mut writer = Mp4Writer::create(&args.output, request.width, request.height, &settings)
-        .map_err(|e| e.to_string())?;
 
     let bar = ProgressBar::new(request.infer_steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+            "{msg:>13} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
     let mut on_progress = |p: Progress| {
-        let label = match p.stage {
-            Stage::EncodingText => "text",
-            Stage::Denoising => "denoise",
-            Stage::Decoding => "decode",
-        };
+        let label = p.stage.as_str();
         if bar.message() != label {
             bar.set_message(label);
             bar.set_length(p.total as u64);
@@ -387,30 +333,24 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         }
         bar.set_position(p.step as u64);
     };
-    let mut on_frames = |chunk: wanserve::pipeline::FrameChunk<'_>| {
-        writer
-            .write_rgb(chunk.rgb, chunk.count)
-            .map_err(|e| e.to_string())
-    };
-    let generated = pipeline
-        .generate(
-            &request,
-            &CancelToken::default(),
-            &mut on_progress,
-            &mut on_frames,
-        )
-        .map_err(|e| e.to_string());
+    let rendered = render(
+        &pipeline,
+        &H264::default(),
+        &request,
+        &args.output,
+        &CancelToken::default(),
+        &mut on_progress,
+    );
     bar.finish_and_clear();
-    let generated = generated?;
+    let rendered = rendered?;
     if let Some(path) = &args.dump_latents {
-        ndarray_npy::write_npy(path, &generated.latents)
+        ndarray_npy::write_npy(path, &rendered.latents)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    let path = writer.finish().map_err(|e| e.to_string())?;
     eprintln!(
         "wrote {} ({} frames, {}x{}, seed {seed})",
-        path.display(),
-        generated.frames,
+        rendered.path.display(),
+        rendered.frames,
         request.width,
         request.height
     );
@@ -437,9 +377,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(*args),
         Command::Plugin(command) => plugin(command),
-        Command::Submit(args) => client::cli::submit(*args),
-        Command::Status(args) => client::cli::status(args),
-        Command::Cancel(args) => client::cli::cancel(args),
+        Command::Submit(args) => client::cli::submit(*args).map_err(Into::into),
+        Command::Status(args) => client::cli::status(args).map_err(Into::into),
+        Command::Cancel(args) => client::cli::cancel(args).map_err(Into::into),
         Command::CalibrateCache(args) => calibrate_cache(args),
     };
     match result {

@@ -10,6 +10,9 @@ pub enum ArithmeticError {
     ShapeMismatch(usize, usize),
     #[error("tensor arithmetic failed: {0}")]
     Failed(String),
+    /// The runtime could not allocate the result (device or host memory).
+    #[error("tensor arithmetic ran out of memory: {0}")]
+    OutOfMemory(String),
 }
 
 /// Weighted sums of same-shaped tensors.

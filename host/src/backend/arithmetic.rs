@@ -7,8 +7,10 @@
 //! `sum = Σ weights[i] · t_i`, dynamic shape, float32. Outputs are bound to the device.
 
 use crate::backend::BackendError;
-use crate::backend::ort_backend::{CudaMemory, Device, SessionConfig, session_builder};
 use crate::backend::runtime;
+use crate::backend::session::{
+    CudaMemory, Device, SessionConfig, is_out_of_memory, session_builder,
+};
 use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ort::editor::{Graph, Model, Node, ONNX_DOMAIN, Opset};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
@@ -74,9 +76,18 @@ fn arithmetic_error(e: impl std::fmt::Display) -> ArithmeticError {
 }
 
 fn device_error(what: &'static str) -> impl Fn(ort::Error) -> BackendError {
-    move |e| BackendError::Device {
-        what,
-        reason: e.to_string(),
+    move |e| {
+        if is_out_of_memory(&e) {
+            BackendError::OutOfMemory {
+                graph: what,
+                reason: e.to_string(),
+            }
+        } else {
+            BackendError::Device {
+                what,
+                reason: e.to_string(),
+            }
+        }
     }
 }
 
@@ -413,7 +424,13 @@ impl TensorArithmetic for OrtTensors {
         inputs.push(("weights", &weights));
         run_on_device(session, self.config.device, &inputs, "sum", None)
             .map(DeviceTensor)
-            .map_err(arithmetic_error)
+            .map_err(|e| {
+                if is_out_of_memory(&e) {
+                    ArithmeticError::OutOfMemory(e.to_string())
+                } else {
+                    arithmetic_error(e)
+                }
+            })
     }
 }
 

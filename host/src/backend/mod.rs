@@ -5,10 +5,14 @@
 //! `ort_backend.rs` runs the exported graphs.
 
 pub mod arithmetic;
+#[cfg(test)]
+pub(crate) mod fake;
 mod ort_backend;
 pub mod runtime;
+pub mod session;
 
-pub use ort_backend::{CudaMemory, Device, LoadOptions, OrtBackend, OrtRunControl, OrtVaeCache};
+pub use ort_backend::{LoadOptions, OrtBackend, OrtRunControl, OrtVaeCache};
+pub use session::{CudaMemory, Device};
 
 use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ndarray::{Array3, Array5, ArrayView5};
@@ -21,6 +25,10 @@ pub enum BackendError {
     Load { graph: String, reason: String },
     #[error("{graph} failed: {reason}")]
     Run { graph: &'static str, reason: String },
+    /// The runtime could not allocate what the run needs (read from its error once, in
+    /// `session::is_out_of_memory`).
+    #[error("{graph} ran out of memory: {reason}")]
+    OutOfMemory { graph: &'static str, reason: String },
     #[error("{graph} returned an unexpected output: {reason}")]
     Output { graph: &'static str, reason: String },
     /// Moving or converting a tensor between host and device, or between dtypes.

@@ -5,52 +5,16 @@
 //! their weights exist once.
 
 use super::arithmetic::{DeviceTensor, OrtTensors, host_memory, output_memory, run_bound};
+use super::session::{CudaMemory, Device, SessionConfig, is_out_of_memory, session_builder};
 use super::{Backend, BackendError, RunControl, runtime};
 use crate::model::ModelDir;
 use half::bf16;
 use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};
 use ort::memory::MemoryInfo;
-use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
-
-/// How the CUDA provider trades GPU memory for kernel search (no effect on the CPU).
-///
-/// Measured on an H100 (real-size bf16 export, 832x480 / 81 frames, 2 steps): `lean` peaked at
-/// 35.0 GiB against 46.0 GiB, its first steps took 3.6 s against 5.3 s and its VAE decode 8.0 s
-/// against 9.0 s. Its steady step time over a long job is not measured yet.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum CudaMemory {
-    /// cuDNN's heuristic choice of convolution algorithm with a bounded workspace, and arenas
-    /// that grow by what is requested.
-    #[default]
-    Lean,
-    /// ONNX Runtime's defaults: cuDNN benchmarks every convolution algorithm with as much
-    /// workspace as it likes, and each session's arena grows in powers of two.
-    Exhaustive,
-}
-
-impl CudaMemory {
-    /// The CUDA execution provider configured for this mode.
-    fn provider(self) -> ort::ep::CUDA {
-        let cuda = ort::ep::CUDA::default();
-        match self {
-            CudaMemory::Exhaustive => cuda,
-            CudaMemory::Lean => cuda
-                .with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic)
-                .with_conv_max_workspace(false)
-                .with_arena_extend_strategy(ort::ep::ArenaExtendStrategy::SameAsRequested),
-        }
-    }
-}
 
 struct Graph {
     name: &'static str,
@@ -143,46 +107,19 @@ pub struct OrtBackend {
     arithmetic: OrtTensors,
 }
 
-/// How a session is built: where it runs, its intra-op threads (0 lets ORT choose) and, on
-/// CUDA, its memory mode.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SessionConfig {
-    pub device: Device,
-    pub threads: usize,
-    pub cuda_memory: CudaMemory,
-}
-
-/// Session options for `config`.
-///
-/// CPU fallback stays allowed on CUDA: the CUDA EP itself hands shape arithmetic (small int64
-/// `Shape`/`Gather`/`Concat` chains feeding `Reshape`) to the CPU EP, and ORT's
-/// `session.disable_cpu_ep_fallback` refuses any session with a node on the CPU EP, so every
-/// graph with dynamic shapes would fail to load. That no compute node lands on the CPU is checked
-/// offline instead (`models/check_ops.py` against the CUDA kernel list) and on a GPU by
-/// `scripts/gpu-check`, which keeps ORT's placement warnings from the log.
-pub(crate) fn session_builder(
-    env: &ort::environment::Environment,
-    config: SessionConfig,
-) -> ort::Result<SessionBuilder> {
-    let SessionConfig {
-        device,
-        threads,
-        cuda_memory,
-    } = config;
-    let mut builder = Session::builder(env)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
-        .map_err(ort::Error::<()>::from)?;
-    if threads > 0 {
-        builder = builder
-            .with_intra_threads(threads)
-            .map_err(ort::Error::<()>::from)?;
+/// A failed run of `graph`: out of memory when the runtime says so, else the runtime's message.
+fn run_error(graph: &'static str, e: ort::Error) -> BackendError {
+    if is_out_of_memory(&e) {
+        BackendError::OutOfMemory {
+            graph,
+            reason: e.to_string(),
+        }
+    } else {
+        BackendError::Run {
+            graph,
+            reason: e.to_string(),
+        }
     }
-    if device == Device::Cuda {
-        builder = builder
-            .with_execution_providers([cuda_memory.provider().build().error_on_failure()])
-            .map_err(ort::Error::<()>::from)?;
-    }
-    Ok(builder)
 }
 
 fn load(
@@ -326,10 +263,7 @@ fn float_input(graph: &Graph, shape: &[usize], data: Vec<f32>) -> Result<DynTens
     } else {
         Tensor::from_array((shape, data)).map(|t| t.upcast())
     };
-    value.map_err(|e| BackendError::Run {
-        graph: graph.name,
-        reason: e.to_string(),
-    })
+    value.map_err(|e| run_error(graph.name, e))
 }
 
 /// A float output on the host as f32, whatever float type the graph gives: decided by the value,
@@ -372,10 +306,7 @@ fn run(
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let outputs = session
         .run_with_options(inputs, control.for_device(graph.device))
-        .map_err(|e| BackendError::Run {
-            graph: graph.name,
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| run_error(graph.name, e))?;
     Ok(outputs.into_iter().map(|(_, v)| v).collect())
 }
 
@@ -418,10 +349,7 @@ impl OrtBackend {
         outputs: usize,
         control: &OrtRunControl,
     ) -> Result<Vec<DeviceTensor>, BackendError> {
-        let failed = |e: ort::Error| BackendError::Run {
-            graph: graph.name,
-            reason: e.to_string(),
-        };
+        let failed = |e: ort::Error| run_error(graph.name, e);
         // Any batch: one timestep per latent, one context (or residual) each.
         let batch = latents.value().shape().first().copied().unwrap_or(1).max(1);
         let timestep = Tensor::from_array((vec![batch], vec![timestep; batch as usize]))
@@ -492,10 +420,7 @@ impl OrtBackend {
         cache: Option<OrtVaeCache>,
         control: &OrtRunControl,
     ) -> Result<(Array5<f32>, OrtVaeCache), BackendError> {
-        let failed = |e: ort::Error| BackendError::Run {
-            graph: graph.name,
-            reason: e.to_string(),
-        };
+        let failed = |e: ort::Error| run_error(graph.name, e);
         let latent = owned_input(graph, latent)?;
         let names: Vec<String> = (0..cache.as_ref().map_or(0, |c| c.0.len()))
             .map(|i| format!("cache_{i}"))
@@ -555,10 +480,7 @@ impl Backend for OrtBackend {
     type Residual = DeviceTensor;
 
     fn run_control(&self) -> Result<OrtRunControl, BackendError> {
-        OrtRunControl::new().map_err(|e| BackendError::Run {
-            graph: "run options",
-            reason: e.to_string(),
-        })
+        OrtRunControl::new().map_err(|e| run_error("run options", e))
     }
 
     fn encode_text(
@@ -573,10 +495,7 @@ impl Backend for OrtBackend {
         let tensor = |data: &[i64]| {
             Tensor::from_array((vec![batch as i64, len as i64], data.to_vec()))
                 .map(|t| t.into_dyn())
-                .map_err(|e| BackendError::Run {
-                    graph: graph.name,
-                    reason: e.to_string(),
-                })
+                .map_err(|e| run_error(graph.name, e))
         };
         let outputs = run(
             graph,
@@ -761,33 +680,6 @@ impl Backend for OrtBackend {
 mod tests {
     use super::*;
     use ort::memory::AllocationDevice;
-
-    /// The lean mode's options reach the CUDA provider (read from its option list: no GPU
-    /// needed), and the exhaustive mode leaves ORT's defaults alone.
-    #[test]
-    fn the_lean_cuda_mode_sets_heuristic_convolutions_and_exact_arena_growth() {
-        let lean = format!("{:?}", CudaMemory::Lean.provider());
-        for (key, value) in [
-            ("cudnn_conv_algo_search", "HEURISTIC"),
-            ("cudnn_conv_use_max_workspace", "false"),
-            ("arena_extend_strategy", "SameAsRequested"),
-        ] {
-            let at = lean
-                .find(key)
-                .unwrap_or_else(|| panic!("{key} not set: {lean}"));
-            let rest = &lean[at + key.len()..];
-            let option_value = rest.split(',').next().unwrap_or_default();
-            assert!(
-                option_value.contains(value),
-                "{key}: {option_value} in {lean}"
-            );
-        }
-        let defaults = format!("{:?}", CudaMemory::Exhaustive.provider());
-        assert!(
-            !defaults.contains("cudnn") && !defaults.contains("arena"),
-            "{defaults}"
-        );
-    }
 
     /// The VAE's causal cache stays on the GPU between chunks; only the video comes to the host.
     /// Checkable without a GPU (a memory info is a description), and the bundled model's chunk

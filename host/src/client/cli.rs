@@ -3,7 +3,7 @@
 //! and messages to standard error.
 
 use super::{Client, ClientError};
-use crate::server::api::{StatusName, StatusResponse};
+use crate::wire::{StatusName, StatusResponse};
 use indicatif::{ProgressBar, ProgressStyle};
 use secrecy::SecretString;
 use std::path::PathBuf;

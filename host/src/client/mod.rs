@@ -6,8 +6,8 @@
 
 pub mod cli;
 
-use crate::server::api::{StatusResponse, SubmitResponse};
-use crate::server::error::FieldProblem;
+use crate::error_chain::error_chain;
+use crate::wire::{FieldProblem, StatusResponse, SubmitResponse};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
@@ -56,7 +56,7 @@ fn fields_suffix(fields: &[FieldProblem]) -> String {
         .collect()
 }
 
-/// The server's error body (`server::error::ErrorBody`, read back).
+/// The server's error body (`wire::ErrorBody`, read back).
 #[derive(Deserialize)]
 struct ErrorWire {
     error: ErrorWireDetail,
@@ -286,18 +286,6 @@ async fn send(
         url: url.to_string(),
         reason: error_chain(&e),
     })
-}
-
-/// reqwest's own message is "error sending request"; the cause (refused, DNS, TLS) is below.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// The response when it is a success, else the server's error as `Refused`.

@@ -1,5 +1,5 @@
 //! Jobs: what a request becomes once accepted, where jobs are kept ([`JobStore`]), and who runs
-//! them ([`scheduler::Scheduler`]).
+//! them ([`workers::Workers`]).
 //!
 //! A job moves `queued → running → succeeded | failed | cancelled`; `running → queued` when the
 //! server stops (or died) while it ran, keeping its place in the queue. Every transition out of
@@ -9,13 +9,12 @@
 pub mod eta;
 pub mod postgres;
 pub mod retention;
-pub mod scheduler;
 pub mod sqlite;
+pub mod workers;
 
 use crate::plugins::{GenerationRequest, Principal};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -500,35 +499,4 @@ pub trait JobStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The delivery of job `job_id`'s final state, once it has one.
     async fn webhook_delivery(&self, job_id: &str) -> Result<Option<WebhookDelivery>, StoreError>;
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// A fresh request id: 32 characters from `[a-z0-9]` (~165 bits from the OS's CSPRNG).
-pub fn new_request_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut id = String::with_capacity(32);
-    while id.len() < 32 {
-        let mut bytes = [0u8; 64];
-        // getrandom only fails when the OS has no entropy source at all; a fixed fallback would
-        // make ids guessable, so that is a hard stop.
-        getrandom::fill(&mut bytes).expect("the OS random number generator is available");
-        for b in bytes {
-            // 252 = 7 × 36: rejection keeps every character equally likely.
-            if b < 252 && id.len() < 32 {
-                id.push(ALPHABET[(b % 36) as usize] as char);
-            }
-        }
-    }
-    id
-}
-
-/// Whether `id` has the shape of a request id (checked before any lookup).
-pub fn is_request_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }

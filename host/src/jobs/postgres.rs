@@ -20,8 +20,9 @@
 use super::{
     CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, JOB_COLUMNS, Job, JobRow, JobState,
     JobStore, NewJob, StoreError, StoredProgress, Submitted, WEBHOOK_COLUMNS, WebhookAttempt,
-    WebhookDelivery, now_ms,
+    WebhookDelivery,
 };
+use crate::ids::now_ms;
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{FromRow, PgPool, Row};
 use std::collections::HashMap;

@@ -1,7 +1,8 @@
 //! The retention sweeper: videos whose time is up are deleted only when the post-process
 //! plugin's `retain` says so (any failure keeps them), and the job records the deletion.
 
-use super::{JobStore, now_ms};
+use super::JobStore;
+use crate::ids::now_ms;
 use crate::plugins::{PluginHost, RetentionDecision, StoredVideo};
 use crate::storage::VideoStore;
 use std::sync::Arc;

@@ -5,8 +5,9 @@
 use super::{
     CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, JOB_COLUMNS, Job, JobRow, JobState,
     JobStore, NewJob, StoreError, StoredProgress, Submitted, WEBHOOK_COLUMNS, WebhookAttempt,
-    WebhookDelivery, now_ms,
+    WebhookDelivery,
 };
+use crate::ids::now_ms;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, Row, SqlitePool, sqlite::SqliteRow};
 use std::collections::HashMap;

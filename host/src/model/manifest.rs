@@ -11,7 +11,7 @@ pub struct Manifest {
     pub tokenizer: TokenizerSpec,
     pub transformer: TransformerSpec,
     pub vae: VaeSpec,
-    pub scheduler: SchedulerConfig,
+    pub scheduler: UniPcConfig,
     /// MagCache's magnitude ratios for this checkpoint; absent in exports made before step
     /// caching (they run every step in full and refuse `cache` other than `off`).
     #[serde(default)]
@@ -84,7 +84,7 @@ pub struct CacheSlot {
 /// diffusers' `UniPCMultistepScheduler` config (the fields wanserve's port honours; the rest are
 /// checked to hold their only supported value in [`Manifest::validate`]).
 #[derive(Debug, Clone, Deserialize)]
-pub struct SchedulerConfig {
+pub struct UniPcConfig {
     #[serde(rename = "_class_name", default)]
     pub class_name: String,
     #[serde(default = "default_train_timesteps")]
@@ -145,7 +145,7 @@ fn default_final_sigmas_type() -> String {
     "zero".into()
 }
 
-impl SchedulerConfig {
+impl UniPcConfig {
     /// Everything outside the flow-matching UniPC path that Wan uses is refused rather than
     /// silently run differently from diffusers.
     pub fn validate(&self) -> Result<(), String> {

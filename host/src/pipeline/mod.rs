@@ -7,8 +7,8 @@
 
 pub mod noise;
 pub mod prompt;
-pub mod scheduler;
 pub mod step_cache;
+pub mod unipc;
 
 use crate::backend::{Backend, BackendError, RunControl};
 use crate::model::{Manifest, ModelDir};
@@ -39,6 +39,17 @@ pub enum Stage {
     EncodingText,
     Denoising,
     Decoding,
+}
+
+impl Stage {
+    /// The stage's name in the API, the job store and the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::EncodingText => "encoding_text",
+            Stage::Denoising => "denoising",
+            Stage::Decoding => "decoding",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,14 +126,38 @@ pub enum PipelineError {
     #[error(transparent)]
     Prompt(#[from] PromptError),
     #[error(transparent)]
-    Scheduler(#[from] scheduler::SchedulerError),
+    UniPc(#[from] unipc::UniPcError),
     #[error(transparent)]
     Arithmetic(#[from] crate::tensor::ArithmeticError),
     #[error(transparent)]
     Noise(#[from] noise::NoiseError),
-    #[error("{0}")]
-    Sink(String),
+    /// The frame sink (the video encoder) refused frames.
+    #[error("the frame sink failed: {0}")]
+    Sink(SinkError),
+    /// A tensor could not take the shape the plan gave it (a bug, not the request's fault).
+    #[error("tensor shape: {0}")]
+    Shape(#[from] ndarray::ShapeError),
 }
+
+impl PipelineError {
+    /// Whether the run failed for want of memory (the runtime's or the arithmetic's).
+    pub fn is_out_of_memory(&self) -> bool {
+        use crate::tensor::ArithmeticError;
+        matches!(
+            self,
+            PipelineError::Backend(BackendError::OutOfMemory { .. })
+                | PipelineError::Backend(BackendError::Arithmetic(ArithmeticError::OutOfMemory(_)))
+                | PipelineError::Arithmetic(ArithmeticError::OutOfMemory(_))
+                | PipelineError::UniPc(unipc::UniPcError::Arithmetic(
+                    ArithmeticError::OutOfMemory(_)
+                ))
+        )
+    }
+}
+
+/// Why the frame sink refused frames: its own error, whatever it is (the pipeline only passes
+/// it on).
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Shapes derived from a request and the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,8 +345,7 @@ impl<B: Backend> Pipeline<B> {
     pub fn initial_noise(&self, plan: &Plan, seed: u64) -> Result<Array5<f32>, PipelineError> {
         let count = plan.latent_shape.iter().product();
         let values = noise::torch_randn(seed, count)?;
-        Array5::from_shape_vec(plan.latent_shape, values)
-            .map_err(|e| PipelineError::Sink(e.to_string()))
+        Ok(Array5::from_shape_vec(plan.latent_shape, values)?)
     }
 
     /// The cleaned prompt's token ids and mask, as the text encoder receives them.
@@ -346,7 +380,7 @@ impl<B: Backend> Pipeline<B> {
         req: &GenerateRequest,
         cancel: &CancelToken,
         on_progress: &mut dyn FnMut(Progress),
-        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
+        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), SinkError>,
     ) -> Result<Generated, PipelineError> {
         // A cancel interrupts the run in progress; a run it interrupted fails, and that failure
         // is the cancel.
@@ -401,13 +435,12 @@ impl<B: Backend> Pipeline<B> {
         cancel: &CancelToken,
         run: &B::RunControl,
         on_progress: &mut dyn FnMut(Progress),
-        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
+        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), SinkError>,
         mut calibration: Option<&mut Calibration>,
     ) -> Result<Generated, PipelineError> {
         let plan = self.plan(req)?;
         let guided = req.guidance_scale > 1.0;
-        let mut scheduler =
-            scheduler::UniPcScheduler::new(&self.manifest.scheduler, req.infer_steps)?;
+        let mut scheduler = unipc::UniPcScheduler::new(&self.manifest.scheduler, req.infer_steps)?;
         let started = std::time::Instant::now();
         on_progress(Progress {
             stage: Stage::EncodingText,
@@ -538,7 +571,7 @@ impl<B: Backend> Pipeline<B> {
         cancel: &CancelToken,
         run: &B::RunControl,
         on_progress: &mut dyn FnMut(Progress),
-        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), String>,
+        on_frames: &mut dyn FnMut(FrameChunk<'_>) -> Result<(), SinkError>,
     ) -> Result<usize, PipelineError> {
         let vae = &self.manifest.vae;
         // diffusers: latents / (1 / std) + mean, in float32.

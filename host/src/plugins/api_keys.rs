@@ -4,12 +4,20 @@
 //! server would be closed to everyone or, worse, tempt an operator to open it: so a key is
 //! generated, only its hash is stored, and the key itself is returned to be printed once.
 
-use super::config::ConfigError;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The key file, in the data directory: `name=<sha256 hex>` per line.
+/// Why the API keys cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("API keys in {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{var}: {reason}")]
+    Env { var: String, reason: String },
+}
+
 pub const KEY_FILE: &str = "api-keys";
 /// Prefix of generated keys, so a leaked one is recognisable in a secret scanner.
 pub const GENERATED_PREFIX: &str = "wsk_";
@@ -26,9 +34,9 @@ pub fn seed_api_keys(
     env_keys: Option<&str>,
     data_dir: &Path,
     generate: bool,
-) -> Result<Option<String>, ConfigError> {
+) -> Result<Option<String>, KeysError> {
     let path = data_dir.join(KEY_FILE);
-    let keys_error = |reason: String| ConfigError::Keys {
+    let keys_error = |reason: String| KeysError::File {
         path: path.clone(),
         reason,
     };
@@ -49,7 +57,7 @@ pub fn seed_api_keys(
         .filter(|k| !k.is_empty())
         .enumerate()
     {
-        let env_error = |reason: String| ConfigError::Env {
+        let env_error = |reason: String| KeysError::Env {
             var: "WANSERVE_API_KEYS".into(),
             reason: format!("entry {}: {reason}", i + 1),
         };

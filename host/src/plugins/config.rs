@@ -33,8 +33,8 @@ pub enum ConfigError {
         path: PathBuf,
         reason: String,
     },
-    #[error("API keys in {path}: {reason}")]
-    Keys { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Keys(#[from] super::api_keys::KeysError),
     #[error("{0}")]
     Engine(String),
 }

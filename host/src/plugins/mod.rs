@@ -19,6 +19,7 @@ mod reuse;
 mod state;
 pub mod watch;
 
+use crate::sync::lock;
 pub use bindings::auth::exports::wanserve::policy::auth::{Denial, HttpRequest};
 pub use bindings::postprocess::exports::wanserve::policy::postprocess::{
     FinishedJob, OutputPolicy, RetentionDecision, StoredVideo,
@@ -296,10 +297,6 @@ struct SlotState {
     swap_lock: Mutex<()>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 pub struct PluginHost {
     engine: Engine,
     linker: Linker<PluginState>,
@@ -484,7 +481,7 @@ impl PluginHost {
             world: format!("{WIT_PACKAGE}/{}", pre.world()),
             sha256: hex::encode(Sha256::digest(bytes)),
             size: bytes.len(),
-            loaded_at_ms: crate::jobs::now_ms(),
+            loaded_at_ms: crate::ids::now_ms(),
         };
         Ok((pre, info))
     }

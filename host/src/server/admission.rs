@@ -10,6 +10,7 @@
 use super::AppState;
 use super::error::ApiError;
 use crate::plugins::{AdmissionAction, Principal, Slot, Usage};
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -53,10 +54,6 @@ impl Drop for OpenStream {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Admission {
@@ -110,14 +107,14 @@ pub async fn admit<'a>(
             let retry_after = busy
                 .retry_after_seconds
                 .map(u64::from)
-                .unwrap_or_else(|| state.scheduler.retry_after_seconds())
+                .unwrap_or_else(|| state.workers.retry_after_seconds())
                 .clamp(1, 3600);
             Err(ApiError::CallerBusy {
                 reason: busy.reason,
                 retry_after,
             })
         }
-        Err(e) => Err(super::api::plugin_failure(Slot::Validate, &e)),
+        Err(e) => Err(ApiError::plugin_failed(Slot::Validate, &e)),
     }
 }
 

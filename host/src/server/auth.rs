@@ -121,16 +121,32 @@ impl FromRequestParts<Arc<AppState>> for Admin {
 pub const ADMIN_KEY_FILE: &str = "admin-key";
 const ADMIN_PREFIX: &str = "wsa_";
 
+/// Why the admin key cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminKeyError {
+    #[error("the admin key must be at least 16 characters")]
+    TooShort,
+    #[error("{path}: not a SHA-256 in hex")]
+    NotAHash { path: std::path::PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no randomness for a new admin key: {0}")]
+    NoRandomness(getrandom::Error),
+}
+
 /// The SHA-256 of the admin key: the configured one, else the stored hash, else a new key
 /// (stored hashed; returned to be printed once).
 pub fn admin_key_hash(
     configured: Option<&SecretString>,
     data_dir: &Path,
-) -> Result<([u8; 32], Option<String>), String> {
+) -> Result<([u8; 32], Option<String>), AdminKeyError> {
     if let Some(key) = configured {
         let key = key.expose_secret().trim();
         if key.len() < 16 {
-            return Err("the admin key must be at least 16 characters".into());
+            return Err(AdminKeyError::TooShort);
         }
         return Ok((Sha256::digest(key.as_bytes()).into(), None));
     }
@@ -143,22 +159,26 @@ pub fn admin_key_hash(
                 .find(|l| !l.is_empty() && !l.starts_with('#'))
                 .and_then(|l| hex::decode(l).ok())
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .ok_or_else(|| format!("{}: not a SHA-256 in hex", path.display()))?;
+                .ok_or_else(|| AdminKeyError::NotAHash { path: path.clone() })?;
             Ok((hash, None))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut secret = [0u8; 32];
-            getrandom::fill(&mut secret).map_err(|e| format!("no randomness: {e}"))?;
+            getrandom::fill(&mut secret).map_err(AdminKeyError::NoRandomness)?;
             let key = format!("{ADMIN_PREFIX}{}", hex::encode(secret));
             let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
             let text = format!(
                 "# wanserve admin key: its SHA-256, read at start-up.\n{}\n",
                 hex::encode(hash)
             );
-            crate::private_file::write_private_file(&path, text.as_bytes())
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            crate::private_file::write_private_file(&path, text.as_bytes()).map_err(|source| {
+                AdminKeyError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             Ok((hash, Some(key)))
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(source) => Err(AdminKeyError::Io { path, source }),
     }
 }

@@ -2,8 +2,7 @@
 //! file's `[server]` table, over defaults. Secrets are `SecretString`s, so printing or logging
 //! the config shows `[REDACTED]` for them whatever the caller does.
 
-use crate::backend::{CudaMemory, Device};
-use crate::model::{Verify, bundled_model_dir};
+use crate::engine::{ModelArgs, ModelSettings, ModelTable, SettingError, named};
 use crate::pipeline::step_cache::CacheMode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -30,30 +29,8 @@ pub struct ServeArgs {
     /// Where the job database, the local video store, keys and secrets live [default: ./data].
     #[arg(long, env = "WANSERVE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A wanserve model directory [default: the bundled tiny random-weight model].
-    #[arg(long, env = "WANSERVE_MODEL_DIR")]
-    pub model_dir: Option<PathBuf>,
-    /// Hash every model file at start, even those unchanged since they last verified on this
-    /// machine.
-    #[arg(long, env = "WANSERVE_VERIFY_MODEL")]
-    pub verify_model: bool,
-    /// Where the model runs [default: cpu].
-    #[arg(long, env = "WANSERVE_DEVICE", value_enum)]
-    pub device: Option<Device>,
-    /// Where the text encoder runs, if not on --device: `cpu` keeps its weights off the GPU.
-    #[arg(long, env = "WANSERVE_TEXT_ENCODER_DEVICE", value_enum)]
-    pub text_encoder_device: Option<Device>,
-    /// Classifier-free guidance as one batch-2 DiT call per step instead of two (same result;
-    /// ~20 % slower on the CPU with the tiny model, meant for measuring on a GPU).
-    #[arg(long, env = "WANSERVE_BATCH_CFG")]
-    pub batch_cfg: bool,
-    /// Intra-op threads per ONNX session, 0 = one per core [default: 0].
-    #[arg(long, env = "WANSERVE_THREADS")]
-    pub threads: Option<usize>,
-    /// On CUDA, `lean` bounds cuDNN's workspace and the arenas' growth; `exhaustive` is ONNX
-    /// Runtime's defaults (more GPU memory, slower first steps) [default: lean].
-    #[arg(long, env = "WANSERVE_CUDA_MEMORY", value_enum)]
-    pub cuda_memory: Option<CudaMemory>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Jobs that run at once [default: 2].
     #[arg(long, env = "WANSERVE_SLOTS")]
     pub slots: Option<usize>,
@@ -215,6 +192,15 @@ pub enum ServeConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+impl From<SettingError> for ServeConfigError {
+    fn from(e: SettingError) -> Self {
+        ServeConfigError::Invalid {
+            key: e.key,
+            reason: e.reason,
+        }
+    }
+}
+
 /// Every setting, resolved.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -222,14 +208,7 @@ pub struct ServeConfig {
     pub host: IpAddr,
     pub port: u16,
     pub data_dir: PathBuf,
-    pub model_dir: PathBuf,
-    pub bundled_model: bool,
-    pub verify_model: Verify,
-    pub device: Device,
-    pub text_encoder_device: Option<Device>,
-    pub batch_cfg: bool,
-    pub threads: usize,
-    pub cuda_memory: CudaMemory,
+    pub model: ModelSettings,
     pub slots: usize,
     pub queue_limit: u64,
     pub store: Option<String>,
@@ -258,20 +237,6 @@ pub struct ServeConfig {
     pub lease: Duration,
 }
 
-/// A value of a flag's enum spelled in the config file, as the flag would take it ("cpu", "lean").
-fn named<T: clap::ValueEnum>(key: &'static str, name: &str) -> Result<T, ServeConfigError> {
-    T::from_str(name, true).map_err(|_| {
-        let names: Vec<String> = T::value_variants()
-            .iter()
-            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
-            .collect();
-        ServeConfigError::Invalid {
-            key,
-            reason: format!("{name:?} is not {}", names.join(" or ")),
-        }
-    })
-}
-
 impl ServeConfig {
     pub fn resolve(args: ServeArgs) -> Result<Self, ServeConfigError> {
         let file = match &args.config {
@@ -279,23 +244,15 @@ impl ServeConfig {
             Some(path) => read_file(path)?,
         };
         let t = file.server;
-        let device = match (args.device, t.device.as_deref()) {
-            (Some(d), _) => d,
-            (None, None) => Device::Cpu,
-            (None, Some(name)) => named("server.device", name)?,
-        };
-        let text_encoder_device = match (args.text_encoder_device, t.text_encoder_device.as_deref())
-        {
-            (Some(d), _) => Some(d),
-            (None, None) => None,
-            (None, Some(name)) => Some(named("server.text_encoder_device", name)?),
-        };
-        let cuda_memory = match (args.cuda_memory, t.cuda_memory.as_deref()) {
-            (Some(mode), _) => mode,
-            (None, None) => CudaMemory::default(),
-            (None, Some(name)) => named("server.cuda_memory", name)?,
-        };
-        let model_dir = args.model_dir.or(t.model_dir);
+        let model = args.model.resolve(ModelTable {
+            model_dir: t.model_dir,
+            verify_model: t.verify_model,
+            device: t.device,
+            text_encoder_device: t.text_encoder_device,
+            batch_cfg: t.batch_cfg,
+            threads: t.threads,
+            cuda_memory: t.cuda_memory,
+        })?;
         let slots = args.slots.or(t.slots).unwrap_or(2);
         let body_limit = args.body_limit.or(t.body_limit).unwrap_or(64 << 10);
         if body_limit < 1024 {
@@ -404,18 +361,7 @@ impl ServeConfig {
                 .data_dir
                 .or(t.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
-            bundled_model: model_dir.is_none(),
-            model_dir: model_dir.unwrap_or_else(bundled_model_dir),
-            verify_model: if args.verify_model || t.verify_model.unwrap_or(false) {
-                Verify::Full
-            } else {
-                Verify::Changed
-            },
-            device,
-            text_encoder_device,
-            batch_cfg: args.batch_cfg || t.batch_cfg.unwrap_or(false),
-            threads: args.threads.or(t.threads).unwrap_or(0),
-            cuda_memory,
+            model,
             slots,
             queue_limit: args.queue_limit.or(t.queue_limit).unwrap_or(100),
             store: args.store.or(t.store),
@@ -496,6 +442,8 @@ fn read_file(path: &Path) -> Result<ConfigFile, ServeConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{CudaMemory, Device};
+    use crate::model::Verify;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -517,7 +465,7 @@ mod tests {
     fn the_text_encoder_follows_the_device_unless_it_is_named() {
         let default = resolve(&[], "").expect("config");
         assert_eq!(
-            (default.device, default.text_encoder_device),
+            (default.model.device, default.model.text_encoder_device),
             (Device::Cpu, None)
         );
         let split = resolve(
@@ -526,7 +474,7 @@ mod tests {
         )
         .expect("config");
         assert_eq!(
-            (split.device, split.text_encoder_device),
+            (split.model.device, split.model.text_encoder_device),
             (Device::Cuda, Some(Device::Cpu))
         );
         // The flag wins over the file.
@@ -535,7 +483,7 @@ mod tests {
             "[server]\ntext_encoder_device = \"cpu\"\n",
         )
         .expect("config");
-        assert_eq!(flag.text_encoder_device, Some(Device::Cuda));
+        assert_eq!(flag.model.text_encoder_device, Some(Device::Cuda));
         match resolve(&[], "[server]\ntext_encoder_device = \"tpu\"\n") {
             Err(e) => assert!(
                 e.to_string().contains("server.text_encoder_device"),
@@ -547,18 +495,25 @@ mod tests {
 
     #[test]
     fn batched_guidance_is_off_unless_the_flag_or_the_file_turns_it_on() {
-        assert!(!resolve(&[], "").expect("config").batch_cfg);
-        assert!(resolve(&["--batch-cfg"], "").expect("config").batch_cfg);
+        assert!(!resolve(&[], "").expect("config").model.batch_cfg);
+        assert!(
+            resolve(&["--batch-cfg"], "")
+                .expect("config")
+                .model
+                .batch_cfg
+        );
         assert!(
             resolve(&[], "[server]\nbatch_cfg = true\n")
                 .expect("config")
+                .model
                 .batch_cfg
         );
     }
 
     #[test]
     fn the_cuda_memory_mode_comes_from_the_flag_or_the_file_and_a_bad_one_is_named() {
-        let mode = |flags: &[&str], file: &str| resolve(flags, file).expect("config").cuda_memory;
+        let mode =
+            |flags: &[&str], file: &str| resolve(flags, file).expect("config").model.cuda_memory;
         assert_eq!(mode(&[], ""), CudaMemory::Lean);
         let file = "[server]\ncuda_memory = \"exhaustive\"\n";
         assert_eq!(mode(&[], file), CudaMemory::Exhaustive);
@@ -572,18 +527,20 @@ mod tests {
     #[test]
     fn verify_model_comes_from_the_flag_or_the_file() {
         assert_eq!(
-            resolve(&[], "").expect("config").verify_model,
+            resolve(&[], "").expect("config").model.verify_model,
             Verify::Changed
         );
         assert_eq!(
             resolve(&["--verify-model"], "")
                 .expect("config")
+                .model
                 .verify_model,
             Verify::Full
         );
         assert_eq!(
             resolve(&[], "[server]\nverify_model = true\n")
                 .expect("config")
+                .model
                 .verify_model,
             Verify::Full
         );

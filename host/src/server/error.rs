@@ -4,32 +4,9 @@
 //! 500s carry a generic message and an error id that is also in the log; nothing else (no
 //! paths, no runtime messages, no secrets) reaches the client.
 
+pub use crate::wire::{ErrorBody, ErrorDetail, FieldProblem};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize, ToSchema)]
-pub struct FieldProblem {
-    /// The request field, e.g. `num_frames`.
-    pub field: String,
-    pub reason: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, machine-readable: `unauthorized`, `not_found`, `invalid_request`,
-    /// `malformed_json`, `payload_too_large`, `request_timeout`, `queue_full`, `caller_busy`,
-    /// `conflict`, `plugin_unavailable`, `overloaded`, `forbidden`, `not_ready`, `internal`.
-    pub code: &'static str,
-    pub message: String,
-    pub fields: Vec<FieldProblem>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -79,9 +56,16 @@ pub enum ApiError {
 const DEFAULT_CHALLENGE: &str = "Bearer realm=\"wanserve\"";
 
 impl ApiError {
+    /// A plugin on the request path failed (trap, deadline, bad output): the request is
+    /// refused (fail closed) and the failure logged, never shown.
+    pub fn plugin_failed(slot: crate::plugins::Slot, error: &crate::plugins::PluginError) -> Self {
+        tracing::warn!(slot = %slot, error = %error, "refusing the request: plugin failed closed");
+        Self::PluginUnavailable { slot }
+    }
+
     /// Logs `cause` at error level with a fresh id and returns the 500 that names the id.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        let error_id = crate::jobs::scheduler::new_error_id();
+        let error_id = crate::ids::new_error_id();
         tracing::error!(error_id, error = %cause, "internal error");
         ApiError::Internal { error_id }
     }

@@ -72,7 +72,7 @@ fn verify(secret: &SecretSlice<u8>, token: &str, now: i64) -> Option<Claims> {
 }
 
 fn now_seconds() -> i64 {
-    crate::jobs::now_ms() / 1000
+    crate::ids::now_ms() / 1000
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -88,7 +88,7 @@ pub struct EventsToken {
 /// A short-lived token that opens the live progress stream of one of the caller's jobs, for
 /// clients that cannot send headers (a browser's `EventSource`).
 #[utoipa::path(post, path = "/video/events-token", tag = "video",
-    request_body = super::api::JobRef,
+    request_body = crate::wire::JobRef,
     responses(
         (status = 200, description = "The token", body = EventsToken),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
@@ -196,7 +196,7 @@ pub async fn events(
         Follower::Principal(principal) => principal,
     };
     // Subscribed before the first read, so no change between the two is missed.
-    let changes = state.scheduler.changes();
+    let changes = state.workers.changes();
     let job = owned_job(&state, &id, &owner).await?;
     // Admission weighs the stream against the job's owner (with its tier), however it came.
     let admitted = admission::admit(

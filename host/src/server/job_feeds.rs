@@ -1,5 +1,5 @@
 //! One reader per followed job, however many streams follow it: a feed task reads the job when
-//! the scheduler announces a change to it (and at least every [`REREAD`], since queue positions
+//! the job workers announce a change to it (and at least every [`REREAD`], since queue positions
 //! move when other jobs end and another host of a fleet announces nothing here), and publishes
 //! the status on a `watch` channel every stream of that job subscribes to. A hundred streams on
 //! one job cost one read per change, not a hundred.
@@ -8,7 +8,9 @@
 //! shutdown, or within one [`REREAD`] of its last subscriber leaving.
 
 use super::AppState;
-use super::api::{StatusResponse, status_view};
+use super::api::status_view;
+use crate::sync::lock;
+use crate::wire::StatusResponse;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,10 +42,6 @@ impl Published {
 #[derive(Default)]
 pub struct JobFeeds {
     feeds: Arc<Mutex<HashMap<String, watch::Receiver<FeedValue>>>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl JobFeeds {

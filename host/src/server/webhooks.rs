@@ -15,7 +15,8 @@
 
 use super::AppState;
 use super::api::status_view;
-use crate::jobs::{WebhookAttempt, WebhookDelivery, now_ms};
+use crate::ids::now_ms;
+use crate::jobs::{WebhookAttempt, WebhookDelivery};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use futures::StreamExt;
@@ -294,7 +295,7 @@ impl Webhooks {
             .body(body.to_string())
             .send()
             .await
-            .map_err(|e| crate::client::error_chain(&e))?;
+            .map_err(|e| crate::error_chain::error_chain(&e))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
@@ -341,8 +342,8 @@ async fn payload(state: &AppState, delivery: &WebhookDelivery) -> Result<String,
         .map_err(|e| format!("cannot read the job's status: {e}"))?;
     status.webhook = None;
     let kind = match status.status {
-        super::api::StatusName::Succeed => "video.succeeded",
-        super::api::StatusName::Cancelled => "video.cancelled",
+        crate::wire::StatusName::Succeed => "video.succeeded",
+        crate::wire::StatusName::Cancelled => "video.cancelled",
         _ => "video.failed",
     };
     let timestamp = chrono::DateTime::from_timestamp_millis(finished)
@@ -400,7 +401,7 @@ async fn deliver(state: &AppState, delivery: WebhookDelivery) {
 /// Sends due deliveries until shutdown: woken when a job changes, and every second (retries
 /// fall due, and other hosts' jobs end).
 pub async fn run(state: Arc<AppState>) {
-    let mut changes = state.scheduler.changes();
+    let mut changes = state.workers.changes();
     let mut shutting_down = state.shutting_down.clone();
     let lease = ATTEMPT_TIMEOUT + Duration::from_secs(20);
     loop {

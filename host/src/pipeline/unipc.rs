@@ -12,11 +12,11 @@
 //! backend that keeps latents on the GPU, over device buffers. diffusers forms the differences
 //! `(m_i - m_0) / r_k` first; the expanded sums round differently, by about 1e-7 per step.
 
-use crate::model::SchedulerConfig;
+use crate::model::UniPcConfig;
 use crate::tensor::{ArithmeticError, HostTensors, TensorArithmetic};
 
 #[derive(Debug, thiserror::Error)]
-pub enum SchedulerError {
+pub enum UniPcError {
     #[error("infer_steps must be at least 1")]
     NoSteps,
     #[error("step {0} called after the last of {1} steps")]
@@ -57,10 +57,10 @@ fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 
 impl<T> UniPcScheduler<T> {
     /// `UniPCMultistepScheduler.from_config(config).set_timesteps(num_steps)`; the config must
-    /// already have passed [`SchedulerConfig::validate`].
-    pub fn new(config: &SchedulerConfig, num_steps: usize) -> Result<Self, SchedulerError> {
+    /// already have passed [`UniPcConfig::validate`].
+    pub fn new(config: &UniPcConfig, num_steps: usize) -> Result<Self, UniPcError> {
         if num_steps == 0 {
-            return Err(SchedulerError::NoSteps);
+            return Err(UniPcError::NoSteps);
         }
         let train = config.num_train_timesteps as f64;
         let shift = config.flow_shift;
@@ -113,10 +113,10 @@ impl<T> UniPcScheduler<T> {
         arithmetic: &A,
         model_output: T,
         sample: T,
-    ) -> Result<T, SchedulerError> {
+    ) -> Result<T, UniPcError> {
         let steps = self.timesteps.len();
         if self.step_index >= steps {
-            return Err(SchedulerError::Finished(self.step_index, steps));
+            return Err(UniPcError::Finished(self.step_index, steps));
         }
         let use_corrector = self.step_index > 0
             && !self.disable_corrector.contains(&(self.step_index - 1))
@@ -168,12 +168,12 @@ impl<T> UniPcScheduler<T> {
     }
 
     /// The i-th most recent converted output (0 = newest).
-    fn output(&self, back: usize) -> Result<&T, SchedulerError> {
+    fn output(&self, back: usize) -> Result<&T, UniPcError> {
         self.model_outputs
             .len()
             .checked_sub(1 + back)
             .and_then(|i| self.model_outputs[i].as_ref())
-            .ok_or(SchedulerError::MissingHistory(back))
+            .ok_or(UniPcError::MissingHistory(back))
     }
 
     /// h·φ and B(h) coefficients shared by predictor and corrector: returns (h_phi_1, B_h, R, b).
@@ -258,12 +258,9 @@ impl UniPcScheduler<Vec<f32>> {
         &mut self,
         model_output: Vec<f32>,
         sample: Vec<f32>,
-    ) -> Result<Vec<f32>, SchedulerError> {
+    ) -> Result<Vec<f32>, UniPcError> {
         if model_output.len() != sample.len() {
-            return Err(SchedulerError::ShapeMismatch(
-                model_output.len(),
-                sample.len(),
-            ));
+            return Err(UniPcError::ShapeMismatch(model_output.len(), sample.len()));
         }
         self.step_with(&HostTensors, model_output, sample)
     }

@@ -7,8 +7,8 @@ use ort::value::TensorElementType;
 use serde::Deserialize;
 use wanserve::backend::Device;
 use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
-use wanserve::model::SchedulerConfig;
-use wanserve::pipeline::scheduler::UniPcScheduler;
+use wanserve::model::UniPcConfig;
+use wanserve::pipeline::unipc::UniPcScheduler;
 use wanserve::tensor::TensorArithmetic;
 
 #[derive(Deserialize)]
@@ -31,7 +31,7 @@ fn timesteps_sigmas_and_trajectories_match_diffusers() {
     assert!(refs.len() >= 7);
     let mut overall = 0.0f32;
     for r in refs {
-        let config: SchedulerConfig = serde_json::from_value(r.config.clone()).unwrap();
+        let config: UniPcConfig = serde_json::from_value(r.config.clone()).unwrap();
         config.validate().unwrap();
         let mut scheduler = UniPcScheduler::new(&config, r.steps).unwrap();
         assert_eq!(scheduler.timesteps(), &r.timesteps[..], "{}", r.config);
@@ -68,7 +68,7 @@ fn timesteps_sigmas_and_trajectories_match_diffusers() {
 fn unsupported_configs_are_refused() {
     let base = serde_json::json!({"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
                                   "use_flow_sigmas": true, "flow_shift": 3.0});
-    let ok: SchedulerConfig = serde_json::from_value(base.clone()).unwrap();
+    let ok: UniPcConfig = serde_json::from_value(base.clone()).unwrap();
     ok.validate().unwrap();
     for (key, value) in [
         ("use_flow_sigmas", serde_json::json!(false)),
@@ -81,14 +81,14 @@ fn unsupported_configs_are_refused() {
     ] {
         let mut config = base.clone();
         config[key] = value;
-        let config: SchedulerConfig = serde_json::from_value(config).unwrap();
+        let config: UniPcConfig = serde_json::from_value(config).unwrap();
         assert!(config.validate().is_err(), "{key} should be refused");
     }
 }
 
 #[test]
 fn zero_steps_is_an_error() {
-    let config: SchedulerConfig =
+    let config: UniPcConfig =
         serde_json::from_value(serde_json::json!({"_class_name": "UniPCMultistepScheduler",
         "prediction_type": "flow_prediction", "use_flow_sigmas": true}))
         .unwrap();
@@ -109,7 +109,7 @@ fn the_scheduler_runs_on_onnx_runtime_tensors_too() {
     // an ORT weighted sum on tensors ORT holds; only the model's output is uploaded.
     let arithmetic = OrtTensors::new(Device::Cpu, 1, 1);
     for r in references() {
-        let config: SchedulerConfig = serde_json::from_value(r.config.clone()).unwrap();
+        let config: UniPcConfig = serde_json::from_value(r.config.clone()).unwrap();
         let mut on_host = UniPcScheduler::new(&config, r.steps).unwrap();
         let mut on_ort = UniPcScheduler::new(&config, r.steps).unwrap();
         let mut host_sample: Vec<f32> = (0..16).map(|i| (i as f32).sin()).collect();
