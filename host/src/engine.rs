@@ -302,8 +302,7 @@ impl<B> Engine<B> {
 
 impl<B: Backend> Renderer for Engine<B> {
     fn skip_plan(&self, request: &GenerateRequest) -> SkipPlan {
-        crate::pipeline::skip_plan(self.pipeline.manifest(), request)
-            .unwrap_or_else(|_| SkipPlan::none(request.infer_steps, request.guidance_scale > 1.0))
+        crate::pipeline::skip_plan_or_none(self.pipeline.manifest(), request)
     }
 
     fn render(

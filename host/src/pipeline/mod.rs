@@ -700,6 +700,13 @@ pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, Pipeline
 
 /// Which DiT passes of `req` skip the blocks on `manifest`'s model (known before it runs), or
 /// why its `cache` mode cannot be used.
+/// [`skip_plan`], or no skipped step where the model cannot cache (submit refuses those; a
+/// report or an ETA still needs a plan).
+pub fn skip_plan_or_none(manifest: &Manifest, req: &GenerateRequest) -> SkipPlan {
+    skip_plan(manifest, req)
+        .unwrap_or_else(|_| SkipPlan::none(req.infer_steps, req.guidance_scale > 1.0))
+}
+
 pub fn skip_plan(manifest: &Manifest, req: &GenerateRequest) -> Result<SkipPlan, PipelineError> {
     let guided = req.guidance_scale > 1.0;
     let Some(settings) = req.cache.settings() else {

@@ -32,12 +32,7 @@ impl CacheView {
     /// refuses anyway).
     pub fn of(manifest: &crate::model::Manifest, request: &JobRequest) -> Self {
         let generate = request.generate_request();
-        let plan = crate::pipeline::skip_plan(manifest, &generate).unwrap_or_else(|_| {
-            crate::pipeline::step_cache::SkipPlan::none(
-                generate.infer_steps,
-                generate.guidance_scale > 1.0,
-            )
-        });
+        let plan = crate::pipeline::skip_plan_or_none(manifest, &generate);
         Self {
             mode: request.cache.as_str().into(),
             skipped_steps: plan.skipped_steps().into_iter().map(|s| s as u32).collect(),

@@ -8,7 +8,7 @@ use crate::engine::{RenderError, Renderer};
 use crate::ids::new_error_id;
 use crate::jobs::{Job, JobState};
 use crate::pipeline::unipc::UniPcError;
-use crate::pipeline::{CancelToken, PipelineError, Progress};
+use crate::pipeline::{CancelToken, GenerateRequest, PipelineError, Progress};
 use std::time::Instant;
 
 pub(super) enum Outcome {
@@ -84,7 +84,7 @@ impl Shared {
         } else {
             tracing::info!("job started");
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.render_and_publish(renderer, &job, &cancel, started)
+                self.render_and_publish(renderer, &job, &request, &cancel, started)
             }));
             run.unwrap_or_else(|_| {
                 let error_id = new_error_id();
@@ -110,16 +110,16 @@ impl Shared {
         &self,
         renderer: &dyn Renderer,
         job: &Job,
+        request: &GenerateRequest,
         cancel: &CancelToken,
         started: Instant,
     ) -> Outcome {
-        let request = job.request.generate_request();
         let temp = self
             .config
             .work_dir
             .join(format!("{}-{}.mp4", job.id, job.attempt));
         let mut on_progress = |p: Progress| self.record_progress(job, p);
-        let rendered = match renderer.render(&request, &temp, cancel, &mut on_progress) {
+        let rendered = match renderer.render(request, &temp, cancel, &mut on_progress) {
             Ok(rendered) => rendered,
             Err(RenderError::Pipeline(PipelineError::Cancelled)) => return self.stopped(job),
             Err(e) => {
