@@ -1,7 +1,8 @@
 //! The crate's import graph, file by file, read from the source: every `use` (braces
 //! expanded) and every inline `crate::…`/`super::…` path, resolved to the file of the longest
-//! module prefix it names. A test keeps it free of cycles (a child importing its parent's items
-//! while the parent imports the child is not counted yet: see `graph`): CI fails on the first one, naming it.
+//! module prefix it names. A test keeps it free of cycles, a child importing its parent's items
+//! included (a parent's `mod.rs` declares and re-exports; it holds no items its children use):
+//! CI fails on the first one, naming it.
 //!
 //! `cargo test -p wanserve --lib import_graph -- --ignored --nocapture` prints the map.
 
@@ -153,9 +154,6 @@ fn graph(sources: &Sources) -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
                 .iter()
                 .filter_map(|p| resolve(sources, module, p))
                 .filter(|t| t != module)
-                // A child using its parent's items (`super::AppState`) is left out for now:
-                // backend/, plugins/ and server/ keep their shared types in mod.rs.
-                .filter(|t| !module.starts_with(t))
                 .collect();
             (module.clone(), targets)
         })
@@ -255,6 +253,22 @@ fn a_cycle_through_a_child_or_a_braced_use_is_found() {
         .map(|(m, t)| (m, t.replace("crate::jobs::now_ms()", "1")))
         .collect();
     assert_eq!(find_cycle(&graph(&acyclic)), None);
+    // A child using an item of its parent's mod.rs, while the parent imports the child.
+    let parent_child: Sources = [
+        (vec![], "mod server;".to_string()),
+        (
+            vec!["server".to_string()],
+            "mod api;\npub struct AppState;\npub use api::router;\n".to_string(),
+        ),
+        (
+            vec!["server".to_string(), "api".to_string()],
+            "use super::AppState;\n".to_string(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let cycle = find_cycle(&graph(&parent_child)).expect("the parent-child cycle");
+    assert!(cycle.contains(&"server::api".to_string()), "{cycle:?}");
 }
 
 #[test]

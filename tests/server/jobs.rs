@@ -627,3 +627,78 @@ fn a_failing_postprocess_plugin_loses_no_video() {
         "failures counted"
     );
 }
+
+/// `--log-format json`: every line one JSON object; a request's lines carry its span (method,
+/// route, the `X-Request-Id` it came with, the job's request id once known), and the job's own
+/// lines carry the same request id, so one id finds both.
+#[test]
+fn json_logs_join_a_request_to_its_job_by_request_id() {
+    let server = Server::start(Options {
+        extra_args: vec!["--log-format".into(), "json".into()],
+        env: vec![("RUST_LOG".into(), "wanserve=debug".into())],
+        ..Options::default()
+    });
+    let response = server
+        .client()
+        .post(format!("{}/video/submit", server.url))
+        .bearer_auth(ALICE)
+        .header("X-Request-Id", "trace-7f3a:01")
+        .json(&small_job())
+        .send()
+        .expect("submit sent");
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.headers()["x-request-id"], "trace-7f3a:01");
+    let id = response.json::<Value>().expect("JSON")["requestId"]
+        .as_str()
+        .expect("requestId")
+        .to_string();
+    let finished = server.wait_final(ALICE, &id);
+    assert_eq!(finished["status"], "Succeed", "{finished}");
+    // An id a client sends that is not a plain token is replaced, not logged.
+    let replaced = server
+        .client()
+        .get(format!("{}/health", server.url))
+        .header("X-Request-Id", "evil\" injected")
+        .send()
+        .expect("health");
+    let fresh = replaced.headers()["x-request-id"].to_str().expect("ascii");
+    assert_eq!(fresh.len(), 16, "{fresh}");
+
+    let parsed = |line: &str| serde_json::from_str::<Value>(line).ok();
+    let request_done = server
+        .log_line(|l| {
+            parsed(l).is_some_and(|v| {
+                v["fields"]["message"] == "request done"
+                    && v["span"]["http_request_id"] == "trace-7f3a:01"
+            })
+        })
+        .expect("the submit's own log line");
+    let request_done = parsed(&request_done).expect("JSON");
+    assert_eq!(
+        request_done["span"]["route"], "/video/submit",
+        "{request_done}"
+    );
+    assert_eq!(request_done["span"]["method"], "POST", "{request_done}");
+    assert_eq!(
+        request_done["span"]["request_id"],
+        id.as_str(),
+        "{request_done}"
+    );
+    assert_eq!(request_done["fields"]["status"], 202, "{request_done}");
+    let job_line = server
+        .log_line(|l| {
+            parsed(l).is_some_and(|v| {
+                v["span"]["name"] == "job" && v["span"]["request_id"] == id.as_str()
+            })
+        })
+        .expect("a log line of the job's run");
+    let job_line = parsed(&job_line).expect("JSON");
+    assert_eq!(job_line["span"]["attempt"], 1, "{job_line}");
+    assert!(
+        !server.log().contains("injected"),
+        "a client's unsafe X-Request-Id reached the log"
+    );
+    for line in server.log().lines() {
+        assert!(parsed(line).is_some(), "not a JSON line: {line}");
+    }
+}

@@ -6,7 +6,7 @@
 //! One small graph per number of terms (built with ORT's model editor, not shipped as files):
 //! `sum = Σ weights[i] · t_i`, dynamic shape, float32. Outputs are bound to the device.
 
-use crate::backend::BackendError;
+use super::contract::BackendError;
 use crate::backend::runtime;
 use crate::backend::session::{
     CudaMemory, Device, SessionConfig, is_out_of_memory, session_builder,

@@ -2,7 +2,7 @@
 //! pipeline's loop, the job workers): every call returns zeros of the shape the real graph
 //! would, after asking a test hook what to do (carry on, fail, block until interrupted, panic).
 
-use super::{Backend, BackendError, RunControl};
+use super::contract::{Backend, BackendError, RunControl};
 use crate::tensor::{ArithmeticError, TensorArithmetic};
 use ndarray::{Array3, Array5, ArrayView5};
 use std::sync::Arc;

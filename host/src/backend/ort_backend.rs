@@ -5,8 +5,9 @@
 //! their weights exist once.
 
 use super::arithmetic::{DeviceTensor, OrtTensors, host_memory, output_memory, run_bound};
+use super::contract::{Backend, BackendError, RunControl};
+use super::runtime;
 use super::session::{CudaMemory, Device, SessionConfig, is_out_of_memory, session_builder};
-use super::{Backend, BackendError, RunControl, runtime};
 use crate::model::ModelDir;
 use half::bf16;
 use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};

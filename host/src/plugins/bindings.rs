@@ -10,8 +10,8 @@ pub mod auth {
         path: "../wit",
         world: "auth-plugin",
         with: {
-            "wanserve:policy/types": super::validate::wanserve::policy::types,
-            "wanserve:policy/host": super::validate::wanserve::policy::host,
+            "wanserve:policy/types": crate::plugins::bindings::validate::wanserve::policy::types,
+            "wanserve:policy/host": crate::plugins::bindings::validate::wanserve::policy::host,
         },
     });
 }
@@ -23,8 +23,8 @@ pub mod validate_admission {
         path: "../wit",
         world: "validate-admission-plugin",
         with: {
-            "wanserve:policy/types": super::validate::wanserve::policy::types,
-            "wanserve:policy/host": super::validate::wanserve::policy::host,
+            "wanserve:policy/types": crate::plugins::bindings::validate::wanserve::policy::types,
+            "wanserve:policy/host": crate::plugins::bindings::validate::wanserve::policy::host,
         },
     });
 }
@@ -34,11 +34,20 @@ pub mod postprocess {
         path: "../wit",
         world: "postprocess-plugin",
         with: {
-            "wanserve:policy/types": super::validate::wanserve::policy::types,
-            "wanserve:policy/host": super::validate::wanserve::policy::host,
+            "wanserve:policy/types": crate::plugins::bindings::validate::wanserve::policy::types,
+            "wanserve:policy/host": crate::plugins::bindings::validate::wanserve::policy::host,
         },
     });
 }
 
 pub use validate::wanserve::policy::host as host_api;
 pub use validate::wanserve::policy::types;
+
+pub use auth::exports::wanserve::policy::auth::{Denial, HttpRequest};
+pub use postprocess::exports::wanserve::policy::postprocess::{
+    FinishedJob, OutputPolicy, RetentionDecision, StoredVideo,
+};
+pub use types::{FieldError, GenerationRequest, JsonValue, Principal};
+pub use validate_admission::exports::wanserve::policy::admission::{
+    Action as AdmissionAction, Busy, Usage,
+};

@@ -13,7 +13,8 @@
 //! jwt_algorithm = "RS256"
 //! ```
 
-use super::{PluginHost, PluginInfo, PluginLimits, Slot};
+use super::host::PluginHost;
+use super::slot::{PluginInfo, PluginLimits, Slot};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! so the table holds no credential, and a lookup's timing says nothing an attacker can steer
 //! towards a stored key.
 
-use super::{HttpRequest, Principal};
+use super::bindings::{HttpRequest, Principal};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -1,9 +1,9 @@
 //! What each plugin call's `Store` holds, and the host imports plugins may call.
 
-use super::Slot;
 use super::bindings::{host_api, types};
 use super::jwt::JwtVerifier;
 use super::reuse::ReuseRule;
+use super::slot::Slot;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};

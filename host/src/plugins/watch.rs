@@ -12,7 +12,8 @@
 //! read or check leaves the old one serving; why is kept for [`PluginWatcher::config_error`].
 
 use super::config::{ConfigSource, PluginsConfig, SlotSpec};
-use super::{PluginHost, Slot};
+use super::host::PluginHost;
+use super::slot::Slot;
 use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
 use sha2::{Digest, Sha256};

@@ -3,9 +3,9 @@
 //! back. An uploaded component serves until the next start; to keep it, put the file in the
 //! plugin directory (the watcher installs it the same way).
 
-use super::AppState;
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
+use super::state::AppState;
 use crate::plugins::{PluginError, PluginInfo, Slot};
 use axum::Json;
 use axum::body::Bytes;

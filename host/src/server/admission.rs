@@ -7,66 +7,14 @@
 //! count and all pass. Across a fleet's hosts the count is the database's, read without a lock,
 //! so concurrent submits on different hosts can pass a limit by at most one each.
 
-use super::AppState;
+use super::admission_locks::OpenStream;
 use super::error::ApiError;
+use super::state::AppState;
 use crate::plugins::{AdmissionAction, Principal, Slot, Usage};
-use crate::sync::lock;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-/// Lock stripes: enough that unrelated callers rarely share one, few enough to stay small.
-const STRIPES: usize = 64;
-
-pub struct Admission {
-    stripes: Vec<tokio::sync::Mutex<()>>,
-    /// Streams open on this host, per principal id (entries removed at zero).
-    streams: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-impl Default for Admission {
-    fn default() -> Self {
-        Self {
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            streams: Arc::default(),
-        }
-    }
-}
 
 /// Holds a caller's admission lock: submit the job (or count the stream) before dropping it.
 pub struct Admitted<'a> {
     _stripe: tokio::sync::MutexGuard<'a, ()>,
-}
-
-/// One open stream, counted against its caller until dropped.
-pub struct OpenStream {
-    streams: Arc<Mutex<HashMap<String, u32>>>,
-    principal_id: String,
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        metrics::gauge!("wanserve_event_streams_open").decrement(1.0);
-        let mut streams = lock(&self.streams);
-        if let Some(open) = streams.get_mut(&self.principal_id) {
-            *open = open.saturating_sub(1);
-            if *open == 0 {
-                streams.remove(&self.principal_id);
-            }
-        }
-    }
-}
-
-impl Admission {
-    fn stripe(&self, principal_id: &str) -> &tokio::sync::Mutex<()> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(principal_id);
-        &self.stripes[(hash % STRIPES as u64) as usize]
-    }
-
-    /// Streams `principal_id` has open on this host.
-    pub fn streams_open(&self, principal_id: &str) -> u32 {
-        lock(&self.streams).get(principal_id).copied().unwrap_or(0)
-    }
 }
 
 /// Asks the validate plugin whether `caller` may `action` now; on `Ok`, the returned guard
@@ -121,14 +69,7 @@ pub async fn admit<'a>(
 impl Admitted<'_> {
     /// Counts a stream `principal_id` opens (while the admission lock is still held).
     pub fn open_stream(self, state: &AppState, principal_id: &str) -> OpenStream {
-        *lock(&state.admission.streams)
-            .entry(principal_id.to_string())
-            .or_insert(0) += 1;
-        metrics::gauge!("wanserve_event_streams_open").increment(1.0);
-        OpenStream {
-            streams: state.admission.streams.clone(),
-            principal_id: principal_id.to_string(),
-        }
+        state.admission.open_stream(principal_id)
     }
 }
 

@@ -1,15 +1,16 @@
 //! The seed's endpoints: `POST /video/submit`, `POST /video/status`, `POST|DELETE
 //! /video/cancel`, and `GET /videos/{key}` for the signed local URLs.
 
-use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ErrorBody, FieldProblem};
+use super::error::{ApiError, ErrorBody, JobRefErrors, JsonCallErrors};
+use super::request_check::check_submit;
+use super::state::AppState;
 use crate::ids::{is_request_id, new_request_id, now_ms};
 use crate::jobs::{
     CancelOutcome, Job, JobPrincipal, JobRequest, JobState, NewJob, Submitted, WebhookDelivery,
 };
 use crate::pipeline::step_cache::CacheMode;
-use crate::plugins::{AdmissionAction, Slot};
+use crate::plugins::AdmissionAction;
 use crate::wire::{
     CacheView, CancelResponse, JobRef, ProgressView, Results, StatusName, StatusResponse,
     SubmitBody, SubmitResponse, Timings, Video, WebhookView,
@@ -143,14 +144,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         description = "The same key from the same caller within 24 h returns the same requestId and creates nothing")),
     responses(
         (status = 202, description = "Accepted", body = SubmitResponse),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Authentication failed", body = ErrorBody),
         (status = 409, description = "Idempotency-Key reused with a different body", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Every bad field, with the reason", body = ErrorBody),
         (status = 429, description = "Queue full (queue_full) or this caller has enough jobs waiting (caller_busy); see Retry-After", body = ErrorBody),
         (status = 503, description = "A policy plugin failed (refused, fail closed)", body = ErrorBody),
-        (status = 500, description = "Server error", body = ErrorBody)),
+        JsonCallErrors),
     security(("bearer" = [])))]
 pub async fn submit(
     State(state): State<Arc<AppState>>,
@@ -159,73 +157,11 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
-    let mut body = json_object(body, state.limits.body_limit)?;
+    let body = json_object(body, state.limits.body_limit)?;
     let body_hash = hex::encode(Sha256::digest(
         serde_json::to_vec(&body).unwrap_or_default(),
     ));
-    // The webhook is the server's to check (where it may call is the operator's network
-    // policy); the validate plugin sees the rest.
-    let webhook = match body.remove("webhook") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(url)) => state
-            .webhooks
-            .policy
-            .check(&url)
-            .await
-            .map(|url| Some(url.to_string())),
-        Some(_) => Err("must be a string (an http or https URL)".to_string()),
-    }
-    .map_err(|reason| FieldProblem {
-        field: "webhook".into(),
-        reason,
-    });
-    // Step caching is the engine's business, not a policy: checked here, unseen by the plugin.
-    let cache = match body.remove("cache") {
-        None | Some(serde_json::Value::Null) => Ok(state.limits.cache_default),
-        Some(serde_json::Value::String(name)) => CacheMode::parse(&name).ok_or(name),
-        Some(other) => Err(other.to_string()),
-    }
-    .map_err(|got| FieldProblem {
-        field: "cache".into(),
-        reason: format!(
-            "must be one of {} (got {got})",
-            CacheMode::NAMES.map(|n| format!("\"{n}\"")).join(", ")
-        ),
-    });
-    let fields = crate::plugins::json_fields(&body);
-    let plugins = state.plugins.clone();
-    let caller = principal.clone();
-    metrics::counter!("wanserve_plugin_calls_total", "slot" => "validate").increment(1);
-    let verdict = state
-        .plugin_calls
-        .run(move || plugins.validate(&caller, &fields))
-        .await
-        .map_err(ApiError::internal)?;
-    let request = match (verdict, webhook.as_ref(), cache.as_ref()) {
-        (Ok(Ok(request)), Ok(_), Ok(_)) => request,
-        (Ok(verdict), webhook, cache) => {
-            // Every bad field at once: the plugin's and the webhook's.
-            let mut problems: Vec<FieldProblem> = verdict
-                .err()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|e| FieldProblem {
-                    field: e.field,
-                    reason: e.reason,
-                })
-                .collect();
-            problems.extend(webhook.err().cloned());
-            problems.extend(cache.err().cloned());
-            return Err(ApiError::invalid(problems));
-        }
-        (Err(e), _, _) => return Err(ApiError::plugin_failed(Slot::Validate, &e)),
-    };
-    let webhook_url = webhook.ok().flatten();
-    let request = JobRequest {
-        cache: cache.unwrap_or_default(),
-        ..JobRequest::from(&request)
-    };
-    state.limits.check(&request)?;
+    let (request, webhook_url) = check_submit(&state, &principal, body).await?;
     let job = NewJob {
         id: new_request_id(),
         principal: JobPrincipal::from(&principal),
@@ -273,6 +209,7 @@ pub async fn submit(
             });
         }
     };
+    tracing::Span::current().record("request_id", id.as_str());
     Ok(accepted(id))
 }
 
@@ -293,12 +230,7 @@ fn key_reused() -> ApiError {
     request_body = JobRef,
     responses(
         (status = 200, description = "The job", body = StatusResponse),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Authentication failed", body = ErrorBody),
-        (status = 404, description = "No such job for this caller", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
-        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
+        JobRefErrors),
     security(("bearer" = [])))]
 pub async fn status(
     State(state): State<Arc<AppState>>,
@@ -306,6 +238,7 @@ pub async fn status(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<StatusResponse>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
+    tracing::Span::current().record("request_id", id.as_str());
     let job = owned_job(&state, &id, &principal.id).await?;
     Ok(Json(status_view(&state, job).await?))
 }
@@ -437,13 +370,8 @@ pub(super) async fn status_view(
     request_body = JobRef,
     responses(
         (status = 200, description = "Cancelled", body = CancelResponse),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Authentication failed", body = ErrorBody),
-        (status = 404, description = "No such job for this caller", body = ErrorBody),
         (status = 409, description = "The job already succeeded or failed", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
-        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
+        JobRefErrors),
     security(("bearer" = [])))]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
@@ -451,6 +379,7 @@ pub async fn cancel(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CancelResponse>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
+    tracing::Span::current().record("request_id", id.as_str());
     let outcome = state
         .store
         .cancel(&id, &principal.id)
@@ -483,13 +412,8 @@ pub async fn cancel(
     request_body = JobRef,
     responses(
         (status = 200, description = "Cancelled", body = CancelResponse),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Authentication failed", body = ErrorBody),
-        (status = 404, description = "No such job for this caller", body = ErrorBody),
         (status = 409, description = "The job already succeeded or failed", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
-        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
+        JobRefErrors),
     security(("bearer" = [])))]
 pub async fn cancel_delete(
     state: State<Arc<AppState>>,

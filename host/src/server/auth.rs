@@ -1,8 +1,8 @@
 //! Who is calling: the auth plugin for the API (`Caller`), a separate admin key for the admin
 //! API (`Admin`). Both run before the body is read.
 
-use super::AppState;
 use super::error::ApiError;
+use super::state::AppState;
 use crate::plugins::{Principal, RequestParts, Slot};
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;

@@ -164,3 +164,62 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// One documented error answer: `ErrorBody` with `description`.
+fn documented_error(
+    description: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::response::Response> {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+        .into()
+}
+
+type DocumentedResponses =
+    std::collections::BTreeMap<String, utoipa::openapi::RefOr<utoipa::openapi::response::Response>>;
+
+/// The answers every keyed `/video` endpoint with a JSON body may give besides its own,
+/// declared once for the OpenAPI document (`responses(…, JsonCallErrors)`): 400, 401, 413, 500.
+pub struct JsonCallErrors;
+
+impl utoipa::IntoResponses for JsonCallErrors {
+    fn responses() -> DocumentedResponses {
+        [
+            ("400", "Malformed JSON"),
+            ("401", "Authentication failed"),
+            ("413", "Body too large"),
+            (
+                "500",
+                "Server error (the body names an error id the log has)",
+            ),
+        ]
+        .into_iter()
+        .map(|(status, description)| (status.to_string(), documented_error(description)))
+        .collect()
+    }
+}
+
+/// [`JsonCallErrors`] and what an endpoint addressing one job by `requestId` adds: 404, 422,
+/// and 503 when the auth plugin fails.
+pub struct JobRefErrors;
+
+impl utoipa::IntoResponses for JobRefErrors {
+    fn responses() -> DocumentedResponses {
+        let mut responses = JsonCallErrors::responses();
+        for (status, description) in [
+            ("404", "No such job for this caller"),
+            ("422", "requestId missing or not a string"),
+            ("503", "The auth plugin failed (refused)"),
+        ] {
+            responses.insert(status.to_string(), documented_error(description));
+        }
+        responses
+    }
+}

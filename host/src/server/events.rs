@@ -10,9 +10,10 @@
 
 use super::api::{owned_job, request_id_of, status_view};
 use super::auth::Caller;
-use super::error::{ApiError, ErrorBody};
-use super::job_feeds::{FeedValue, JobFeeds, Published};
-use super::{AppState, admission};
+use super::error::{ApiError, ErrorBody, JobRefErrors};
+use super::job_feeds::{FeedValue, Published, ReadStatus};
+use super::state::AppState;
+use super::{admission, admission_locks};
 use crate::plugins::{AdmissionAction, Principal};
 use axum::Json;
 use axum::body::Bytes;
@@ -91,12 +92,7 @@ pub struct EventsToken {
     request_body = crate::wire::JobRef,
     responses(
         (status = 200, description = "The token", body = EventsToken),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
-        (status = 401, description = "Authentication failed", body = ErrorBody),
-        (status = 404, description = "No such job for this caller", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "requestId missing or not a string", body = ErrorBody),
-        (status = 503, description = "The auth plugin failed (refused)", body = ErrorBody)),
+        JobRefErrors),
     security(("bearer" = [])))]
 pub async fn events_token(
     State(state): State<Arc<AppState>>,
@@ -104,6 +100,7 @@ pub async fn events_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EventsToken>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
+    tracing::Span::current().record("request_id", id.as_str());
     let job = owned_job(&state, &id, &principal.id).await?;
     let claims = Claims {
         rid: job.id.clone(),
@@ -190,6 +187,9 @@ pub async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // An id that does not decode is no job (and gets the API's error shape, not axum's text).
     let Path(id) = id.map_err(|_| ApiError::NotFound)?;
+    if crate::ids::is_request_id(&id) {
+        tracing::Span::current().record("request_id", id.as_str());
+    }
     let owner = match follower {
         Follower::Token(claims) if claims.rid == id => claims.pid,
         Follower::Token(_) => return Err(ApiError::NotFound),
@@ -207,7 +207,21 @@ pub async fn events(
     .await?;
     let counted = admitted.open_stream(&state, &job.principal.id);
     let first = status_view(&state, job).await?;
-    let feed = JobFeeds::subscribe(&state, &id, changes, &first);
+    let read: ReadStatus = {
+        let state = state.clone();
+        Arc::new(move |id: String| {
+            let state = state.clone();
+            Box::pin(async move {
+                match state.store.get(&id).await {
+                    Ok(Some(job)) => status_view(&state, job).await.ok(),
+                    _ => None,
+                }
+            })
+        })
+    };
+    let feed = state
+        .feeds
+        .subscribe(&id, changes, &first, read, state.shutting_down.clone());
     let follow = Follow {
         shutting_down: state.shutting_down.clone(),
         feed,
@@ -234,7 +248,7 @@ struct Follow {
     done: bool,
     sent: u64,
     /// Counts this stream against its caller's streams until it ends.
-    _counted: admission::OpenStream,
+    _counted: admission_locks::OpenStream,
 }
 
 impl Follow {

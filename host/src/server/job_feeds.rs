@@ -7,10 +7,9 @@
 //! The feed ends (and leaves the map) after the final status, when the job cannot be read, at
 //! shutdown, or within one [`REREAD`] of its last subscriber leaving.
 
-use super::AppState;
-use super::api::status_view;
 use crate::sync::lock;
 use crate::wire::StatusResponse;
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,24 +37,31 @@ impl Published {
     }
 }
 
+/// How a feed reads its job's status now (`None`: the job cannot be read). The caller supplies
+/// it, so feeds know nothing of the server's state.
+pub type ReadStatus =
+    Arc<dyn Fn(String) -> BoxFuture<'static, Option<StatusResponse>> + Send + Sync>;
+
 /// The feeds running now, by job id. Each entry keeps one receiver, so new subscribers clone it.
 #[derive(Default)]
 pub struct JobFeeds {
-    feeds: Arc<Mutex<HashMap<String, watch::Receiver<FeedValue>>>>,
+    feeds: FeedMap,
 }
 
 impl JobFeeds {
     /// A subscription to `id`'s feed, started if none runs. `changes` must have been taken
     /// before `first` was read (so no change between the two is missed); `first` seeds a new
     /// feed, and is the first thing its subscribers see.
+    /// A feed ends at the latest when `shutting_down` becomes true.
     pub fn subscribe(
-        state: &Arc<AppState>,
+        &self,
         id: &str,
         changes: broadcast::Receiver<Arc<str>>,
         first: &StatusResponse,
+        read: ReadStatus,
+        shutting_down: watch::Receiver<bool>,
     ) -> watch::Receiver<FeedValue> {
-        let feeds = &state.feeds;
-        let mut map = lock(&feeds.feeds);
+        let mut map = lock(&self.feeds);
         if let Some(existing) = map.get(id) {
             return existing.clone();
         }
@@ -64,59 +70,72 @@ impl JobFeeds {
         let (sender, receiver) = watch::channel(published);
         if !ended {
             map.insert(id.to_string(), receiver.clone());
-            let state = state.clone();
-            let id = id.to_string();
-            tokio::spawn(async move { run_feed(state, id, sender, changes).await });
+            let feed = Feed {
+                feeds: self.feeds.clone(),
+                id: id.to_string(),
+                read,
+                shutting_down,
+            };
+            tokio::spawn(feed.run(sender, changes));
         }
         receiver
     }
 }
 
-async fn run_feed(
-    state: Arc<AppState>,
+type FeedMap = Arc<Mutex<HashMap<String, watch::Receiver<FeedValue>>>>;
+
+/// One running feed: what it needs to read its job and to leave the map.
+struct Feed {
+    feeds: FeedMap,
     id: String,
-    sender: watch::Sender<FeedValue>,
-    mut changes: broadcast::Receiver<Arc<str>>,
-) {
-    let mut shutting_down = state.shutting_down.clone();
-    loop {
-        tokio::select! {
-            _ = tokio::time::timeout(REREAD, job_changed(&mut changes, &id)) => {}
-            _ = shutting_down.wait_for(|stopping| *stopping) => break,
-        }
-        // The map's own receiver is the one left: nobody follows any more. Checked under the
-        // map's lock, so a subscriber cannot clone the receiver between the check and removal.
-        {
-            let mut map = lock(&state.feeds.feeds);
-            if sender.receiver_count() <= 1 {
-                map.remove(&id);
-                return;
+    read: ReadStatus,
+    shutting_down: watch::Receiver<bool>,
+}
+
+impl Feed {
+    async fn run(
+        self,
+        sender: watch::Sender<FeedValue>,
+        mut changes: broadcast::Receiver<Arc<str>>,
+    ) {
+        let id = self.id.clone();
+        let mut shutting_down = self.shutting_down.clone();
+        loop {
+            tokio::select! {
+                _ = tokio::time::timeout(REREAD, job_changed(&mut changes, &id)) => {}
+                _ = shutting_down.wait_for(|stopping| *stopping) => break,
+            }
+            // The map's own receiver is the one left: nobody follows any more. Checked under the
+            // map's lock, so a subscriber cannot clone the receiver between the check and removal.
+            {
+                let mut map = lock(&self.feeds);
+                if sender.receiver_count() <= 1 {
+                    map.remove(&id);
+                    return;
+                }
+            }
+            // What the fan-out saves is visible: one read per feed, however many follow it.
+            metrics::counter!("wanserve_event_feed_reads_total").increment(1);
+            let status = (self.read)(id.clone()).await;
+            let published = status.as_ref().and_then(Published::of);
+            let ended = published.as_ref().is_none_or(|p| p.is_final);
+            sender.send_if_modified(|current| {
+                let same = match (current.as_ref(), published.as_ref()) {
+                    (Some(a), Some(b)) => a.json == b.json,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    *current = published;
+                }
+                !same
+            });
+            if ended {
+                break;
             }
         }
-        // What the fan-out saves is visible: one read per feed, however many follow it.
-        metrics::counter!("wanserve_event_feed_reads_total").increment(1);
-        let status = match state.store.get(&id).await {
-            Ok(Some(job)) => status_view(&state, job).await.ok(),
-            _ => None,
-        };
-        let published = status.as_ref().and_then(Published::of);
-        let ended = published.as_ref().is_none_or(|p| p.is_final);
-        sender.send_if_modified(|current| {
-            let same = match (current.as_ref(), published.as_ref()) {
-                (Some(a), Some(b)) => a.json == b.json,
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
-                *current = published;
-            }
-            !same
-        });
-        if ended {
-            break;
-        }
+        lock(&self.feeds).remove(&id);
     }
-    lock(&state.feeds.feeds).remove(&id);
 }
 
 /// Returns when `id` is announced on `changes` (or some announcements were missed).

@@ -3,8 +3,10 @@
 //! listener, then the graceful drain. Every way start-up can fail is a [`StartupError`].
 
 use super::config::ServeConfig;
-use super::{AppState, HostLimits, ModelStatus, auth, connections, events, overflow_router};
-use super::{plugin_pool, readiness, router, webhooks};
+use super::routes::{overflow_router, router};
+use super::state::{AppState, HostLimits, ModelStatus};
+use super::{auth, connections, events};
+use super::{plugin_pool, readiness, webhook_delivery, webhooks};
 use crate::engine::{Engine, load_warm_pipeline};
 use crate::jobs::postgres::PgJobStore;
 use crate::jobs::retention::Sweeper;
@@ -369,7 +371,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         .run(stop_rx),
     );
 
-    let webhook_sender = tokio::spawn(webhooks::run(state.clone()));
+    let webhook_sender = tokio::spawn(webhook_delivery::run(state.clone()));
 
     println!("listening on http://{local}");
     println!("docs: {base_url}/docs");

@@ -13,13 +13,10 @@
 //! the HTTP client connects through (a name that resolves elsewhere later is still refused);
 //! redirects are not followed.
 
-use super::AppState;
-use super::api::status_view;
 use crate::ids::now_ms;
 use crate::jobs::{WebhookAttempt, WebhookDelivery};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
@@ -35,11 +32,11 @@ pub const WEBHOOK_SECRET_FILE: &str = "webhook-secret";
 const SECRET_PREFIX: &str = "whsec_";
 const MAX_URL_LEN: usize = 2048;
 /// One attempt: connect, send, and read the status line.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retries never wait longer than this between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// Deliveries sent at once by one server.
-const CONCURRENT: usize = 8;
+pub(super) const CONCURRENT: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
@@ -274,7 +271,7 @@ impl Webhooks {
     }
 
     /// One POST; `Err` says why it did not count as delivered.
-    async fn post(&self, delivery: &WebhookDelivery, body: &str) -> Result<(), String> {
+    pub(super) async fn post(&self, delivery: &WebhookDelivery, body: &str) -> Result<(), String> {
         let url = Url::parse(&delivery.url).map_err(|e| format!("bad URL: {e}"))?;
         // An address literal never reaches the resolver, nor does any name through a proxy:
         // check it here.
@@ -305,7 +302,12 @@ impl Webhooks {
     }
 
     /// What to record after attempt number `attempts` (1-based) failed at `now`.
-    fn after_failure(&self, delivery: &WebhookDelivery, now: i64, error: String) -> WebhookAttempt {
+    pub(super) fn after_failure(
+        &self,
+        delivery: &WebhookDelivery,
+        now: i64,
+        error: String,
+    ) -> WebhookAttempt {
         let exponent = u32::try_from(delivery.attempts).unwrap_or(u32::MAX).min(20);
         let wait = self
             .first_retry
@@ -323,106 +325,6 @@ impl Webhooks {
                 next_at,
                 error,
             }
-        }
-    }
-}
-
-/// The body: `{"type": "video.succeeded" | "video.failed" | "video.cancelled", "timestamp",
-/// "data": <the job's status, as /video/status gives it>}`.
-async fn payload(state: &AppState, delivery: &WebhookDelivery) -> Result<String, String> {
-    let job = state
-        .store
-        .get(&delivery.job_id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("job {} is gone", delivery.job_id))?;
-    let finished = job.finished_at.unwrap_or(delivery.created_at);
-    let mut status = status_view(state, job)
-        .await
-        .map_err(|e| format!("cannot read the job's status: {e}"))?;
-    status.webhook = None;
-    let kind = match status.status {
-        crate::wire::StatusName::Succeed => "video.succeeded",
-        crate::wire::StatusName::Cancelled => "video.cancelled",
-        _ => "video.failed",
-    };
-    let timestamp = chrono::DateTime::from_timestamp_millis(finished)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    serde_json::to_string(&serde_json::json!({
-        "type": kind,
-        "timestamp": timestamp,
-        "data": status,
-    }))
-    .map_err(|e| e.to_string())
-}
-
-async fn deliver(state: &AppState, delivery: WebhookDelivery) {
-    let webhooks = &state.webhooks;
-    let body = match &delivery.payload {
-        Some(body) => body.clone(),
-        None => match payload(state, &delivery).await {
-            Ok(body) => body,
-            Err(e) => {
-                tracing::error!(request_id = %delivery.job_id, error = %e, "cannot build a webhook body");
-                return; // the lease runs out and it is tried again
-            }
-        },
-    };
-    let result = webhooks.post(&delivery, &body).await;
-    let now = now_ms();
-    let attempt = match result {
-        Ok(()) => WebhookAttempt::Delivered { at: now },
-        Err(error) => webhooks.after_failure(&delivery, now, error),
-    };
-    match &attempt {
-        WebhookAttempt::Delivered { .. } => {
-            metrics::counter!("wanserve_webhooks_total", "outcome" => "delivered").increment(1);
-            tracing::info!(request_id = %delivery.job_id, webhook_id = %delivery.id, attempt = delivery.attempts + 1, "webhook delivered");
-        }
-        WebhookAttempt::Retry { error, next_at, .. } => {
-            metrics::counter!("wanserve_webhooks_total", "outcome" => "retry").increment(1);
-            tracing::warn!(request_id = %delivery.job_id, webhook_id = %delivery.id, attempt = delivery.attempts + 1, error, retry_in_ms = next_at - now, "webhook not delivered; will retry");
-        }
-        WebhookAttempt::GaveUp { error, .. } => {
-            metrics::counter!("wanserve_webhooks_total", "outcome" => "gave_up").increment(1);
-            tracing::warn!(request_id = %delivery.job_id, webhook_id = %delivery.id, attempt = delivery.attempts + 1, error, "webhook not delivered; giving up");
-        }
-    }
-    if let Err(e) = state
-        .store
-        .record_webhook_attempt(&delivery.id, &body, &attempt)
-        .await
-    {
-        tracing::error!(webhook_id = %delivery.id, error = %e, "cannot record a webhook attempt");
-    }
-}
-
-/// Sends due deliveries until shutdown: woken when a job changes, and every second (retries
-/// fall due, and other hosts' jobs end).
-pub async fn run(state: Arc<AppState>) {
-    let mut changes = state.workers.changes();
-    let mut shutting_down = state.shutting_down.clone();
-    let lease = ATTEMPT_TIMEOUT + Duration::from_secs(20);
-    loop {
-        let now = now_ms();
-        match state
-            .store
-            .claim_due_webhooks(now, now + lease.as_millis() as i64, 64)
-            .await
-        {
-            Ok(due) if !due.is_empty() => {
-                futures::stream::iter(due)
-                    .for_each_concurrent(CONCURRENT, |delivery| deliver(&state, delivery))
-                    .await;
-                continue;
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "cannot read due webhooks"),
-        }
-        tokio::select! {
-            _ = tokio::time::timeout(Duration::from_secs(1), changes.recv()) => {}
-            _ = shutting_down.wait_for(|stopping| *stopping) => return,
         }
     }
 }
