@@ -35,7 +35,8 @@ fn read_sources(root: &Path) -> Sources {
             if path.is_dir() {
                 dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "rs")
-                && path.file_name().is_some_and(|n| n != "main.rs")
+                // main.rs is the binary; this file's text holds made-up sources for its tests.
+                && path.file_name().is_some_and(|n| n != "main.rs" && n != "import_graph.rs")
                 && let (Ok(relative), Ok(text)) =
                     (path.strip_prefix(root), std::fs::read_to_string(&path))
             {
@@ -269,6 +270,122 @@ fn a_cycle_through_a_child_or_a_braced_use_is_found() {
     .collect();
     let cycle = find_cycle(&graph(&parent_child)).expect("the parent-child cycle");
     assert!(cycle.contains(&"server::api".to_string()), "{cycle:?}");
+}
+
+/// What each top-level module may not import (ARCHITECTURE.md, "Layers"): a layer below never
+/// reaches one above it, and the leaves import no layer at all. (The client may name
+/// `pipeline::step_cache::CacheMode`: its `--cache` offers the names the engine takes.)
+const MAY_NOT_TOUCH: &[(&str, &[&str])] = &[
+    (
+        "tensor",
+        &[
+            "backend", "pipeline", "model", "engine", "jobs", "server", "plugins", "video",
+            "storage", "client",
+        ],
+    ),
+    (
+        "backend",
+        &[
+            "pipeline", "engine", "jobs", "server", "plugins", "video", "storage", "client",
+        ],
+    ),
+    (
+        "model",
+        &[
+            "pipeline", "backend", "engine", "jobs", "server", "plugins", "video", "storage",
+            "client",
+        ],
+    ),
+    (
+        "pipeline",
+        &[
+            "engine", "jobs", "server", "plugins", "video", "storage", "client",
+        ],
+    ),
+    (
+        "video",
+        &[
+            "pipeline", "backend", "model", "engine", "jobs", "server", "plugins", "storage",
+            "client",
+        ],
+    ),
+    (
+        "engine",
+        &["jobs", "server", "plugins", "storage", "client"],
+    ),
+    (
+        "plugins",
+        &[
+            "pipeline", "backend", "model", "engine", "jobs", "server", "video", "client",
+        ],
+    ),
+    (
+        "storage",
+        &[
+            "pipeline", "backend", "model", "engine", "jobs", "server", "plugins", "video",
+            "client",
+        ],
+    ),
+    ("jobs", &["server", "client"]),
+    ("server", &["backend", "video", "client"]),
+    (
+        "client",
+        &[
+            "backend", "model", "engine", "jobs", "server", "plugins", "video", "storage",
+        ],
+    ),
+    (
+        "ids",
+        &[
+            "backend", "pipeline", "model", "engine", "jobs", "server", "plugins", "video",
+            "storage", "client",
+        ],
+    ),
+    (
+        "wire",
+        &[
+            "backend", "pipeline", "model", "engine", "jobs", "server", "plugins", "video",
+            "storage", "client",
+        ],
+    ),
+    (
+        "sync",
+        &[
+            "backend", "pipeline", "model", "engine", "jobs", "server", "plugins", "video",
+            "storage", "client",
+        ],
+    ),
+    (
+        "error_chain",
+        &[
+            "backend", "pipeline", "model", "engine", "jobs", "server", "plugins", "video",
+            "storage", "client",
+        ],
+    ),
+];
+
+#[test]
+fn no_layer_imports_one_it_may_not_touch() {
+    let sources = read_sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    let mut broken = Vec::new();
+    for (module, targets) in graph(&sources) {
+        let Some(top) = module.first() else { continue };
+        let Some((_, forbidden)) = MAY_NOT_TOUCH.iter().find(|(m, _)| m == top) else {
+            continue;
+        };
+        for target in targets {
+            if target
+                .first()
+                .is_some_and(|t| forbidden.contains(&t.as_str()))
+            {
+                broken.push(format!("{} -> {}", name(&module), name(&target)));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "imports ARCHITECTURE.md rules out: {broken:#?}"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 pub mod eta;
 pub mod postgres;
 pub mod retention;
+mod sql;
 pub mod sqlite;
 pub mod workers;
 
@@ -195,93 +196,6 @@ pub struct Job {
     pub progress: Option<StoredProgress>,
     /// Where the final state is POSTed (checked against the server's policy at submit).
     pub webhook_url: Option<String>,
-}
-
-/// The columns of a job row read by every query, in both databases' schemas.
-pub(crate) const JOB_COLUMNS: &str = "seq, id, principal, request, status, attempt, created_at, \
-    started_at, finished_at, inference_seconds, pending_key, object_key, expires_at, \
-    video_deleted_at, metadata, reason, progress_stage, progress_step, progress_total, \
-    progress_eta, webhook_url";
-
-pub(crate) const WEBHOOK_COLUMNS: &str = "id, job_id, url, payload, created_at, attempts, \
-    next_attempt_at, delivered_at, gave_up_at, last_error";
-
-/// A job row as the database has it (JSON as text), for either store.
-#[derive(sqlx::FromRow)]
-pub(crate) struct JobRow {
-    seq: i64,
-    id: String,
-    principal: String,
-    request: String,
-    status: String,
-    attempt: i64,
-    created_at: i64,
-    started_at: Option<i64>,
-    finished_at: Option<i64>,
-    inference_seconds: Option<f64>,
-    pending_key: Option<String>,
-    object_key: Option<String>,
-    expires_at: Option<i64>,
-    video_deleted_at: Option<i64>,
-    metadata: Option<String>,
-    reason: Option<String>,
-    progress_stage: Option<String>,
-    progress_step: Option<i64>,
-    progress_total: Option<i64>,
-    progress_eta: Option<f64>,
-    webhook_url: Option<String>,
-}
-
-impl TryFrom<JobRow> for Job {
-    type Error = StoreError;
-
-    fn try_from(row: JobRow) -> Result<Self, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
-            id: row.id.clone(),
-            reason,
-        };
-        let principal: JobPrincipal =
-            serde_json::from_str(&row.principal).map_err(|e| corrupt(format!("principal: {e}")))?;
-        let request: JobRequest =
-            serde_json::from_str(&row.request).map_err(|e| corrupt(format!("request: {e}")))?;
-        let state = JobState::parse(&row.status)
-            .ok_or_else(|| corrupt(format!("status {:?}", row.status)))?;
-        let metadata = match &row.metadata {
-            None => Vec::new(),
-            Some(text) => {
-                serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?
-            }
-        };
-        let progress = match (row.progress_stage, row.progress_step, row.progress_total) {
-            (Some(stage), Some(step), Some(total)) => Some(StoredProgress {
-                stage,
-                step: step.clamp(0, u32::MAX as i64) as u32,
-                total: total.clamp(0, u32::MAX as i64) as u32,
-                eta_seconds: row.progress_eta,
-            }),
-            _ => None,
-        };
-        Ok(Job {
-            seq: row.seq,
-            id: row.id,
-            principal,
-            request,
-            state,
-            attempt: row.attempt,
-            created_at: row.created_at,
-            started_at: row.started_at,
-            finished_at: row.finished_at,
-            inference_seconds: row.inference_seconds,
-            pending_key: row.pending_key,
-            object_key: row.object_key,
-            expires_at: row.expires_at,
-            video_deleted_at: row.video_deleted_at,
-            metadata,
-            reason: row.reason,
-            progress,
-            webhook_url: row.webhook_url,
-        })
-    }
 }
 
 /// A job to insert.

@@ -17,13 +17,13 @@
 //!   instead of at their next poll.
 //! - No cache: other processes write the same rows.
 
+use super::sql::{self, JOB_COLUMNS, SharedSql, WEBHOOK_COLUMNS, job_from_row};
 use super::{
-    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, JOB_COLUMNS, Job, JobRow, JobState,
-    JobStore, NewJob, StoreError, StoredProgress, Submitted, WEBHOOK_COLUMNS, WebhookAttempt,
-    WebhookDelivery,
+    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobState, JobStore, NewJob,
+    StoreError, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
 };
 use crate::ids::now_ms;
-use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{FromRow, PgPool, Row};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,22 +102,13 @@ impl PgJobStore {
         i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
     }
 
-    async fn stamp(&self, id: &str, column: &'static str, at_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(&format!("UPDATE jobs SET {column} = $1 WHERE id = $2"))
-            .bind(at_ms)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    fn shared(&self) -> SharedSql<'_, sqlx::Postgres> {
+        SharedSql(&self.pool)
     }
-}
 
-fn job_from_row(row: &PgRow) -> Result<Job, StoreError> {
-    JobRow::from_row(row)?.try_into()
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).unwrap_or_default()
+    async fn stamp(&self, id: &str, column: &'static str, at_ms: i64) -> Result<(), StoreError> {
+        self.shared().stamp(id, column, at_ms).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -125,7 +116,7 @@ impl JobStore for PgJobStore {
     async fn submit(&self, job: NewJob, queue_limit: u64) -> Result<Submitted, StoreError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        if let Some((key, hash)) = &job.idempotency {
+        if let Some((key, _)) = &job.idempotency {
             // Two hosts given the same key at once: the second waits for the first's commit
             // and then finds its job.
             sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(1) || $2, 0))")
@@ -133,45 +124,19 @@ impl JobStore for PgJobStore {
                 .bind(key)
                 .execute(&mut *tx)
                 .await?;
-            let earlier = sqlx::query(
-                "SELECT job_id, request_hash FROM idempotency_keys
-                 WHERE principal_id = $1 AND key = $2 AND created_at > $3",
-            )
-            .bind(&job.principal.id)
-            .bind(key)
-            .bind(now - IDEMPOTENCY_WINDOW_MS)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = earlier {
-                let earlier_hash: String = row.try_get("request_hash")?;
-                return Ok(if &earlier_hash == hash {
-                    Submitted::Existing(row.try_get("job_id")?)
-                } else {
-                    Submitted::KeyReused
-                });
-            }
+        }
+        if let Some(answer) =
+            SharedSql::<sqlx::Postgres>::earlier_submit(&mut tx, &job, now).await?
+        {
+            return Ok(answer);
         }
         // Hosts that submit at the same moment may each see room for one more: the limit is a
         // bound on the order of the number of API hosts, not exact.
-        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
-            .fetch_one(&mut *tx)
-            .await?;
-        let queued = queued.max(0) as u64;
-        if queued >= queue_limit {
-            return Ok(Submitted::QueueFull { queued });
+        if let Some(full) =
+            SharedSql::<sqlx::Postgres>::insert_unless_full(&mut tx, &job, queue_limit, now).await?
+        {
+            return Ok(full);
         }
-        sqlx::query(
-            "INSERT INTO jobs (id, principal_id, principal, request, status, created_at, webhook_url)
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6)",
-        )
-        .bind(&job.id)
-        .bind(&job.principal.id)
-        .bind(to_json(&job.principal))
-        .bind(to_json(&job.request))
-        .bind(now)
-        .bind(&job.webhook_url)
-        .execute(&mut *tx)
-        .await?;
         if let Some((key, hash)) = &job.idempotency {
             sqlx::query(
                 "INSERT INTO idempotency_keys (principal_id, key, request_hash, job_id, created_at)
@@ -198,7 +163,7 @@ impl JobStore for PgJobStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Arc<Job>>, StoreError> {
-        sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+        sqlx::query(sql::GET_JOB)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -209,31 +174,15 @@ impl JobStore for PgJobStore {
     }
 
     async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued' AND seq < $1")
-                .bind(seq)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(n.max(0) as u64)
+        self.shared().jobs_ahead(seq).await
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
-        let rows = sqlx::query(
-            "SELECT status, count(*) AS n FROM jobs WHERE status IN ('queued', 'running') GROUP BY status",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Counts::from_rows(&rows)
+        self.shared().counts().await
     }
 
     async fn counts_of(&self, principal_id: &str) -> Result<Counts, StoreError> {
-        let rows = sqlx::query(
-            "SELECT status, count(*) AS n FROM jobs WHERE principal_id = $1 AND status IN ('queued', 'running') GROUP BY status",
-        )
-        .bind(principal_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Counts::from_rows(&rows)
+        self.shared().counts_of(principal_id).await
     }
 
     async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError> {
@@ -368,32 +317,16 @@ impl JobStore for PgJobStore {
         attempt: i64,
         progress: &StoredProgress,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE jobs SET progress_stage = $1, progress_step = $2, progress_total = $3,
-                 progress_eta = $4
-             WHERE id = $5 AND attempt = $6",
-        )
-        .bind(&progress.stage)
-        .bind(progress.step as i64)
-        .bind(progress.total as i64)
-        .bind(progress.eta_seconds)
-        .bind(id)
-        .bind(attempt)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.shared().set_progress(id, attempt, progress).await
     }
 
     async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET pending_key = $1
-             WHERE id = $2 AND attempt = $3 AND status = 'running'",
-        )
-        .bind(key)
-        .bind(id)
-        .bind(attempt)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(sql::SET_PENDING_KEY)
+            .bind(key)
+            .bind(id)
+            .bind(attempt)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -413,7 +346,7 @@ impl JobStore for PgJobStore {
         .bind(done.inference_seconds)
         .bind(&done.object_key)
         .bind(done.expires_at)
-        .bind(to_json(&done.metadata))
+        .bind(sql::to_json(&done.metadata))
         .bind(id)
         .bind(attempt)
         .execute(&self.pool)
@@ -462,20 +395,9 @@ impl JobStore for PgJobStore {
         kept_before_ms: i64,
         limit: u32,
     ) -> Result<Vec<Job>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
-             WHERE status = 'succeeded' AND video_deleted_at IS NULL AND expires_at <= $1
-               AND (retention_checked_at IS NULL OR retention_checked_at <= $2)
-             ORDER BY expires_at LIMIT $3"
-        ))
-        .bind(now_ms)
-        .bind(kept_before_ms)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(job_from_row)
-        .collect()
+        self.shared()
+            .expired_videos(now_ms, kept_before_ms, limit)
+            .await
     }
 
     async fn mark_video_deleted(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
@@ -487,7 +409,7 @@ impl JobStore for PgJobStore {
     }
 
     async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1")
+        let done = sqlx::query(sql::PRUNE_IDEMPOTENCY_KEYS)
             .bind(now_ms - IDEMPOTENCY_WINDOW_MS)
             .execute(&self.pool)
             .await?;
@@ -526,33 +448,12 @@ impl JobStore for PgJobStore {
         payload: &str,
         attempt: &WebhookAttempt,
     ) -> Result<(), StoreError> {
-        let (next_at, delivered_at, gave_up_at, error) = attempt.recorded();
-        sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1,
-                 payload = coalesce(payload, $1), next_attempt_at = $2, delivered_at = $3,
-                 gave_up_at = $4, last_error = coalesce($5, last_error)
-             WHERE id = $6",
-        )
-        .bind(payload)
-        .bind(next_at)
-        .bind(delivered_at)
-        .bind(gave_up_at)
-        .bind(error)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.shared()
+            .record_webhook_attempt(id, payload, attempt)
+            .await
     }
 
     async fn webhook_delivery(&self, job_id: &str) -> Result<Option<WebhookDelivery>, StoreError> {
-        Ok(sqlx::query(&format!(
-            "SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE job_id = $1"
-        ))
-        .bind(job_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(WebhookDelivery::from_row)
-        .transpose()?)
+        self.shared().webhook_delivery(job_id).await
     }
 }

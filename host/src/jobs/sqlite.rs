@@ -2,10 +2,10 @@
 //! alone and never meets `SQLITE_BUSY`; a pool of read-only connections for status lookups,
 //! which WAL lets run beside the writer.
 
+use super::sql::{self, JOB_COLUMNS, SharedSql, WEBHOOK_COLUMNS, job_from_row};
 use super::{
-    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, JOB_COLUMNS, Job, JobRow, JobState,
-    JobStore, NewJob, StoreError, StoredProgress, Submitted, WEBHOOK_COLUMNS, WebhookAttempt,
-    WebhookDelivery,
+    CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobState, JobStore, NewJob,
+    StoreError, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
 };
 use crate::ids::now_ms;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -110,12 +110,16 @@ impl SqliteJobStore {
 
 impl SqliteJobStore {
     /// Sets one of the job's timestamp columns (a fixed name, never client input).
+    fn shared_reader(&self) -> SharedSql<'_, sqlx::Sqlite> {
+        SharedSql(&self.reader)
+    }
+
+    fn shared_writer(&self) -> SharedSql<'_, sqlx::Sqlite> {
+        SharedSql(&self.writer)
+    }
+
     async fn stamp(&self, id: &str, column: &'static str, at_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(&format!("UPDATE jobs SET {column} = ? WHERE id = ?"))
-            .bind(at_ms)
-            .bind(id)
-            .execute(&self.writer)
-            .await?;
+        self.shared_writer().stamp(id, column, at_ms).await?;
         self.cache.invalidate(id);
         Ok(())
     }
@@ -163,17 +167,8 @@ fn lock_exclusively(database: &Path) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
-fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
-    JobRow::from_row(row)?.try_into()
-}
-
 fn delivery_from_row(row: &SqliteRow) -> Result<WebhookDelivery, StoreError> {
     Ok(WebhookDelivery::from_row(row)?)
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    // Serialising plain structs of strings and numbers cannot fail.
-    serde_json::to_string(value).unwrap_or_default()
 }
 
 #[async_trait::async_trait]
@@ -181,44 +176,14 @@ impl JobStore for SqliteJobStore {
     async fn submit(&self, job: NewJob, queue_limit: u64) -> Result<Submitted, StoreError> {
         let now = now_ms();
         let mut tx = self.writer.begin().await?;
-        if let Some((key, hash)) = &job.idempotency {
-            let earlier = sqlx::query(
-                "SELECT job_id, request_hash FROM idempotency_keys
-                 WHERE principal_id = ? AND key = ? AND created_at > ?",
-            )
-            .bind(&job.principal.id)
-            .bind(key)
-            .bind(now - IDEMPOTENCY_WINDOW_MS)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = earlier {
-                let earlier_hash: String = row.try_get("request_hash")?;
-                return Ok(if &earlier_hash == hash {
-                    Submitted::Existing(row.try_get("job_id")?)
-                } else {
-                    Submitted::KeyReused
-                });
-            }
+        if let Some(answer) = SharedSql::<sqlx::Sqlite>::earlier_submit(&mut tx, &job, now).await? {
+            return Ok(answer);
         }
-        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
-            .fetch_one(&mut *tx)
-            .await?;
-        let queued = queued.max(0) as u64;
-        if queued >= queue_limit {
-            return Ok(Submitted::QueueFull { queued });
+        if let Some(full) =
+            SharedSql::<sqlx::Sqlite>::insert_unless_full(&mut tx, &job, queue_limit, now).await?
+        {
+            return Ok(full);
         }
-        sqlx::query(
-            "INSERT INTO jobs (id, principal_id, principal, request, status, created_at, webhook_url)
-             VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-        )
-        .bind(&job.id)
-        .bind(&job.principal.id)
-        .bind(to_json(&job.principal))
-        .bind(to_json(&job.request))
-        .bind(now)
-        .bind(&job.webhook_url)
-        .execute(&mut *tx)
-        .await?;
         if let Some((key, hash)) = &job.idempotency {
             // An expired entry for the same key is replaced.
             sqlx::query(
@@ -242,7 +207,7 @@ impl JobStore for SqliteJobStore {
             return Ok(Some(job));
         }
         let generation = self.cache.generation();
-        let job = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
+        let job = sqlx::query(sql::GET_JOB)
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
@@ -257,31 +222,15 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn jobs_ahead(&self, seq: i64) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued' AND seq < ?")
-                .bind(seq)
-                .fetch_one(&self.reader)
-                .await?;
-        Ok(n.max(0) as u64)
+        self.shared_reader().jobs_ahead(seq).await
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
-        let rows = sqlx::query(
-            "SELECT status, count(*) AS n FROM jobs WHERE status IN ('queued', 'running') GROUP BY status",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        Counts::from_rows(&rows)
+        self.shared_reader().counts().await
     }
 
     async fn counts_of(&self, principal_id: &str) -> Result<Counts, StoreError> {
-        let rows = sqlx::query(
-            "SELECT status, count(*) AS n FROM jobs WHERE principal_id = ? AND status IN ('queued', 'running') GROUP BY status",
-        )
-        .bind(principal_id)
-        .fetch_all(&self.reader)
-        .await?;
-        Counts::from_rows(&rows)
+        self.shared_reader().counts_of(principal_id).await
     }
 
     async fn cancel(&self, id: &str, principal_id: &str) -> Result<CancelOutcome, StoreError> {
@@ -345,33 +294,20 @@ impl JobStore for SqliteJobStore {
         attempt: i64,
         progress: &StoredProgress,
     ) -> Result<(), StoreError> {
-        // Any status: a cancelled job keeps the step it stopped at.
-        sqlx::query(
-            "UPDATE jobs SET progress_stage = ?, progress_step = ?, progress_total = ?,
-                 progress_eta = ?
-             WHERE id = ? AND attempt = ?",
-        )
-        .bind(&progress.stage)
-        .bind(progress.step as i64)
-        .bind(progress.total as i64)
-        .bind(progress.eta_seconds)
-        .bind(id)
-        .bind(attempt)
-        .execute(&self.writer)
-        .await?;
+        self.shared_writer()
+            .set_progress(id, attempt, progress)
+            .await?;
         self.cache.invalidate(id);
         Ok(())
     }
 
     async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET pending_key = ? WHERE id = ? AND attempt = ? AND status = 'running'",
-        )
-        .bind(key)
-        .bind(id)
-        .bind(attempt)
-        .execute(&self.writer)
-        .await?;
+        let done = sqlx::query(sql::SET_PENDING_KEY)
+            .bind(key)
+            .bind(id)
+            .bind(attempt)
+            .execute(&self.writer)
+            .await?;
         self.cache.invalidate(id);
         Ok(done.rows_affected() == 1)
     }
@@ -391,7 +327,7 @@ impl JobStore for SqliteJobStore {
         .bind(done.inference_seconds)
         .bind(&done.object_key)
         .bind(done.expires_at)
-        .bind(to_json(&done.metadata))
+        .bind(sql::to_json(&done.metadata))
         .bind(id)
         .bind(attempt)
         .execute(&self.writer)
@@ -458,20 +394,9 @@ impl JobStore for SqliteJobStore {
         kept_before_ms: i64,
         limit: u32,
     ) -> Result<Vec<Job>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
-             WHERE status = 'succeeded' AND video_deleted_at IS NULL AND expires_at <= ?
-               AND (retention_checked_at IS NULL OR retention_checked_at <= ?)
-             ORDER BY expires_at LIMIT ?"
-        ))
-        .bind(now_ms)
-        .bind(kept_before_ms)
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?
-        .iter()
-        .map(job_from_row)
-        .collect()
+        self.shared_reader()
+            .expired_videos(now_ms, kept_before_ms, limit)
+            .await
     }
 
     async fn mark_video_deleted(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
@@ -483,7 +408,7 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn prune_idempotency_keys(&self, now_ms: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= ?")
+        let done = sqlx::query(sql::PRUNE_IDEMPOTENCY_KEYS)
             .bind(now_ms - IDEMPOTENCY_WINDOW_MS)
             .execute(&self.writer)
             .await?;
@@ -519,33 +444,12 @@ impl JobStore for SqliteJobStore {
         payload: &str,
         attempt: &WebhookAttempt,
     ) -> Result<(), StoreError> {
-        let (next_at, delivered_at, gave_up_at, error) = attempt.recorded();
-        sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1, payload = coalesce(payload, ?),
-                 next_attempt_at = ?, delivered_at = ?, gave_up_at = ?,
-                 last_error = coalesce(?, last_error)
-             WHERE id = ?",
-        )
-        .bind(payload)
-        .bind(next_at)
-        .bind(delivered_at)
-        .bind(gave_up_at)
-        .bind(error)
-        .bind(id)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        self.shared_writer()
+            .record_webhook_attempt(id, payload, attempt)
+            .await
     }
 
     async fn webhook_delivery(&self, job_id: &str) -> Result<Option<WebhookDelivery>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {WEBHOOK_COLUMNS} FROM webhook_deliveries WHERE job_id = ?"
-        ))
-        .bind(job_id)
-        .fetch_optional(&self.reader)
-        .await?
-        .as_ref()
-        .map(delivery_from_row)
-        .transpose()
+        self.shared_reader().webhook_delivery(job_id).await
     }
 }

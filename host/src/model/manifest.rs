@@ -1,4 +1,4 @@
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// `wanserve-model.json`, as `models/export.py` writes it.
@@ -57,7 +57,7 @@ pub struct StepCacheSpec {
     pub method: String,
     /// The step count the ratios were measured at (other counts are resampled).
     pub calibrated_steps: usize,
-    pub ratios: crate::pipeline::step_cache::MagRatios,
+    pub ratios: MagRatios,
     /// Where the ratios come from (published, or how they were calibrated).
     #[serde(default)]
     pub source: Option<String>,
@@ -261,4 +261,14 @@ impl Manifest {
         files.extend(self.transformer.skip_file.as_deref());
         files
     }
+}
+
+/// A checkpoint's magnitude ratios, one per step of the run they were measured on, per branch
+/// (the manifest's `step_cache`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MagRatios {
+    /// The conditional branch (and the only one of an unguided job).
+    pub cond: Vec<f64>,
+    /// The unconditional (negative-prompt) branch.
+    pub uncond: Vec<f64>,
 }

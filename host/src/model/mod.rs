@@ -5,7 +5,7 @@ mod manifest;
 mod stamp;
 
 pub use manifest::{
-    Manifest, TextEncoderSpec, TokenizerSpec, TransformerSpec, UniPcConfig, VaeSpec,
+    MagRatios, Manifest, TextEncoderSpec, TokenizerSpec, TransformerSpec, UniPcConfig, VaeSpec,
 };
 pub use stamp::Verify;
 

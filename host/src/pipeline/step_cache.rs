@@ -13,6 +13,7 @@
 //! row; otherwise compute and start accumulating afresh. Ratios calibrated for another step count
 //! are resampled to the job's by diffusers' `nearest_interp`.
 
+pub use crate::model::MagRatios;
 use serde::{Deserialize, Serialize};
 
 /// What a request asks for (`"cache"` in the submit body).
@@ -83,16 +84,6 @@ pub struct CacheSettings {
     pub max_skip_steps: usize,
     /// The first `round(retention_ratio × steps)` steps always compute.
     pub retention_ratio: f64,
-}
-
-/// A checkpoint's magnitude ratios, one per step of the run they were measured on, per branch
-/// (the manifest's `step_cache`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MagRatios {
-    /// The conditional branch (and the only one of an unguided job).
-    pub cond: Vec<f64>,
-    /// The unconditional (negative-prompt) branch.
-    pub uncond: Vec<f64>,
 }
 
 /// Which steps of one job skip the blocks, per branch.
