@@ -6,12 +6,16 @@
 
 pub mod arithmetic;
 mod contract;
+pub mod device_io;
 #[cfg(test)]
 pub(crate) mod fake;
 mod ort_backend;
+mod ort_graph;
+mod ort_run_control;
 pub mod runtime;
 pub mod session;
 
 pub use contract::{Backend, BackendError, RunControl};
-pub use ort_backend::{LoadOptions, OrtBackend, OrtRunControl, OrtVaeCache};
+pub use ort_backend::{LoadOptions, OrtBackend, OrtVaeCache};
+pub use ort_run_control::OrtRunControl;
 pub use session::{CudaMemory, Device};

@@ -4,96 +4,25 @@
 //! interleave call by call (a denoising step of one job, then of the other); the sessions and
 //! their weights exist once.
 
-use super::arithmetic::{DeviceTensor, OrtTensors, host_memory, output_memory, run_bound};
-use super::contract::{Backend, BackendError, RunControl};
-use super::runtime;
-use super::session::{CudaMemory, Device, SessionConfig, is_out_of_memory, session_builder};
+use super::arithmetic::{DeviceTensor, OrtTensors};
+use super::contract::{Backend, BackendError};
+use super::device_io::{output_memory, run_bound};
+use super::ort_graph::{
+    Graph, decode_output_memory, dims5, float_output, load, owned_input, run, run_error,
+};
+use super::ort_run_control::OrtRunControl;
+use super::session::{CudaMemory, Device, SessionConfig};
 use crate::model::ModelDir;
 use half::bf16;
-use ndarray::{Array3, Array5, ArrayView5, Ix3, Ix5};
+use ndarray::{Array3, Array5, ArrayView5, Ix3};
 use ort::memory::MemoryInfo;
-use ort::session::{RunOptions, Session, SessionInputValue};
-use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
-use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
-
-struct Graph {
-    name: &'static str,
-    session: Mutex<Session>,
-    device: Device,
-    /// Whether the graph's float inputs are bfloat16 (converted at the boundary).
-    bf16: bool,
-    /// Every output's name, in the graph's order (the VAE's video, then its cache slots); never
-    /// empty (`load` refuses a graph without outputs).
-    outputs: Vec<String>,
-}
+use ort::value::{DynTensor, Tensor, TensorElementType};
 
 /// The VAE decoder's causal cache between chunks: the decoder graph's cache outputs, fed back
 /// as its cache inputs. They stay in the device's memory (GPU memory with CUDA): at 832x480 the
 /// full-resolution slots are hundreds of MiB a chunk, which a plain run would bring to the host
 /// and send back for every latent frame.
 pub struct OrtVaeCache(Vec<DynTensor>);
-
-/// One job's ORT run options: terminating them stops the session run in progress (ORT checks
-/// the flag between kernels) and fails every later run made with them.
-#[derive(Clone)]
-pub struct OrtRunControl {
-    options: Arc<JobRunOptions>,
-    releasing: bool,
-}
-
-struct JobRunOptions {
-    steady: RunOptions,
-    /// The same, plus arena shrinkage at the end of the run, per device (index: `Device as
-    /// usize`): ORT fails a run whose shrink list names a device the session has no arena on.
-    releasing: [RunOptions; 2],
-}
-
-impl OrtRunControl {
-    fn new() -> ort::Result<Self> {
-        let releasing = |devices: &str| -> ort::Result<RunOptions> {
-            let mut options = RunOptions::new()?;
-            options.set("memory.enable_memory_arena_shrinkage", devices)?;
-            Ok(options)
-        };
-        Ok(Self {
-            options: Arc::new(JobRunOptions {
-                steady: RunOptions::new()?,
-                releasing: [releasing("cpu:0")?, releasing("gpu:0")?],
-            }),
-            releasing: false,
-        })
-    }
-
-    /// The options for a run of a session on `device`.
-    fn for_device(&self, device: Device) -> &RunOptions {
-        if self.releasing {
-            &self.options.releasing[device as usize]
-        } else {
-            &self.options.steady
-        }
-    }
-}
-
-impl RunControl for OrtRunControl {
-    fn interrupt(&self) {
-        let all = [&self.options.steady]
-            .into_iter()
-            .chain(&self.options.releasing);
-        for options in all {
-            if let Err(e) = options.terminate() {
-                tracing::warn!(error = %e, "cannot interrupt a run; it stops at the end of its step");
-            }
-        }
-    }
-
-    fn releasing(&self) -> Self {
-        Self {
-            options: self.options.clone(),
-            releasing: true,
-        }
-    }
-}
 
 pub struct OrtBackend {
     text_encoder: Graph,
@@ -106,64 +35,6 @@ pub struct OrtBackend {
     device: Device,
     /// Latents stay on the device between steps: guidance and UniPC run there as ORT graphs.
     arithmetic: OrtTensors,
-}
-
-/// A failed run of `graph`: out of memory when the runtime says so, else the runtime's message.
-fn run_error(graph: &'static str, e: ort::Error) -> BackendError {
-    if is_out_of_memory(&e) {
-        BackendError::OutOfMemory {
-            graph,
-            reason: e.to_string(),
-        }
-    } else {
-        BackendError::Run {
-            graph,
-            reason: e.to_string(),
-        }
-    }
-}
-
-fn load(
-    model: &ModelDir,
-    file: &str,
-    name: &'static str,
-    config: SessionConfig,
-) -> Result<Graph, BackendError> {
-    let env = runtime::environment()?;
-    let path = model.file(file);
-    let fail = |e: ort::Error| BackendError::Load {
-        graph: path.display().to_string(),
-        reason: e.to_string(),
-    };
-    let mut builder = session_builder(env, config).map_err(fail)?;
-    let session = builder.commit_from_file(&path).map_err(fail)?;
-    let bf16 = session.inputs().iter().any(|input| {
-        matches!(
-            input.dtype(),
-            ValueType::Tensor {
-                ty: TensorElementType::Bfloat16,
-                ..
-            }
-        )
-    });
-    let outputs: Vec<String> = session
-        .outputs()
-        .iter()
-        .map(|o| o.name().to_string())
-        .collect();
-    if outputs.is_empty() {
-        return Err(BackendError::Load {
-            graph: path.display().to_string(),
-            reason: "the graph has no output".into(),
-        });
-    }
-    Ok(Graph {
-        name,
-        session: Mutex::new(session),
-        device: config.device,
-        bf16,
-        outputs,
-    })
 }
 
 /// Where and how the sessions run.
@@ -254,87 +125,6 @@ impl OrtBackend {
         backend.arithmetic.build_all(backend.transformer.bf16)?;
         Ok(backend)
     }
-}
-
-fn float_input(graph: &Graph, shape: &[usize], data: Vec<f32>) -> Result<DynTensor, BackendError> {
-    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    let value = if graph.bf16 {
-        let data: Vec<bf16> = data.into_iter().map(bf16::from_f32).collect();
-        Tensor::from_array((shape, data)).map(|t| t.upcast())
-    } else {
-        Tensor::from_array((shape, data)).map(|t| t.upcast())
-    };
-    value.map_err(|e| run_error(graph.name, e))
-}
-
-/// A float output on the host as f32, whatever float type the graph gives: decided by the value,
-/// not by the graph's inputs (a bf16 text encoder takes int64 ids and returns bf16 states).
-fn float_output(
-    graph: &'static str,
-    value: &DynValue,
-) -> Result<ndarray::ArrayD<f32>, BackendError> {
-    let bad = |e: ort::Error| BackendError::Output {
-        graph,
-        reason: e.to_string(),
-    };
-    match value.dtype() {
-        ValueType::Tensor {
-            ty: TensorElementType::Bfloat16,
-            ..
-        } => Ok(value
-            .try_extract_array::<bf16>()
-            .map_err(bad)?
-            .mapv(f32::from)),
-        ValueType::Tensor {
-            ty: TensorElementType::Float32,
-            ..
-        } => Ok(value.try_extract_array::<f32>().map_err(bad)?.to_owned()),
-        other => Err(BackendError::Output {
-            graph,
-            reason: format!("expected a float32 or bfloat16 tensor, got {other}"),
-        }),
-    }
-}
-
-fn run(
-    graph: &Graph,
-    inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)>,
-    control: &OrtRunControl,
-) -> Result<Vec<DynValue>, BackendError> {
-    let mut session = graph
-        .session
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let outputs = session
-        .run_with_options(inputs, control.for_device(graph.device))
-        .map_err(|e| run_error(graph.name, e))?;
-    Ok(outputs.into_iter().map(|(_, v)| v).collect())
-}
-
-fn dims5(graph: &Graph, a: ndarray::ArrayD<f32>) -> Result<Array5<f32>, BackendError> {
-    a.into_dimensionality::<Ix5>()
-        .map_err(|e| BackendError::Output {
-            graph: graph.name,
-            reason: e.to_string(),
-        })
-}
-
-fn owned_input(graph: &Graph, view: ArrayView5<f32>) -> Result<DynTensor, BackendError> {
-    let shape = view.shape().to_vec();
-    float_input(graph, &shape, view.iter().copied().collect())
-}
-
-/// Where a VAE chunk graph's `outputs` are bound on `device`: the video (first) in host memory,
-/// every cache slot in the device's.
-fn decode_output_memory(device: Device, outputs: usize) -> ort::Result<Vec<MemoryInfo<'static>>> {
-    let mut memory = Vec::with_capacity(outputs);
-    if outputs > 0 {
-        memory.push(host_memory()?);
-    }
-    for _ in 1..outputs {
-        memory.push(output_memory(device)?);
-    }
-    Ok(memory)
 }
 
 impl OrtBackend {
@@ -680,6 +470,7 @@ impl Backend for OrtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::runtime;
     use ort::memory::AllocationDevice;
 
     /// The VAE's causal cache stays on the GPU between chunks; only the video comes to the host.

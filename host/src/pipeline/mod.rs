@@ -5,175 +5,27 @@
 //! (see `tests/parity.rs`). One difference by design: a frame count that is not `4k+1` is rounded
 //! *up* to the next one and the extra frames are dropped, where diffusers rounds down.
 
+mod error;
+mod job;
 pub mod noise;
+mod planning;
 pub mod prompt;
 pub mod step_cache;
+mod step_turns;
 pub mod unipc;
+
+pub use error::{PipelineError, SinkError};
+pub use job::{CancelToken, FrameChunk, GenerateRequest, Generated, Plan, Progress, Stage};
+pub use planning::{plan, size_multiple, skip_plan, skip_plan_or_none};
+use step_turns::StepTurns;
 
 use crate::backend::{Backend, BackendError, RunControl};
 use crate::model::{Manifest, ModelDir};
 use crate::tensor::TensorArithmetic;
 use ndarray::{Array3, Array5, ArrayView5, Axis, s};
-use prompt::{PromptError, PromptTokenizer};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use step_cache::{CacheMode, SkipPlan};
+use prompt::PromptTokenizer;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateRequest {
-    pub prompt: String,
-    /// Empty means diffusers' default (`""`).
-    pub negative_prompt: String,
-    pub width: usize,
-    pub height: usize,
-    pub num_frames: usize,
-    pub infer_steps: usize,
-    pub guidance_scale: f32,
-    pub seed: u64,
-    /// Step caching (MagCache): which steps may skip the transformer's blocks.
-    pub cache: step_cache::CacheMode,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    EncodingText,
-    Denoising,
-    Decoding,
-}
-
-impl Stage {
-    /// The stage's name in the API, the job store and the logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::EncodingText => "encoding_text",
-            Stage::Denoising => "denoising",
-            Stage::Decoding => "decoding",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    pub stage: Stage,
-    /// Steps (or decoded chunks) finished so far.
-    pub step: usize,
-    pub total: usize,
-}
-
-/// Decoded frames, packed RGB24, `count` frames of `width × height`.
-pub struct FrameChunk<'a> {
-    pub rgb: &'a [u8],
-    pub count: usize,
-    pub width: usize,
-    pub height: usize,
-}
-
-/// Cancels a running job: the pipeline checks it between runs, and the hooks it registers
-/// interrupt the backend's run in progress. Clones share the flag and the hooks.
-#[derive(Clone, Default)]
-pub struct CancelToken(Arc<CancelState>);
-
-#[derive(Default)]
-struct CancelState {
-    cancelled: AtomicBool,
-    hooks: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
-}
-
-impl std::fmt::Debug for CancelToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CancelToken")
-            .field("cancelled", &self.is_cancelled())
-            .finish()
-    }
-}
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        self.0.cancelled.store(true, Ordering::SeqCst);
-        for hook in self.hooks().iter() {
-            hook();
-        }
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.cancelled.load(Ordering::SeqCst)
-    }
-
-    /// Runs `hook` on cancel (at once if already cancelled). A hook may run twice.
-    pub fn on_cancel(&self, hook: impl Fn() + Send + Sync + 'static) {
-        self.hooks().push(Box::new(hook));
-        // After the push: a cancel that set the flag before it may not have seen the hook.
-        if self.is_cancelled()
-            && let Some(hook) = self.hooks().last()
-        {
-            hook();
-        }
-    }
-
-    fn hooks(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn Fn() + Send + Sync>>> {
-        self.0.hooks.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("{field}: {reason}")]
-    InvalidRequest { field: &'static str, reason: String },
-    #[error("cancelled")]
-    Cancelled,
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    #[error(transparent)]
-    Prompt(#[from] PromptError),
-    #[error(transparent)]
-    UniPc(#[from] unipc::UniPcError),
-    #[error(transparent)]
-    Arithmetic(#[from] crate::tensor::ArithmeticError),
-    #[error(transparent)]
-    Noise(#[from] noise::NoiseError),
-    /// The frame sink (the video encoder) refused frames.
-    #[error("the frame sink failed: {0}")]
-    Sink(SinkError),
-    /// A tensor could not take the shape the plan gave it (a bug, not the request's fault).
-    #[error("tensor shape: {0}")]
-    Shape(#[from] ndarray::ShapeError),
-}
-
-impl PipelineError {
-    /// Whether the run failed for want of memory (the runtime's or the arithmetic's).
-    pub fn is_out_of_memory(&self) -> bool {
-        use crate::tensor::ArithmeticError;
-        matches!(
-            self,
-            PipelineError::Backend(BackendError::OutOfMemory { .. })
-                | PipelineError::Backend(BackendError::Arithmetic(ArithmeticError::OutOfMemory(_)))
-                | PipelineError::Arithmetic(ArithmeticError::OutOfMemory(_))
-                | PipelineError::UniPc(unipc::UniPcError::Arithmetic(
-                    ArithmeticError::OutOfMemory(_)
-                ))
-        )
-    }
-}
-
-/// Why the frame sink refused frames: its own error, whatever it is (the pipeline only passes
-/// it on).
-pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Shapes derived from a request and the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Plan {
-    /// Frames the model generates (`4k+1 >= num_frames`).
-    pub generated_frames: usize,
-    /// `[1, z_dim, latent_frames, latent_height, latent_width]`
-    pub latent_shape: [usize; 5],
-}
-
-/// What a finished run leaves besides the frames it streamed.
-pub struct Generated {
-    /// Final latents, before de-normalisation (what diffusers' `output_type="latent"` returns).
-    pub latents: Array5<f32>,
-    pub frames: usize,
-}
+use step_cache::CacheMode;
 
 /// The text contexts of one job, as its denoising loop uses them.
 enum Contexts<C> {
@@ -192,92 +44,6 @@ pub struct Pipeline<B> {
     tokenizer: PromptTokenizer,
     manifest: Manifest,
     denoise_turns: StepTurns,
-}
-
-/// One denoising step at a time across jobs, in rotation: each job in its denoising loop is a
-/// member, holds the turn for a whole step (both guidance passes and the update) and then goes to
-/// the back. So with two jobs denoising their steps alternate and neither gets more than one step
-/// ahead, even when the other job's thread has not been run by the OS since its last step (a
-/// fair mutex alone hands over only to a job already waiting).
-/// A member that does not come for its turn within [`StepTurns::PATIENCE`] (its caller's progress
-/// callback stuck on a slow store, say) is passed over once, so that no job waits on another's
-/// stall. A member leaves when its loop ends, fails or is cancelled.
-#[derive(Default)]
-struct StepTurns {
-    rotation: parking_lot::Mutex<Rotation>,
-    changed: parking_lot::Condvar,
-}
-
-#[derive(Default)]
-struct Rotation {
-    next_member: u64,
-    /// Members in turn order; the one holding the turn is at the front.
-    order: std::collections::VecDeque<u64>,
-    held: bool,
-}
-
-/// A job's place in the rotation, for the length of its denoising loop.
-struct Member<'a> {
-    turns: &'a StepTurns,
-    id: u64,
-}
-
-/// The turn, held for one step.
-struct Turn<'a>(&'a Member<'a>);
-
-impl StepTurns {
-    /// How long the member whose turn it is may take to come for it before the next is served.
-    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
-
-    fn join(&self) -> Member<'_> {
-        let mut rotation = self.rotation.lock();
-        let id = rotation.next_member;
-        rotation.next_member += 1;
-        rotation.order.push_back(id);
-        Member { turns: self, id }
-    }
-}
-
-impl Member<'_> {
-    fn take(&self) -> Turn<'_> {
-        let turns = self.turns;
-        let mut rotation = turns.rotation.lock();
-        loop {
-            if !rotation.held && rotation.order.front() == Some(&self.id) {
-                rotation.held = true;
-                return Turn(self);
-            }
-            let timed_out = turns
-                .changed
-                .wait_for(&mut rotation, StepTurns::PATIENCE)
-                .timed_out();
-            if timed_out && !rotation.held && rotation.order.front() != Some(&self.id) {
-                // Whoever is first has not come for its turn: this member goes first, and the
-                // absent one keeps its place right after it.
-                rotation.order.retain(|&m| m != self.id);
-                rotation.order.push_front(self.id);
-            }
-        }
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        let Member { turns, id } = *self.0;
-        let mut rotation = turns.rotation.lock();
-        rotation.held = false;
-        rotation.order.retain(|&m| m != id);
-        rotation.order.push_back(id);
-        drop(rotation);
-        turns.changed.notify_all();
-    }
-}
-
-impl Drop for Member<'_> {
-    fn drop(&mut self) {
-        self.turns.rotation.lock().order.retain(|&m| m != self.id);
-        self.turns.changed.notify_all();
-    }
 }
 
 impl<B: Backend> Pipeline<B> {
@@ -645,91 +411,6 @@ impl Calibration {
     }
 }
 
-/// Width and height must be multiples of this for `manifest`'s model (VAE scale × patch size).
-pub fn size_multiple(manifest: &Manifest) -> usize {
-    let p = manifest.transformer.patch_size;
-    manifest.vae.scale_factor_spatial * p[1].max(p[2])
-}
-
-/// The shapes `req` needs on `manifest`'s model, or why the model cannot run it (what the
-/// server checks at submit time, before any session is loaded).
-pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, PipelineError> {
-    let invalid = |field, reason: String| Err(PipelineError::InvalidRequest { field, reason });
-    let multiple = size_multiple(manifest);
-
-    for (field, value) in [("width", req.width), ("height", req.height)] {
-        if value == 0 || value % multiple != 0 {
-            return invalid(
-                field,
-                format!("{value} is not a positive multiple of {multiple}"),
-            );
-        }
-    }
-    if req.num_frames == 0 {
-        return invalid("num_frames", "must be at least 1".into());
-    }
-    if req.infer_steps == 0 {
-        return invalid("infer_steps", "must be at least 1".into());
-    }
-    if !req.guidance_scale.is_finite() {
-        return invalid("guidance_scale", "must be a finite number".into());
-    }
-    skip_plan(manifest, req)?;
-    let vae = &manifest.vae;
-    let ts = vae.scale_factor_temporal;
-    let generated_frames = (req.num_frames - 1).div_ceil(ts) * ts + 1;
-    let latent_frames = (generated_frames - 1) / ts + 1;
-    let pt = manifest.transformer.patch_size[0];
-    if !latent_frames.is_multiple_of(pt) {
-        return invalid(
-            "num_frames",
-            format!("{latent_frames} latent frames are not a multiple of the temporal patch {pt}"),
-        );
-    }
-    Ok(Plan {
-        generated_frames,
-        latent_shape: [
-            1,
-            vae.z_dim,
-            latent_frames,
-            req.height / vae.scale_factor_spatial,
-            req.width / vae.scale_factor_spatial,
-        ],
-    })
-}
-
-/// Which DiT passes of `req` skip the blocks on `manifest`'s model (known before it runs), or
-/// why its `cache` mode cannot be used.
-/// [`skip_plan`], or no skipped step where the model cannot cache (submit refuses those; a
-/// report or an ETA still needs a plan).
-pub fn skip_plan_or_none(manifest: &Manifest, req: &GenerateRequest) -> SkipPlan {
-    skip_plan(manifest, req)
-        .unwrap_or_else(|_| SkipPlan::none(req.infer_steps, req.guidance_scale > 1.0))
-}
-
-pub fn skip_plan(manifest: &Manifest, req: &GenerateRequest) -> Result<SkipPlan, PipelineError> {
-    let guided = req.guidance_scale > 1.0;
-    let Some(settings) = req.cache.settings() else {
-        return Ok(SkipPlan::none(req.infer_steps, guided));
-    };
-    let spec = manifest
-        .step_cache()
-        .ok_or_else(|| PipelineError::InvalidRequest {
-            field: "cache",
-            reason: format!(
-                "{:?}: this model's export has no step cache (export it again with \
-                 models/export.py); use \"off\"",
-                req.cache.as_str()
-            ),
-        })?;
-    Ok(SkipPlan::new(
-        &spec.ratios,
-        settings,
-        req.infer_steps,
-        guided,
-    ))
-}
-
 fn check(cancel: &CancelToken) -> Result<(), PipelineError> {
     if cancel.is_cancelled() {
         Err(PipelineError::Cancelled)
@@ -753,81 +434,5 @@ pub fn to_rgb24(video: &Array5<f32>, count: usize, out: &mut Vec<u8>) {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::StepTurns;
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
-
-    /// A job that ends its step while another waits cannot start its next step first, however
-    /// quickly it asks again.
-    #[test]
-    fn a_waiting_job_gets_the_turn_before_the_job_that_just_released_it() {
-        let turns = StepTurns::default();
-        let (releaser, waiter) = (turns.join(), turns.join());
-        let order = Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            let first = releaser.take();
-            let waiting = s.spawn(|| {
-                let _turn = waiter.take();
-                order.lock().unwrap().push("waiter");
-            });
-            // Let the waiter block on the turn.
-            std::thread::sleep(Duration::from_millis(100));
-            drop(first);
-            let again = releaser.take();
-            order.lock().unwrap().push("releaser again");
-            drop(again);
-            waiting.join().unwrap();
-        });
-        assert_eq!(order.into_inner().unwrap(), ["waiter", "releaser again"]);
-    }
-
-    /// The case a fair mutex gets wrong: the other job has not asked yet (its thread not run
-    /// since its last step), and still the job that just had its step waits for it.
-    #[test]
-    fn a_job_that_has_not_asked_yet_still_gets_the_next_turn() {
-        let turns = StepTurns::default();
-        let (fast, slow) = (turns.join(), turns.join());
-        let order = Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            drop(fast.take());
-            let late = s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(200));
-                let _turn = slow.take();
-                order.lock().unwrap().push("slow");
-            });
-            let _again = fast.take();
-            order.lock().unwrap().push("fast again");
-            drop(_again);
-            late.join().unwrap();
-        });
-        assert_eq!(order.into_inner().unwrap(), ["slow", "fast again"]);
-    }
-
-    /// A member that does not come for its turn holds the others up for PATIENCE at most, and
-    /// one that has left holds no one up.
-    #[test]
-    fn an_absent_member_is_passed_over_and_one_that_left_is_gone() {
-        let turns = StepTurns::default();
-        let (present, absent) = (turns.join(), turns.join());
-        drop(present.take());
-        let started = Instant::now();
-        drop(present.take());
-        let waited = started.elapsed();
-        assert!(
-            waited >= StepTurns::PATIENCE - Duration::from_millis(50)
-                && waited < StepTurns::PATIENCE * 5,
-            "waited {waited:?}"
-        );
-        drop(absent);
-        let started = Instant::now();
-        for _ in 0..3 {
-            drop(present.take());
-        }
-        assert!(started.elapsed() < Duration::from_millis(100));
     }
 }
