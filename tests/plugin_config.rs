@@ -136,7 +136,7 @@ fn start_installs_every_slot_from_the_directory() {
         ("WANSERVE_PLUGIN_DIR", plugins.path().to_str().unwrap()),
         ("WANSERVE_API_KEYS", "k-123456"),
     ];
-    let started = start_plugins(&ConfigSource::new(None, data.path(), env(&vars))).unwrap();
+    let started = start_plugins(&ConfigSource::new(None, data.path(), env(&vars)), None).unwrap();
     assert_eq!(started.installed.len(), 3);
     assert!(
         started.generated_key.is_none(),
@@ -148,7 +148,7 @@ fn start_installs_every_slot_from_the_directory() {
 
     // A missing component names its slot and path.
     std::fs::remove_file(plugins.path().join("postprocess_retention.wasm")).unwrap();
-    let err = start_plugins(&ConfigSource::new(None, data.path(), env(&vars)))
+    let err = start_plugins(&ConfigSource::new(None, data.path(), env(&vars)), None)
         .err()
         .unwrap()
         .to_string();
@@ -191,7 +191,7 @@ fn watched_validate_slot() -> (tempfile::TempDir, Arc<PluginHost>, PluginWatcher
     .unwrap();
     let host = Arc::new(PluginHost::new(PluginLimits::default()).unwrap());
     host.install(config.slot(Slot::Validate).unwrap()).unwrap();
-    let watcher = PluginWatcher::start(host.clone(), &config).unwrap();
+    let watcher = PluginWatcher::start(host.clone(), &config, None).unwrap();
     (plugins, host, watcher)
 }
 

@@ -222,7 +222,7 @@ fn plugin(command: PluginCommand) -> CliResult {
         PluginCommand::Load { config, data_dir } => {
             let source =
                 ConfigSource::new(config.as_deref(), &data_dir, |var| std::env::var(var).ok());
-            let started = start_plugins(&source)?;
+            let started = start_plugins(&source, None)?;
             for info in &started.installed {
                 println!(
                     "{:<12} {}  {}",

@@ -15,6 +15,7 @@
 
 use super::host::PluginHost;
 use super::slot::{PluginInfo, PluginLimits, Slot};
+use super::swaps::{SwapSource, SwapStore};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -255,11 +256,58 @@ pub struct StartedPlugins {
     pub generated_key: Option<String>,
 }
 
-/// Reads the config (see [`ConfigSource::read`]) and installs every slot.
-pub fn start_plugins(source: &ConfigSource) -> Result<StartedPlugins, ConfigError> {
+/// Reads the config (see [`ConfigSource::read`]) and installs every slot: from `swaps` when its
+/// history says a stored component serves (an upload, a rollback), else from its file (then
+/// recorded in `swaps`). A stored component that will not load falls back to the file. The
+/// log names the plugin directory and each slot's source.
+pub fn start_plugins(
+    source: &ConfigSource,
+    swaps: Option<&SwapStore>,
+) -> Result<StartedPlugins, ConfigError> {
     let (config, generated_key) = source.read(true)?;
     let host = PluginHost::new(config.limits).map_err(|e| ConfigError::Engine(e.to_string()))?;
-    let installed = host.install_all(&config)?;
+    tracing::info!(dir = %config.dir.display(), "plugin directory");
+    let mut installed = Vec::new();
+    for spec in &config.slots {
+        let stored = swaps.map(|s| s.stored_current(spec.slot)).transpose();
+        let from_store = match stored {
+            Ok(Some(Some((entry, bytes)))) => match host.install_bytes(spec, &bytes) {
+                Ok(info) => {
+                    tracing::info!(slot = %spec.slot, source = "stored swap", sha256 = %entry.sha256, "plugin slot installed");
+                    Some(info)
+                }
+                Err(e) => {
+                    tracing::warn!(slot = %spec.slot, sha256 = %entry.sha256, error = %e, "the stored swap does not load; using the plugin directory's file");
+                    None
+                }
+            },
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(slot = %spec.slot, error = %e, "cannot read the slot's swap history; using the plugin directory's file");
+                None
+            }
+        };
+        let info = match from_store {
+            Some(info) => info,
+            None => {
+                let bytes = std::fs::read(&spec.path).map_err(|e| ConfigError::Plugin {
+                    slot: spec.slot,
+                    path: spec.path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let info = host.install_bytes(spec, &bytes)?;
+                tracing::info!(slot = %spec.slot, source = "file", file = %spec.path.display(), sha256 = %info.sha256, "plugin slot installed");
+                if let Some(swaps) = swaps
+                    && let Err(e) =
+                        swaps.record(spec.slot, &bytes, SwapSource::File, info.loaded_at_ms)
+                {
+                    tracing::warn!(slot = %spec.slot, error = %e, "cannot record the install in the slot's history");
+                }
+                info
+            }
+        };
+        installed.push(info);
+    }
     Ok(StartedPlugins {
         host: std::sync::Arc::new(host),
         config,

@@ -23,6 +23,7 @@ mod linking;
 mod reuse;
 mod slot;
 mod state;
+pub mod swaps;
 pub mod watch;
 
 pub use bindings::{

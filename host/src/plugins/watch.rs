@@ -14,6 +14,7 @@
 use super::config::{ConfigSource, PluginsConfig, SlotSpec};
 use super::host::PluginHost;
 use super::slot::Slot;
+use super::swaps::{SwapSource, SwapStore};
 use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
 use sha2::{Digest, Sha256};
@@ -48,7 +49,13 @@ pub struct PluginWatcher {
 }
 
 impl PluginWatcher {
-    pub fn start(host: Arc<PluginHost>, config: &PluginsConfig) -> Result<Self, String> {
+    /// A file that installs is recorded in `swaps` (so a restart keeps what was last
+    /// installed, whichever way it came).
+    pub fn start(
+        host: Arc<PluginHost>,
+        config: &PluginsConfig,
+        swaps: Option<Arc<SwapStore>>,
+    ) -> Result<Self, String> {
         let watched_host = host.clone();
         let specs: Vec<SlotSpec> = config.slots.clone();
         // The files as they are now (what start-up installed from them).
@@ -74,7 +81,7 @@ impl PluginWatcher {
             };
             for spec in &specs {
                 if paths.iter().any(|p| same_file_name(p, &spec.path)) {
-                    reload(&watched_host, spec, &seen);
+                    reload(&watched_host, spec, &seen, swaps.as_deref());
                 }
             }
         })
@@ -164,7 +171,12 @@ fn same_file_name(event: &Path, watched: &Path) -> bool {
     event.file_name().is_some() && event.file_name() == watched.file_name()
 }
 
-fn reload(host: &PluginHost, spec: &SlotSpec, outcomes: &Mutex<Outcomes>) {
+fn reload(
+    host: &PluginHost,
+    spec: &SlotSpec,
+    outcomes: &Mutex<Outcomes>,
+    swaps: Option<&SwapStore>,
+) {
     let bytes = match std::fs::read(&spec.path) {
         Ok(bytes) => bytes,
         // Removed (or mid-rename): the plugin that is serving stays.
@@ -186,7 +198,12 @@ fn reload(host: &PluginHost, spec: &SlotSpec, outcomes: &Mutex<Outcomes>) {
         return;
     }
     match host.replace_component(spec.slot, &bytes) {
-        Ok(_) => {
+        Ok(info) => {
+            if let Some(swaps) = swaps
+                && let Err(e) = swaps.record(spec.slot, &bytes, SwapSource::File, info.loaded_at_ms)
+            {
+                tracing::warn!(slot = %spec.slot, error = %e, "cannot record the install in the slot's history");
+            }
             let mut outcomes = lock(outcomes);
             outcomes.last_error.remove(&spec.slot);
             outcomes.swaps += 1;

@@ -1,17 +1,21 @@
 //! The admin API (its own key): list the plugins, upload a component into a slot (hot swap
-//! through the plugin host: compiled, world-checked and self-tested before it serves), roll
-//! back. An uploaded component serves until the next start; to keep it, put the file in the
-//! plugin directory (the watcher installs it the same way).
+//! through the plugin host: compiled, world-checked and self-tested before it serves), a slot's
+//! history, roll back (one install back, or to a digest from the history). Every install is
+//! kept in the data directory (`plugins::swaps`), so what serves survives a restart. Every
+//! action, accepted or refused, is logged (`admin action`: action, slot, sha256, outcome,
+//! reason, peer) and counted (`wanserve_admin_actions_total{action,outcome}`).
 
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
+use crate::plugins::swaps::{SwapError, SwapSource};
 use crate::plugins::{PluginError, PluginInfo, Slot};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use utoipa::ToSchema;
 
@@ -64,7 +68,36 @@ fn parse_slot(name: &str) -> Result<Slot, ApiError> {
     Slot::ALL
         .into_iter()
         .find(|s| s.to_string() == name)
-        .ok_or(ApiError::NotFound)
+        .ok_or(ApiError::NoSuchSlot)
+}
+
+/// A reason as one readable line: whitespace (newlines of a wrapped error, a debug dump's
+/// layout) collapsed, at most 300 characters.
+pub fn one_line(reason: &str) -> String {
+    let line = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(300) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line,
+    }
+}
+
+/// The audit line and counter every admin action gets.
+fn audit(admin: &Admin, action: &'static str, slot: Slot, sha256: &str, refused: Option<&str>) {
+    let outcome = if refused.is_some() {
+        "refused"
+    } else {
+        "accepted"
+    };
+    metrics::counter!("wanserve_admin_actions_total", "action" => action, "outcome" => outcome)
+        .increment(1);
+    match refused {
+        None => {
+            tracing::info!(action, slot = %slot, sha256, outcome, peer = %admin.peer, "admin action")
+        }
+        Some(reason) => {
+            tracing::warn!(action, slot = %slot, sha256, outcome, reason, peer = %admin.peer, "admin action")
+        }
+    }
 }
 
 /// The installed plugins.
@@ -98,42 +131,163 @@ pub async fn list(State(state): State<Arc<AppState>>, _: Admin) -> Json<PluginLi
     security(("admin" = [])))]
 pub async fn upload(
     State(state): State<Arc<AppState>>,
-    _: Admin,
+    admin: Admin,
     Path(slot): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PluginView>, ApiError> {
     let slot = parse_slot(&slot)?;
     let bytes = super::api::body_bytes(body, MAX_COMPONENT_BYTES)?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
     let plugins = state.plugins.clone();
-    let installed = tokio::task::spawn_blocking(move || plugins.replace_component(slot, &bytes))
-        .await
-        .map_err(ApiError::internal)?;
+    let swaps = state.swaps.clone();
+    let installed = tokio::task::spawn_blocking(move || {
+        let info = plugins.replace_component(slot, &bytes)?;
+        // Recorded once it serves: a restart installs it again.
+        let recorded = swaps.record(slot, &bytes, SwapSource::Upload, info.loaded_at_ms);
+        Ok::<_, PluginError>((info, recorded))
+    })
+    .await
+    .map_err(ApiError::internal)?;
     match installed {
-        Ok(info) => {
-            tracing::info!(slot = %slot, sha256 = %info.sha256, "plugin installed through the admin API");
+        Ok((info, recorded)) => {
+            audit(&admin, "upload", slot, &info.sha256, None);
+            if let Err(e) = recorded {
+                tracing::error!(slot = %slot, error = %e, "the upload serves but is not stored: a restart goes back to what was stored before");
+            }
             Ok(Json(view(&state, info)))
         }
-        Err(e @ PluginError::Engine(_)) => Err(ApiError::internal(e)),
-        Err(e) => Err(ApiError::field("component", e.to_string())),
+        Err(e @ PluginError::Engine(_)) => {
+            audit(&admin, "upload", slot, &sha256, Some(&e.to_string()));
+            Err(ApiError::internal(e))
+        }
+        Err(e) => {
+            let reason = one_line(&e.to_string());
+            audit(&admin, "upload", slot, &sha256, Some(&reason));
+            Err(ApiError::field("component", reason))
+        }
     }
 }
 
-/// Put the slot's previous component back.
+/// Which component a rollback installs.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+pub struct RollbackTo {
+    /// A SHA-256 from the slot's history; without it, the install before the one serving.
+    pub sha256: Option<String>,
+}
+
+/// Put an earlier component back: the install before the one serving (again: the one before
+/// that), or the one with `?sha256=` from the slot's history. It serves across restarts.
 #[utoipa::path(post, path = "/admin/plugins/{slot}/rollback", tag = "admin",
-    params(("slot" = String, Path, description = "auth, validate or postprocess")),
+    params(("slot" = String, Path, description = "auth, validate or postprocess"), RollbackTo),
     responses((status = 200, description = "Rolled back", body = PluginView),
         (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
         (status = 404, description = "No such slot", body = ErrorBody),
-        (status = 409, description = "No previous component", body = ErrorBody)),
+        (status = 409, description = "No earlier component", body = ErrorBody),
+        (status = 422, description = "sha256 is not in the slot's history, or the stored component no longer installs", body = ErrorBody)),
     security(("admin" = [])))]
 pub async fn rollback(
     State(state): State<Arc<AppState>>,
-    _: Admin,
+    admin: Admin,
     Path(slot): Path<String>,
+    Query(to): Query<RollbackTo>,
 ) -> Result<Json<PluginView>, ApiError> {
     let slot = parse_slot(&slot)?;
-    match state.plugins.rollback(slot) {
-        Ok(info) => Ok(Json(view(&state, info))),
-        Err(e) => Err(ApiError::Conflict(e.to_string())),
+    let wanted = to.sha256.clone().unwrap_or_default();
+    let plugins = state.plugins.clone();
+    let swaps = state.swaps.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let (index, entry, bytes) = swaps.rollback_target(slot, to.sha256.as_deref())?;
+        let info = plugins
+            .replace_component(slot, &bytes)
+            .map_err(|e| RollbackError::Install(entry.sha256.clone(), e))?;
+        swaps.rolled_back_to(slot, index)?;
+        Ok::<_, RollbackError>(info)
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    match done {
+        Ok(info) => {
+            audit(&admin, "rollback", slot, &info.sha256, None);
+            Ok(Json(view(&state, info)))
+        }
+        Err(e) => {
+            let reason = one_line(&e.to_string());
+            let sha256 = match &e {
+                RollbackError::Install(sha256, _) => sha256.clone(),
+                _ => wanted,
+            };
+            audit(&admin, "rollback", slot, &sha256, Some(&reason));
+            Err(match e {
+                RollbackError::Swap(SwapError::NothingEarlier(_)) => ApiError::Conflict(reason),
+                RollbackError::Swap(SwapError::UnknownDigest { .. }) => {
+                    ApiError::field("sha256", reason)
+                }
+                RollbackError::Install(_, _) | RollbackError::Swap(SwapError::Damaged { .. }) => {
+                    ApiError::field("component", reason)
+                }
+                RollbackError::Swap(other) => ApiError::internal(other),
+            })
+        }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RollbackError {
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    #[error("the stored component {0} does not install: {1}")]
+    Install(String, PluginError),
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub sha256: String,
+    pub size: usize,
+    /// Unix milliseconds.
+    pub installed_at: i64,
+    /// `upload` (the admin API) or `file` (the plugin directory).
+    pub source: String,
+    /// The one serving now.
+    pub current: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginHistory {
+    /// Newest first, at most 8.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// What the slot has served, newest first: the installs a rollback can go back to.
+#[utoipa::path(get, path = "/admin/plugins/{slot}/history", tag = "admin",
+    params(("slot" = String, Path, description = "auth, validate or postprocess")),
+    responses((status = 200, body = PluginHistory),
+        (status = 401, description = "Missing or wrong admin key", body = ErrorBody),
+        (status = 404, description = "No such slot", body = ErrorBody)),
+    security(("admin" = [])))]
+pub async fn history(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+    Path(slot): Path<String>,
+) -> Result<Json<PluginHistory>, ApiError> {
+    let slot = parse_slot(&slot)?;
+    let history = state.swaps.history(slot).map_err(ApiError::internal)?;
+    let current = history.current;
+    let history = history
+        .entries
+        .into_iter()
+        .enumerate()
+        .rev()
+        .map(|(i, e)| HistoryEntry {
+            sha256: e.sha256,
+            size: e.size,
+            installed_at: e.installed_at,
+            source: match e.source {
+                SwapSource::Upload => "upload".into(),
+                SwapSource::File => "file".into(),
+            },
+            current: i == current,
+        })
+        .collect();
+    Ok(Json(PluginHistory { history }))
 }

@@ -75,7 +75,10 @@ fn peer_of(parts: &Parts) -> String {
 }
 
 /// A request that presented the admin key.
-pub struct Admin;
+pub struct Admin {
+    /// Where the request came from, for the audit log.
+    pub peer: String,
+}
 
 impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
@@ -107,10 +110,11 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| denied("the admin API needs `Authorization: Bearer <admin key>`"))?;
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let peer = peer_of(parts);
         if bool::from(presented.ct_eq(&state.admin_key_hash)) {
-            Ok(Admin)
+            Ok(Admin { peer })
         } else {
-            let peer = peer_of(parts);
+            metrics::counter!("wanserve_admin_actions_total", "action" => "authenticate", "outcome" => "refused").increment(1);
             tracing::warn!(%peer, path = %parts.uri.path(), "admin request refused: invalid admin key");
             Err(denied("invalid admin key"))
         }
@@ -124,8 +128,8 @@ const ADMIN_PREFIX: &str = "wsa_";
 /// Why the admin key cannot be had.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminKeyError {
-    #[error("the admin key must be at least 16 characters")]
-    TooShort,
+    #[error("--admin-key / WANSERVE_ADMIN_KEY must be at least 16 characters (it has {0})")]
+    TooShort(usize),
     #[error("{path}: not a SHA-256 in hex")]
     NotAHash { path: std::path::PathBuf },
     #[error("{path}: {source}")]
@@ -145,8 +149,8 @@ pub fn admin_key_hash(
 ) -> Result<([u8; 32], Option<String>), AdminKeyError> {
     if let Some(key) = configured {
         let key = key.expose_secret().trim();
-        if key.len() < 16 {
-            return Err(AdminKeyError::TooShort);
+        if key.chars().count() < 16 {
+            return Err(AdminKeyError::TooShort(key.chars().count()));
         }
         return Ok((Sha256::digest(key.as_bytes()).into(), None));
     }

@@ -83,8 +83,8 @@ pub struct ServeArgs {
     /// it fails; the job's slot waits meanwhile [default: 60].
     #[arg(long, env = "WANSERVE_STORE_RETRY_SECONDS")]
     pub store_retry_seconds: Option<u64>,
-    /// Key for the admin API [default: the one in <data-dir>/admin-key, generated and printed
-    /// once when there is none].
+    /// Key for the admin API, at least 16 characters, sent as `Authorization: Bearer <key>`
+    /// [default: the one in <data-dir>/admin-key, generated and printed once when there is none].
     #[arg(long, env = "WANSERVE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<SecretString>,
     /// API keys, comma-separated (hashed at start, never stored).
@@ -95,7 +95,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WANSERVE_QUEUE", hide_env_values = true)]
     pub queue: Option<SecretString>,
     /// What this process does: `all` (API and jobs), `api` (takes requests, serves status,
-    /// runs no jobs), `worker` (runs jobs; only /health, /ready and /metrics) [default: all].
+    /// runs no jobs), `worker` (runs jobs; only /health, /ready, /metrics and the admin API) [default: all].
     #[arg(long, env = "WANSERVE_ROLE", value_enum)]
     pub role: Option<Role>,
     /// How long a worker holds a job it runs without renewing its lease (PostgreSQL queue): a

@@ -20,6 +20,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("no such job")]
     NotFound,
+    #[error("no such slot (the slots are auth, validate and postprocess)")]
+    NoSuchSlot,
     #[error("{message}")]
     Invalid {
         message: String,
@@ -89,7 +91,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::NotFound | ApiError::NoSuchSlot => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),

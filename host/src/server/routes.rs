@@ -24,7 +24,7 @@ use utoipa_swagger_ui::SwaggerUi;
         need none. Errors: `{\"error\": {\"code\", \"message\", \"fields\"}}`."),
     paths(api::submit, api::status, api::cancel, api::cancel_delete, events::events_token,
         events::events, api::video,
-        ops::health, ops::ready, ops::metrics_text, admin::list, admin::upload, admin::rollback),
+        ops::health, ops::ready, ops::metrics_text, admin::list, admin::upload, admin::rollback, admin::history),
     components(schemas(error::ErrorBody, error::ErrorDetail, error::FieldProblem)),
     modifiers(&SecuritySchemes),
     tags((name = "video", description = "The seed's API"),
@@ -140,7 +140,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/admin/plugins/{slot}",
             put(admin::upload).layer(DefaultBodyLimit::max(admin::MAX_COMPONENT_BYTES)),
         )
-        .route("/admin/plugins/{slot}/rollback", post(admin::rollback));
+        .route("/admin/plugins/{slot}/rollback", post(admin::rollback))
+        .route("/admin/plugins/{slot}/history", get(admin::history));
     // A worker takes no client requests: operations, and the admin API (its plugins are
     // swapped like any host's).
     let public = if state.role.serves_api() {

@@ -16,6 +16,7 @@ use crate::jobs::{JobStore, StoreError};
 use crate::model::{ModelDir, ModelError};
 use crate::pipeline::step_cache::CacheMode;
 use crate::plugins::config::{ConfigError, ConfigSource, start_plugins};
+use crate::plugins::swaps::SwapStore;
 use crate::plugins::watch::PluginWatcher;
 use crate::storage::{StorageError, VideoStore};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -102,6 +103,44 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         source,
     })?;
 
+    // Configuration first, before anything heavy loads: the admin key (its length, or the
+    // stored hash), then the plugins (their files compile and self-test), then the model's
+    // files (hashed).
+    let (admin_key_hash, generated_admin) =
+        auth::admin_key_hash(config.admin_key.as_ref(), &config.data_dir)?;
+
+    // Plugins: flags/env override the [plugins] table the same way the env does.
+    let overrides = [
+        (
+            "WANSERVE_PLUGIN_DIR",
+            config.plugin_dir.as_ref().map(|p| p.display().to_string()),
+        ),
+        (
+            "WANSERVE_API_KEYS",
+            config
+                .api_keys
+                .as_ref()
+                .map(|k| k.expose_secret().to_string()),
+        ),
+    ];
+    let env = move |var: &str| {
+        overrides
+            .iter()
+            .find(|(name, _)| *name == var)
+            .and_then(|(_, value)| value.clone())
+            .or_else(|| std::env::var(var).ok())
+    };
+    let plugin_source = ConfigSource::new(config.config_file.as_deref(), &config.data_dir, env);
+    let swaps = Arc::new(SwapStore::new(&config.data_dir));
+    let started = start_plugins(&plugin_source, Some(&swaps))?;
+    if let Some(key) = &started.generated_key {
+        println!(
+            "No API key was configured; generated one (shown only now, stored hashed in {}):",
+            config.data_dir.display()
+        );
+        println!("api key: {key}");
+    }
+
     // The model's files are checked here: hashed unless unchanged since they last verified on
     // this machine (`--verify-model` hashes them all).
     let model_dir = config.model.model_dir();
@@ -132,44 +171,16 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         None => tracing::info!("this model has no step cache: \"cache\" other than off is refused"),
     }
 
-    // Plugins: flags/env override the [plugins] table the same way the env does.
-    let overrides = [
-        (
-            "WANSERVE_PLUGIN_DIR",
-            config.plugin_dir.as_ref().map(|p| p.display().to_string()),
-        ),
-        (
-            "WANSERVE_API_KEYS",
-            config
-                .api_keys
-                .as_ref()
-                .map(|k| k.expose_secret().to_string()),
-        ),
-    ];
-    let env = move |var: &str| {
-        overrides
-            .iter()
-            .find(|(name, _)| *name == var)
-            .and_then(|(_, value)| value.clone())
-            .or_else(|| std::env::var(var).ok())
-    };
-    let plugin_source = ConfigSource::new(config.config_file.as_deref(), &config.data_dir, env);
-    let started = start_plugins(&plugin_source)?;
-    if let Some(key) = &started.generated_key {
-        println!(
-            "No API key was configured; generated one (shown only now, stored hashed in {}):",
-            config.data_dir.display()
-        );
-        println!("api key: {key}");
-    }
-    let (admin_key_hash, generated_admin) =
-        auth::admin_key_hash(config.admin_key.as_ref(), &config.data_dir)?;
     let (shutdown_begun, shutting_down) = tokio::sync::watch::channel(false);
     if let Some(key) = generated_admin {
         println!("No admin key was configured; generated one (shown only now, stored hashed):");
         println!("admin key: {key}");
     }
-    let watcher = match PluginWatcher::start(started.host.clone(), &started.config) {
+    let watcher = match PluginWatcher::start(
+        started.host.clone(),
+        &started.config,
+        Some(swaps.clone()),
+    ) {
         Ok(mut w) => {
             if let Err(e) = w.watch_config(plugin_source) {
                 tracing::warn!(error = %e, "not watching the key file and config: key changes take a restart");
@@ -302,6 +313,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
             source,
         })?,
         watcher,
+        swaps,
         admission: Default::default(),
         feeds: Default::default(),
         workers: workers.clone(),

@@ -28,6 +28,8 @@ pub struct AppState {
     /// Where request-path plugin calls (auth, validate) run.
     pub plugin_calls: plugin_pool::PluginPool,
     pub watcher: Option<PluginWatcher>,
+    /// What each slot has served (survives restarts; `GET /admin/plugins/{slot}/history`).
+    pub swaps: Arc<crate::plugins::swaps::SwapStore>,
     /// Per-caller admission: lock stripes and the streams open on this host.
     pub admission: admission_locks::AdmissionLocks,
     /// One reader per followed job, fanned out to its streams.

@@ -1,0 +1,243 @@
+//! The admin API as an operator meets it: swaps that survive a restart, the history and rollback
+//! by digest, the audit lines, clear refusals, and configuration checked before the model.
+
+use crate::common;
+use crate::harness::{ADMIN, ALICE, Options, Server};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+fn admin(server: &Server, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = server
+        .client()
+        .request(method, format!("{}{path}", server.url))
+        .bearer_auth(ADMIN)
+        .body(body)
+        .send()
+        .expect("sent");
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+fn serving(server: &Server, slot: &str) -> String {
+    let (_, listed) = admin(server, reqwest::Method::GET, "/admin/plugins", vec![]);
+    listed["plugins"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|p| p["slot"] == slot)
+        .expect("slot")["sha256"]
+        .as_str()
+        .expect("sha256")
+        .to_string()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[test]
+fn a_swap_survives_a_restart_and_rolls_back_by_digest_with_an_audit_trail() {
+    let mut server = Server::start(Options::default());
+    let seed = serving(&server, "validate");
+    let (status, history) = admin(
+        &server,
+        reqwest::Method::GET,
+        "/admin/plugins/validate/history",
+        vec![],
+    );
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["history"][0]["sha256"], seed.as_str(), "{history}");
+    assert_eq!(history["history"][0]["source"], "file", "{history}");
+
+    // An unknown slot is no such slot, not "no such job".
+    let (status, body) = admin(
+        &server,
+        reqwest::Method::PUT,
+        "/admin/plugins/frobnicate",
+        b"x".to_vec(),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no such slot"),
+        "{body}"
+    );
+
+    // A refused upload: one readable line, and an audit line naming its digest and the peer.
+    let junk = b"\0asm\x01\0\0\0 not really".to_vec();
+    let (status, body) = admin(
+        &server,
+        reqwest::Method::PUT,
+        "/admin/plugins/validate",
+        junk.clone(),
+    );
+    assert_eq!(status, 422, "{body}");
+    let reason = body["error"]["fields"][0]["reason"]
+        .as_str()
+        .expect("reason");
+    assert!(!reason.contains('\n') && reason.len() <= 310, "{reason:?}");
+    let refused = server
+        .log_line(|l| l.contains("admin action") && l.contains(&sha256(&junk)))
+        .expect("an audit line for the refused upload");
+    assert!(
+        refused.contains("refused") && refused.contains("127.0.0.1"),
+        "{refused}"
+    );
+
+    // An accepted upload serves, is audited, and is what the slot loads after a restart.
+    let permissive = std::fs::read(common::plugin_wasm("test-permissive")).expect("component");
+    let (status, body) = admin(
+        &server,
+        reqwest::Method::PUT,
+        "/admin/plugins/validate",
+        permissive.clone(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sha256"], sha256(&permissive).as_str());
+    let accepted = server
+        .log_line(|l| l.contains("admin action") && l.contains(&sha256(&permissive)))
+        .expect("an audit line for the accepted upload");
+    assert!(
+        accepted.contains("accepted") && accepted.contains("upload"),
+        "{accepted}"
+    );
+    assert!(
+        server
+            .metrics()
+            .contains("wanserve_admin_actions_total{action=\"upload\",outcome=\"refused\"} 1")
+    );
+
+    server.terminate();
+    server.launch();
+    assert_eq!(
+        serving(&server, "validate"),
+        sha256(&permissive),
+        "the swap survived the restart"
+    );
+    let loaded = server
+        .log_line(|l| l.contains("plugin slot installed") && l.contains("stored swap"))
+        .expect("the start-up log names the slot's source");
+    assert!(loaded.contains(&sha256(&permissive)), "{loaded}");
+    assert!(
+        server
+            .log_line(|l| l.contains("plugin directory"))
+            .is_some()
+    );
+
+    let (_, history) = admin(
+        &server,
+        reqwest::Method::GET,
+        "/admin/plugins/validate/history",
+        vec![],
+    );
+    let entries = history["history"].as_array().expect("entries");
+    assert_eq!(entries.len(), 2, "{history}");
+    assert_eq!(
+        (
+            entries[0]["source"].as_str(),
+            entries[0]["current"].as_bool()
+        ),
+        (Some("upload"), Some(true))
+    );
+    assert_eq!(entries[1]["sha256"], seed.as_str());
+
+    // By digest; an unknown digest is refused with the field; nothing is earlier than the seed.
+    let (status, body) = admin(
+        &server,
+        reqwest::Method::POST,
+        &format!("/admin/plugins/validate/rollback?sha256={seed}"),
+        vec![],
+    );
+    assert_eq!(
+        (status, body["sha256"].as_str()),
+        (200, Some(seed.as_str())),
+        "{body}"
+    );
+    let (status, body) = admin(
+        &server,
+        reqwest::Method::POST,
+        &format!("/admin/plugins/validate/rollback?sha256={}", "0".repeat(64)),
+        vec![],
+    );
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["fields"][0]["field"], "sha256", "{body}");
+    let (status, body) = admin(
+        &server,
+        reqwest::Method::POST,
+        "/admin/plugins/validate/rollback",
+        vec![],
+    );
+    assert_eq!(status, 409, "{body}");
+
+    // The rollback is what a restart keeps, too.
+    server.terminate();
+    server.launch();
+    assert_eq!(serving(&server, "validate"), seed);
+    server.submit(ALICE, &crate::harness::small_job());
+}
+
+/// An admin key that is too short stops the server before it opens the model (here a model
+/// directory that does not exist: its error would come first otherwise), naming the variable.
+#[test]
+fn a_short_admin_key_fails_before_the_model_loads_and_names_the_variable() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut child = common::wanserve()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--model-dir",
+            "/nonexistent/model",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--plugin-dir")
+        .arg(crate::harness::plugin_dir())
+        .env("WANSERVE_API_KEYS", ALICE)
+        .env("WANSERVE_ADMIN_KEY", "short-key")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wanserve starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server kept running with a short admin key"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    assert!(!status.success());
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        error.contains("WANSERVE_ADMIN_KEY") && error.contains("16"),
+        "{error}"
+    );
+    assert!(
+        !stderr.contains("plugin slot installed"),
+        "the plugins loaded first: {stderr}"
+    );
+    assert!(
+        !stderr.contains("short-key"),
+        "the key itself was printed: {stderr}"
+    );
+}
