@@ -824,3 +824,82 @@ fn plugins_have_no_wasi_clock_or_randomness() {
     });
     assert!(matches!(&plain, Ok(Ok(p)) if p.id == "tester"), "{plain:?}");
 }
+
+/// `wanserve plugin new` for each slot, built where a plugin author would build it: a temp
+/// directory outside this repository holding only the generated files, with plain
+/// `cargo build --release` (offline: the crates come from cargo's cache), then checked.
+/// The validate start's own rule works as generated: with `banned-word` in its config a prompt
+/// holding it is refused, field and all.
+#[test]
+fn plugin_new_builds_outside_the_repository_and_passes_check_for_every_slot() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    // One target directory for the three: dependencies compile once.
+    let target = scratch.path().join("target");
+    for slot in ["auth", "validate", "postprocess"] {
+        let name = format!("my-{slot}-policy");
+        let dir = scratch.path().join(&name);
+        let made = wanserve()
+            .args(["plugin", "new", &name, "--slot", slot, "--dir"])
+            .arg(&dir)
+            .output()
+            .expect("plugin new runs");
+        assert!(made.status.success(), "{}", stderr(&made));
+        assert!(!dir.starts_with(common::repo_root().canonicalize().expect("root")));
+        let built = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .args(["build", "--release", "--offline"])
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS")
+            .output()
+            .expect("cargo runs");
+        assert!(built.status.success(), "{slot}: {}", stderr(&built));
+        let wasm = target
+            .join("wasm32-unknown-unknown/release")
+            .join(format!("{}.wasm", name.replace('-', "_")));
+        let checked = wanserve()
+            .args(["plugin", "check", "--slot", slot])
+            .arg(&wasm)
+            .output()
+            .expect("plugin check runs");
+        let out = String::from_utf8_lossy(&checked.stdout);
+        assert!(
+            checked.status.success(),
+            "{slot}: {}{}",
+            out,
+            stderr(&checked)
+        );
+        assert!(out.contains("self-test: passed"), "{out}");
+        if slot == "validate" {
+            let host = PluginHost::new(PluginLimits::default()).expect("host");
+            let bytes = std::fs::read(&wasm).expect("component");
+            let config = BTreeMap::from([("banned-word".to_string(), "volcano".to_string())]);
+            host.replace(Slot::Validate, &bytes, config)
+                .expect("installs");
+            let body = |prompt: &str| {
+                json_fields(
+                    serde_json::json!({"prompt": prompt})
+                        .as_object()
+                        .expect("object"),
+                )
+            };
+            assert!(
+                host.validate(&plugin_caller(), &body("a red fox"))
+                    .expect("call")
+                    .is_ok()
+            );
+            let refused = host
+                .validate(&plugin_caller(), &body("A VOLCANO at dusk"))
+                .expect("call")
+                .expect_err("the banned word");
+            assert_eq!(refused[0].field, "prompt", "{refused:?}");
+        }
+    }
+    // A directory that holds something is never written into.
+    let again = wanserve()
+        .args(["plugin", "new", "x", "--slot", "auth", "--dir"])
+        .arg(scratch.path().join("my-auth-policy"))
+        .output()
+        .expect("runs");
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("not empty"), "{}", stderr(&again));
+}

@@ -189,6 +189,17 @@ enum PluginCommand {
         #[arg(long, env = "WANSERVE_DATA_DIR", default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Write a new plugin crate for a slot: builds anywhere with `cargo build --release`
+    /// (WIT, allocator and build settings included) and passes `plugin check` as written.
+    New {
+        /// The crate's name (a-z, 0-9, - and _).
+        name: String,
+        #[arg(long, value_enum)]
+        slot: Slot,
+        /// Where to write it [default: ./NAME]; must be empty or missing.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Print the SHA-256 of an API key read from standard input, for the auth plugin's
     /// `api_keys` config (`name=<hash>`); the key itself is never stored.
     HashKey,
@@ -238,6 +249,21 @@ fn plugin(command: PluginCommand) -> CliResult {
                 );
                 println!("{key}");
             }
+            Ok(())
+        }
+        PluginCommand::New { name, slot, dir } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            wanserve::plugins::scaffold::write(&dir, &name, slot)?;
+            println!(
+                "wrote {} ({slot} plugin); next, in that directory:",
+                dir.display()
+            );
+            println!("  cargo build --release");
+            println!(
+                "  wanserve plugin check --slot {slot} target/wasm32-unknown-unknown/release/{}.wasm",
+                name.replace('-', "_")
+            );
+            println!("  (its README.md says how to deploy it)");
             Ok(())
         }
         PluginCommand::HashKey => {

@@ -21,6 +21,7 @@ mod host;
 mod jwt;
 mod linking;
 mod reuse;
+pub mod scaffold;
 mod slot;
 mod state;
 pub mod swaps;

@@ -1,10 +1,9 @@
 //! A minimal plugin to start from: an auth plugin that admits callers connecting from the
 //! machine itself (loopback peers) and refuses everyone else.
 //!
-//! To make your own: copy this directory, rename the package in Cargo.toml, add it to the
-//! workspace's `members`, pick the world for your slot below (`auth-plugin`, `validate-plugin`
-//! or `postprocess-plugin`) and implement its exports. See plugins/README.md for building,
-//! checking and deploying.
+//! `wanserve plugin new NAME --slot auth` writes a standalone crate from this file
+//! (`template-validate` and `template-postprocess` are the other slots' starts); see its README
+//! (or plugins/README.md) for building, checking and deploying.
 
 // Heap inside the initial memory: no memory.grow in an ordinary call (see guest-alloc).
 use guest_alloc as _;
