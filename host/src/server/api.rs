@@ -98,8 +98,9 @@ fn json_object(
     }
 }
 
-/// The body's `requestId` (422 when missing or not a string). An id that cannot have been
-/// issued is 404 here, before any lookup.
+/// The body's `requestId` (422 when missing or not a string), also recorded in the request's
+/// span (its log lines then carry the job's id). An id that cannot have been issued is 404
+/// here, before any lookup.
 pub(super) fn request_id_of(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
@@ -107,7 +108,10 @@ pub(super) fn request_id_of(
     let map = json_object(body, limit)?;
     match map.get("requestId") {
         None => Err(ApiError::field("requestId", "is required")),
-        Some(serde_json::Value::String(id)) if is_request_id(id) => Ok(id.clone()),
+        Some(serde_json::Value::String(id)) if is_request_id(id) => {
+            tracing::Span::current().record("request_id", id.as_str());
+            Ok(id.clone())
+        }
         Some(serde_json::Value::String(_)) => Err(ApiError::NotFound),
         Some(_) => Err(ApiError::field("requestId", "must be a string")),
     }
@@ -238,7 +242,6 @@ pub async fn status(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<StatusResponse>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
-    tracing::Span::current().record("request_id", id.as_str());
     let job = owned_job(&state, &id, &principal.id).await?;
     Ok(Json(status_view(&state, job).await?))
 }
@@ -379,7 +382,6 @@ pub async fn cancel(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CancelResponse>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
-    tracing::Span::current().record("request_id", id.as_str());
     let outcome = state
         .store
         .cancel(&id, &principal.id)

@@ -100,7 +100,6 @@ pub async fn events_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<EventsToken>, ApiError> {
     let id = request_id_of(body, state.limits.body_limit)?;
-    tracing::Span::current().record("request_id", id.as_str());
     let job = owned_job(&state, &id, &principal.id).await?;
     let claims = Claims {
         rid: job.id.clone(),
