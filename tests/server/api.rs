@@ -264,7 +264,15 @@ fn every_parameter_at_and_beyond_its_bounds() {
 
 #[test]
 fn idempotency_key_returns_the_same_job_and_creates_nothing() {
-    let server = shared();
+    // Its own server: the jobs it creates are counted, and no other test's jobs may count.
+    let server = &Server::start(Options::default());
+    let created = || {
+        server
+            .metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("wanserve_jobs_submitted_total "))
+            .map_or(0, |n| n.trim().parse::<u64>().expect("a count"))
+    };
     let send = |key: &str, body: &Value, idem: &str| {
         server
             .client()
@@ -275,21 +283,29 @@ fn idempotency_key_returns_the_same_job_and_creates_nothing() {
             .send()
             .expect("sent")
     };
-    let first: Value = send(ALICE, &small_job(), "order-17").json().expect("JSON");
-    let again: Value = send(ALICE, &small_job(), "order-17").json().expect("JSON");
+    let accepted = |response: reqwest::blocking::Response| -> Value {
+        assert_eq!(response.status(), 202);
+        response.json().expect("JSON")
+    };
+    let first = accepted(send(ALICE, &small_job(), "order-17"));
+    let again = accepted(send(ALICE, &small_job(), "order-17"));
     assert_eq!(first["requestId"], again["requestId"]);
+    assert_eq!(created(), 1, "the retry created a job");
     let id = first["requestId"].as_str().expect("id").to_string();
     // Another principal with the same key gets its own job.
-    let bobs: Value = send(BOB, &small_job(), "order-17").json().expect("JSON");
+    let bobs = accepted(send(BOB, &small_job(), "order-17"));
     assert_ne!(bobs["requestId"], first["requestId"]);
+    assert_eq!(created(), 2);
     // The same key with another body is a conflict, not a silent second job.
     let mut other = small_job();
     other["seed"] = json!(8);
     let (status, body) = error_of(send(ALICE, &other, "order-17"));
     assert_eq!(status, 409, "{body}");
+    assert_eq!(created(), 2, "the conflicting body created a job");
     // Without the header, the same body makes a new job.
     let fresh = server.submit(ALICE, &small_job());
     assert_ne!(fresh, id);
+    assert_eq!(created(), 3);
     for (key, id) in [
         (ALICE, id.as_str()),
         (BOB, bobs["requestId"].as_str().expect("id")),
@@ -301,6 +317,7 @@ fn idempotency_key_returns_the_same_job_and_creates_nothing() {
     let (status, body) = error_of(send(ALICE, &small_job(), &"k".repeat(300)));
     assert_eq!(status, 422);
     assert_eq!(bad_fields(&body), ["Idempotency-Key"]);
+    assert_eq!(created(), 3);
 }
 
 #[test]
