@@ -167,9 +167,27 @@ fn videos_go_to_s3_and_presigned_urls_download_without_credentials() {
     let response = reqwest::blocking::get(&tampered).expect("sent");
     assert_eq!(response.status(), 403);
 
-    // Each status call signs afresh.
+    // Each status call signs afresh: a later call's URL is signed at its own time (S3 dates
+    // have whole seconds, so the second call comes over a second later), and it downloads.
+    let signed_at = |url: &str| {
+        url.split("X-Amz-Date=")
+            .nth(1)
+            .and_then(|rest| rest.split('&').next())
+            .expect("X-Amz-Date")
+            .to_string()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let again: Value = server.status(ALICE, &id);
-    assert!(again["results"]["videos"][0]["url"].is_string());
+    let later = again["results"]["videos"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_string();
+    assert!(signed_at(&later) > signed_at(&url), "{url} then {later}");
+    assert_ne!(
+        later.split_once("X-Amz-Signature=").map(|p| p.1),
+        Some(signature)
+    );
+    assert_eq!(reqwest::blocking::get(&later).expect("GET").status(), 200);
     // /ready checks that the bucket is writable.
     let ready: Value = server
         .client()
