@@ -68,12 +68,19 @@ fn case_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The largest difference between two arrays of the same length (a length mismatch is a
+/// failure, not a shorter comparison).
 fn max_abs_diff<'a>(
     a: impl IntoIterator<Item = &'a f32>,
     b: impl IntoIterator<Item = &'a f32>,
 ) -> f32 {
-    a.into_iter()
-        .zip(b)
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        a.into_iter().copied().collect(),
+        b.into_iter().copied().collect(),
+    );
+    assert_eq!(a.len(), b.len(), "arrays of different lengths");
+    a.iter()
+        .zip(&b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
@@ -171,6 +178,7 @@ fn check_case_with(pipeline: &Pipeline<OrtBackend>, name: &str) {
     for (k, &index) in case.kept_frames.iter().enumerate() {
         let ours = &frames[index * frame_bytes..(index + 1) * frame_bytes];
         let theirs = expected_frames.index_axis(ndarray::Axis(0), k);
+        assert_eq!(ours.len(), theirs.len(), "{name}: frame {index}");
         for (a, b) in ours.iter().zip(theirs.iter()) {
             worst = worst.max(a.abs_diff(*b));
         }

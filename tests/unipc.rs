@@ -48,6 +48,7 @@ fn timesteps_sigmas_and_trajectories_match_diffusers() {
                 .map(|x| 0.5 * (x + 0.3 * i as f32).cos() + 0.05 * i as f32)
                 .collect();
             sample = scheduler.step(output, sample).unwrap();
+            assert_eq!(sample.len(), expected.len(), "{} step {i}", r.config);
             let worst = sample
                 .iter()
                 .zip(expected)
@@ -123,6 +124,8 @@ fn the_scheduler_runs_on_onnx_runtime_tensors_too() {
                 .step(stand_in_model(&host_sample, i), host_sample)
                 .unwrap();
             let (_, values) = ort_sample.to_host().unwrap();
+            assert_eq!(values.len(), host_sample.len(), "{} step {i}", r.config);
+            assert_eq!(values.len(), expected.len(), "{} step {i}", r.config);
             for ((ort, host), diffusers) in values.iter().zip(&host_sample).zip(expected) {
                 assert!((ort - host).abs() <= 1e-6, "{} step {i}", r.config);
                 assert!((ort - diffusers).abs() <= 1e-5, "{} step {i}", r.config);
@@ -151,6 +154,7 @@ fn device_casts_to_bf16_round_like_the_host() {
         .unwrap()
         .to_host()
         .unwrap();
+    assert_eq!(values.len(), back.len());
     for (x, y) in values.iter().zip(&back) {
         assert_eq!(half::bf16::from_f32(*x).to_f32(), *y, "{x}");
     }

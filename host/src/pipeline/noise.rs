@@ -214,6 +214,7 @@ mod tests {
             -0.247_278_15,
         ];
         let got = torch_randn(0, 16).unwrap();
+        assert_eq!(got.len(), expected.len());
         for (g, e) in got.iter().zip(expected) {
             assert!((g - e).abs() < 1e-6, "{got:?}");
         }
