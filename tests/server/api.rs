@@ -431,10 +431,22 @@ fn health_ready_docs_and_metrics() {
     ] {
         assert!(metrics.contains(name), "{name} in\n{metrics}");
     }
-    assert!(
-        metrics.contains("route=\"/video/status\"") && metrics.contains("status=\"401\""),
-        "{metrics}"
-    );
+    // One series carries the route, the method and the status of the refused call, counted.
+    let refused_status_calls = metrics
+        .lines()
+        .filter(|l| l.starts_with("wanserve_http_requests_total{"))
+        .find(|l| {
+            l.contains("route=\"/video/status\"")
+                && l.contains("method=\"POST\"")
+                && l.contains("status=\"401\"")
+        })
+        .unwrap_or_else(|| panic!("no series for the 401 on /video/status:\n{metrics}"));
+    let count: f64 = refused_status_calls
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(count >= 1.0, "{refused_status_calls}");
     // A client polling with the same key: after the first call, the auth plugin's acceptance
     // is reused (`reuse-principal`), and the answer is the same.
     let poll = || {
