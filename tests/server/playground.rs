@@ -94,6 +94,46 @@ async fn fill(browser: &Client, values: Value) {
 #[test]
 fn the_playground_submits_follows_and_plays_a_job() {
     let server = Server::start(Options::default());
+    // Every asset carries the Content-Security-Policy (scripts, styles and requests only from
+    // this server) and nosniff; the page below runs under it in Chromium.
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/playground/playground.js", "text/javascript"),
+        ("/playground/playground.css", "text/css"),
+    ] {
+        let response = server
+            .client()
+            .get(format!("{}{path}", server.url))
+            .send()
+            .expect("asset");
+        assert_eq!(response.status(), 200, "{path}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(header("content-type").starts_with(kind), "{path}");
+        let csp = header("content-security-policy");
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(
+                csp.contains(directive),
+                "{path}: {directive} missing from {csp:?}"
+            );
+        }
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+            "{csp}"
+        );
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+    }
     let driver = start_chromedriver();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
