@@ -411,9 +411,12 @@ mod tests {
     async fn sending_resolves_names_through_the_policy() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
         std::thread::spawn(move || {
             use std::io::{Read, Write};
             for stream in listener.incoming().flatten() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut stream = stream;
                 let mut buffer = [0u8; 4096];
                 let _ = stream.read(&mut buffer);
@@ -438,10 +441,14 @@ mod tests {
             .await
             .expect_err("refused");
         assert!(refused.contains("internal"), "{refused}");
+        // Refused before any connection: the receiver was never reached.
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
         webhooks(&["127.0.0.1/32", "::1/128"])
             .post(&delivery, "{}")
             .await
             .expect("delivered when allowed");
+        // The same receiver, once allowed, is reached: the count above could have moved.
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
