@@ -645,14 +645,30 @@ fn keys_and_tokens_never_reach_the_logs() {
         config.insert("jwt_key".into(), HMAC_SECRET.into());
         let host = PluginHost::new(PluginLimits::default()).unwrap();
         host.replace(Slot::Auth, &auth_wasm(), config).unwrap();
-        for header in [
+        // Each call's answer is what it should be, and a refusal's reason is logged as the
+        // server logs it (`request refused: not authenticated`): a reason quoting the
+        // credential would leak it there.
+        let accepted: Vec<bool> = [
             bearer(ALICE),
             bearer("wrong"),
             bearer(&token),
             format!("Basic {ALICE}"),
-        ] {
-            let _ = host.authenticate(&request(&[("authorization", &header)]));
-        }
+        ]
+        .iter()
+        .map(|header| {
+            match host
+                .authenticate(&request(&[("authorization", header)]))
+                .expect("the call runs")
+            {
+                Ok(_) => true,
+                Err(denial) => {
+                    tracing::info!(reason = %denial.reason, "request refused: not authenticated");
+                    false
+                }
+            }
+        })
+        .collect();
+        assert_eq!(accepted, [true, false, true, false]);
         // Configs an operator got wrong with a secret in them (a plain key where its hash
         // belongs, an HMAC secret given to RS256): refused, and the reason (which the plugin
         // watcher logs and the admin API returns) names the entry, not the secret in it.
@@ -670,6 +686,11 @@ fn keys_and_tokens_never_reach_the_logs() {
     });
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("generated one"), "the capture works: {logs}");
+    assert_eq!(
+        logs.matches("request refused: not authenticated").count(),
+        2,
+        "both refusals were logged: {logs}"
+    );
     assert!(
         logs.contains("entry 1 (alice)") && logs.contains("jwt_key"),
         "the refusals were logged: {logs}"
