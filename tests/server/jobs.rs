@@ -437,6 +437,12 @@ fn sigterm_puts_running_jobs_back_in_the_queue() {
     });
     let status = server.terminate();
     assert!(status.success(), "clean exit: {status:?}\n{}", server.log());
+    // Stopped mid-way, not waited for: its first attempt ended requeued, unfinished.
+    let requeued = server
+        .log_line(|l| l.contains(&id) && l.contains("job ended") && l.contains("requeued"))
+        .unwrap_or_else(|| panic!("no requeued end for {id}:\n{}", server.log()));
+    assert!(requeued.contains("attempt=1"), "{requeued}");
+    let stopped_at = wanserve::ids::now_ms();
     server.launch();
     let back = server.status(ALICE, &queued);
     assert_eq!(state(&back), "InQueue", "{back}");
@@ -449,6 +455,15 @@ fn sigterm_puts_running_jobs_back_in_the_queue() {
     let done = server.wait_final(ALICE, &id);
     assert_eq!(state(&done), "Succeed", "{done}");
     assert_eq!(server.stored_videos().len(), 1);
+    // It ran again from the start after the restart, as attempt 2.
+    assert!(
+        done["startedAt"].as_i64().expect("startedAt") >= stopped_at,
+        "{done}"
+    );
+    let second = server
+        .log_line(|l| l.contains(&id) && l.contains("job started") && l.contains("attempt=2"))
+        .unwrap_or_else(|| panic!("no second attempt of {id}:\n{}", server.log()));
+    assert!(!second.contains("attempt=3"), "{second}");
 }
 
 /// A short retention: the sweeper deletes the object (the plugin says delete) and status says
