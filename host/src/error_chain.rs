@@ -12,3 +12,29 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     message
 }
+
+/// A message as one readable line: whitespace runs (a wrapped error's newlines, a wasm
+/// backtrace's layout, a debug dump's) collapsed to one space, at most `max_chars` characters
+/// (then `…`). For log lines that shippers split on newlines, and for reasons shown to
+/// operators.
+pub fn one_line(message: &str, max_chars: usize) -> String {
+    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(max_chars) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_collapses_layout_and_bounds_length() {
+        assert_eq!(
+            super::one_line("trap:\n  0: at f\n\t1: at g", 300),
+            "trap: 0: at f 1: at g"
+        );
+        let long = super::one_line(&"é".repeat(400), 300);
+        assert_eq!(long.chars().count(), 301, "300 and the ellipsis");
+        assert!(long.ends_with('…'));
+    }
+}

@@ -635,15 +635,35 @@ fn a_failing_postprocess_plugin_loses_no_video() {
         s["expired"] == true
     });
     assert_eq!(expired["results"]["videos"], json!([]));
-    // Several sweeps later the object is still there: the plugin failed, so it is kept.
-    std::thread::sleep(Duration::from_secs(2));
+    // The sweeper asked `retain`: it trapped (decide's failure was a bad result, in the job's
+    // span; this one is the sweeper's, a trap, logged on one line).
+    let retain_failed = server
+        .log_line(|l| {
+            l.contains("plugin call failed closed")
+                && l.contains("slot=postprocess")
+                && l.contains("wasm trap")
+                && !l.contains("job{")
+        })
+        .unwrap_or_else(|| panic!("the sweeper never called retain:\n{}", server.log()));
+    assert!(
+        !retain_failed.contains("unusable result"),
+        "{retain_failed}"
+    );
+    // ...and after that answer the object is still there: a failing retain keeps the video.
     assert_eq!(server.stored_videos().len(), 1);
     assert!(
-        server
-            .metrics()
-            .contains("wanserve_plugin_failures_total{slot=\"postprocess\"}"),
-        "failures counted"
+        !server.log().contains("expired video deleted"),
+        "{}",
+        server.log()
     );
+    // Both failures counted: decide's at publish, and at least one retain.
+    let failures: f64 = server
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("wanserve_plugin_failures_total{slot=\"postprocess\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the postprocess failure count");
+    assert!(failures >= 2.0, "{failures} failures counted");
 }
 
 /// `--log-format json`: every line one JSON object; a request's lines carry its span (method,

@@ -76,5 +76,7 @@ pub(super) fn check_object_key(key: &str) -> Result<(), String> {
 /// The innermost message of an error chain: what went wrong, without the wrapping context.
 pub(super) fn root_cause(e: &wasmtime::Error) -> String {
     let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    chain.join(": ")
+    // On one line (a trap's message carries a multi-line wasm backtrace), all of it: the trap's
+    // kind comes last.
+    crate::error_chain::one_line(&chain.join(": "), usize::MAX)
 }

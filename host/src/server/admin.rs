@@ -8,6 +8,7 @@
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
 use super::state::AppState;
+use crate::error_chain::one_line;
 use crate::plugins::swaps::{SwapError, SwapSource};
 use crate::plugins::{PluginError, PluginInfo, Slot};
 use axum::Json;
@@ -69,16 +70,6 @@ fn parse_slot(name: &str) -> Result<Slot, ApiError> {
         .into_iter()
         .find(|s| s.to_string() == name)
         .ok_or(ApiError::NoSuchSlot)
-}
-
-/// A reason as one readable line: whitespace (newlines of a wrapped error, a debug dump's
-/// layout) collapsed, at most 300 characters.
-pub fn one_line(reason: &str) -> String {
-    let line = reason.split_whitespace().collect::<Vec<_>>().join(" ");
-    match line.char_indices().nth(300) {
-        Some((at, _)) => format!("{}…", &line[..at]),
-        None => line,
-    }
 }
 
 /// The audit line and counter every admin action gets.
@@ -161,7 +152,7 @@ pub async fn upload(
             Err(ApiError::internal(e))
         }
         Err(e) => {
-            let reason = one_line(&e.to_string());
+            let reason = one_line(&e.to_string(), 300);
             audit(&admin, "upload", slot, &sha256, Some(&reason));
             Err(ApiError::field("component", reason))
         }
@@ -211,7 +202,7 @@ pub async fn rollback(
             Ok(Json(view(&state, info)))
         }
         Err(e) => {
-            let reason = one_line(&e.to_string());
+            let reason = one_line(&e.to_string(), 300);
             let sha256 = match &e {
                 RollbackError::Install(sha256, _) => sha256.clone(),
                 _ => wanted,
