@@ -63,8 +63,35 @@ mod tests {
                 .await
                 .is_err()
         );
-        // Both threads still serve.
-        let (a, b) = tokio::join!(pool.run(|| 1), pool.run(|| 2));
-        assert_eq!((a.expect("a"), b.expect("b")), (1, 2));
+        // Both threads still serve, the one that ran the panic included: two calls that each
+        // wait (up to 5 s) for the other to have started can only both finish on two threads.
+        use std::sync::{Arc, Condvar, Mutex};
+        let started = Arc::new((Mutex::new(0u32), Condvar::new()));
+        let meet = |started: Arc<(Mutex<u32>, Condvar)>| {
+            move || {
+                let (count, arrived) = &*started;
+                let mut count = count.lock().expect("lock");
+                *count += 1;
+                arrived.notify_all();
+                let (count, _) = arrived
+                    .wait_timeout_while(count, std::time::Duration::from_secs(5), |n| *n < 2)
+                    .expect("lock");
+                let thread = std::thread::current()
+                    .name()
+                    .unwrap_or_default()
+                    .to_string();
+                (*count == 2, thread)
+            }
+        };
+        let (a, b) = tokio::join!(
+            pool.run(meet(started.clone())),
+            pool.run(meet(started.clone()))
+        );
+        let ((met_a, thread_a), (met_b, thread_b)) = (a.expect("a"), b.expect("b"));
+        assert!(
+            met_a && met_b,
+            "the calls ran one after the other: one thread left"
+        );
+        assert_ne!(thread_a, thread_b);
     }
 }
