@@ -306,12 +306,17 @@ fn hot_swap_under_concurrent_calls_loses_none_and_later_calls_see_the_new_plugin
     let retention = std::fs::read(plugin_wasm("postprocess-retention")).unwrap();
     let host = Arc::new(retention_host(&[]));
     let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Workers that have had 10 answers: the swap waits for all three (no fixed sleep).
+    let warmed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..3)
         .map(|_| {
-            let (host, swapped) = (host.clone(), swapped.clone());
+            let (host, swapped, warmed) = (host.clone(), swapped.clone(), warmed.clone());
             std::thread::spawn(move || {
                 let (mut old, mut new, mut after_swap) = (0, 0, 0);
                 while after_swap < 200 {
+                    if old + new == 10 {
+                        warmed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     let swap_done = swapped.load(std::sync::atomic::Ordering::SeqCst);
                     // Every call gets an answer from one complete plugin, old or new...
                     let policy = host.decide(&job("standard")).expect("no call is lost");
@@ -333,14 +338,18 @@ fn hot_swap_under_concurrent_calls_loses_none_and_later_calls_see_the_new_plugin
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while warmed.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the workers never got going");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let config = BTreeMap::from([("retention_seconds".to_string(), "60".to_string())]);
     host.replace(Slot::Postprocess, &retention, config).unwrap();
     swapped.store(true, std::sync::atomic::Ordering::SeqCst);
     let counts: Vec<(usize, usize)> = workers.into_iter().map(|w| w.join().unwrap()).collect();
     assert!(
-        counts.iter().all(|(old, _)| *old > 0),
-        "calls ran before the swap: {counts:?}"
+        counts.iter().all(|(old, _)| *old >= 10),
+        "every worker's first 10 calls ran before the swap: {counts:?}"
     );
     assert_eq!(host.failures(Slot::Postprocess), 0);
 
