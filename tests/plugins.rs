@@ -837,8 +837,8 @@ fn plugins_have_no_wasi_clock_or_randomness() {
 /// `wanserve plugin new` for each slot, built where a plugin author would build it: a temp
 /// directory outside this repository holding only the generated files, with plain
 /// `cargo build --release` (offline: the crates come from cargo's cache), then checked.
-/// The validate start's own rule works as generated: with `banned-word` in its config a prompt
-/// holding it is refused, field and all.
+/// The validate start, as generated, is "the default rules, then mine" (see
+/// `validator_keeps_the_default_answers_and_adds_its_rules`).
 #[test]
 fn plugin_new_builds_outside_the_repository_and_passes_check_for_every_slot() {
     let scratch = tempfile::tempdir().expect("temp dir");
@@ -879,28 +879,9 @@ fn plugin_new_builds_outside_the_repository_and_passes_check_for_every_slot() {
         );
         assert!(out.contains("self-test: passed"), "{out}");
         if slot == "validate" {
-            let host = PluginHost::new(PluginLimits::default()).expect("host");
-            let bytes = std::fs::read(&wasm).expect("component");
-            let config = BTreeMap::from([("banned-word".to_string(), "volcano".to_string())]);
-            host.replace(Slot::Validate, &bytes, config)
-                .expect("installs");
-            let body = |prompt: &str| {
-                json_fields(
-                    serde_json::json!({"prompt": prompt})
-                        .as_object()
-                        .expect("object"),
-                )
-            };
-            assert!(
-                host.validate(&plugin_caller(), &body("a red fox"))
-                    .expect("call")
-                    .is_ok()
+            validator_keeps_the_default_answers_and_adds_its_rules(
+                &std::fs::read(&wasm).expect("component"),
             );
-            let refused = host
-                .validate(&plugin_caller(), &body("A VOLCANO at dusk"))
-                .expect("call")
-                .expect_err("the banned word");
-            assert_eq!(refused[0].field, "prompt", "{refused:?}");
         }
     }
     // A directory that holds something is never written into.
@@ -911,4 +892,87 @@ fn plugin_new_builds_outside_the_repository_and_passes_check_for_every_slot() {
         .expect("runs");
     assert!(!again.status.success());
     assert!(stderr(&again).contains("not empty"), "{}", stderr(&again));
+}
+
+/// A validator built on the guest library (`wanserve_policy::seed::validate`, then its own
+/// rules: `banned-word`, `max-frames`) answers as the default plugin does wherever its rules do
+/// not apply, on the boundary cases the seed tests send, and adds its rules' refusals.
+fn validator_keeps_the_default_answers_and_adds_its_rules(custom: &[u8]) {
+    let seed = host_with(Slot::Validate, "validate-seed");
+    let mine = PluginHost::new(PluginLimits::default()).expect("host");
+    let config = BTreeMap::from([
+        ("banned-word".to_string(), "volcano".to_string()),
+        ("max-frames".to_string(), "49".to_string()),
+    ]);
+    mine.replace(Slot::Validate, custom, config)
+        .expect("installs with its config");
+    let answer = |host: &PluginHost, changes: &serde_json::Value| {
+        let mut body = valid_submit_body();
+        body.insert("num_frames".into(), serde_json::json!(48));
+        for (k, v) in changes.as_object().expect("object") {
+            if v == "<absent>" {
+                body.remove(k);
+            } else {
+                body.insert(k.clone(), v.clone());
+            }
+        }
+        match host
+            .validate(&plugin_caller(), &json_fields(&body))
+            .expect("runs")
+        {
+            Ok(request) => Ok((
+                request.prompt,
+                request.width,
+                request.height,
+                request.num_frames,
+                request.infer_steps,
+                request.seed,
+            )),
+            Err(errors) => Err(errors
+                .into_iter()
+                .map(|e| (e.field, e.reason))
+                .collect::<Vec<_>>()),
+        }
+    };
+    for changes in [
+        serde_json::json!({}),
+        serde_json::json!({"num_frames": 24}),
+        serde_json::json!({"num_frames": 23}),
+        serde_json::json!({"num_frames": 24.5}),
+        serde_json::json!({"prompt": "too short"}),
+        serde_json::json!({"prompt": "<absent>"}),
+        serde_json::json!({"image_size": "640x640"}),
+        serde_json::json!({"model": "other"}),
+        serde_json::json!({"guidance_scale": 0.5}),
+        serde_json::json!({"infer_steps": 19, "seed": -1}),
+        serde_json::json!({"num_frame": 24}),
+        serde_json::json!({"negative_prompt": 5}),
+    ] {
+        assert_eq!(
+            answer(&mine, &changes),
+            answer(&seed, &changes),
+            "{changes}"
+        );
+    }
+    // Its own rules, where the default accepts...
+    let over = serde_json::json!({"num_frames": 50});
+    assert!(answer(&seed, &over).is_ok());
+    let refused = answer(&mine, &over).expect_err("over max-frames");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "num_frames", "{refused:?}");
+    let banned = serde_json::json!({"prompt": "A VOLCANO erupting at dusk"});
+    assert!(answer(&seed, &banned).is_ok());
+    assert_eq!(answer(&mine, &banned).expect_err("banned")[0].0, "prompt");
+    // ...and beside the default's refusals, all at once.
+    let both = serde_json::json!({"num_frames": 121, "image_size": "1x1"});
+    let fields: Vec<String> = answer(&mine, &both)
+        .expect_err("both")
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect();
+    assert_eq!(
+        fields,
+        ["image_size", "num_frames", "num_frames"],
+        "the default's two and its own"
+    );
 }

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 const WIT: &str = include_str!("../../../wit/policy.wit");
 const GUEST_ALLOC: &str = include_str!("../../../plugins/guest-alloc/src/lib.rs");
+const POLICY_LIB: &str = include_str!("../../../plugins/wanserve-policy/src/lib.rs");
+const POLICY_SEED: &str = include_str!("../../../plugins/wanserve-policy/src/seed.rs");
 const AUTH: &str = include_str!("../../../plugins/template/src/lib.rs");
 const VALIDATE: &str = include_str!("../../../plugins/template-validate/src/lib.rs");
 const POSTPROCESS: &str = include_str!("../../../plugins/template-postprocess/src/lib.rs");
@@ -62,6 +64,12 @@ pub fn files(name: &str, slot: Slot) -> Result<Vec<(PathBuf, String)>, ScaffoldE
     // The templates sit two levels below the repository's wit/; here it is beside Cargo.toml.
     let lib = template.replace("path: \"../../wit\"", "path: \"wit\"");
     let artifact = name.replace('-', "_");
+    // The validate start builds on the default rules' library, vendored beside it.
+    let policy_dependency = if slot == Slot::Validate {
+        "wanserve-policy = { path = \"wanserve-policy\" }\n"
+    } else {
+        ""
+    };
     let cargo = format!(
         r#"[package]
 name = "{name}"
@@ -75,7 +83,7 @@ crate-type = ["cdylib"]
 [dependencies]
 wit-bindgen = {{ version = "{WIT_BINDGEN}", default-features = false, features = ["macros", "realloc"] }}
 guest-alloc = {{ path = "guest-alloc" }}
-
+{policy_dependency}
 # Its own workspace: it builds the same inside another project's tree.
 [workspace]
 
@@ -112,7 +120,9 @@ talc = {{ version = "{TALC}", default-features = false }}
 
 A `{slot}` plugin for wanserve (WIT package `{WIT_PACKAGE}`, vendored in `wit/`), made by
 `wanserve plugin new {name} --slot {slot}`. Its code is `src/lib.rs`; `guest-alloc/` is the
-allocator wanserve's own plugins use (a heap in the initial memory: no `memory.grow` per call).
+allocator wanserve's own plugins use (a heap in the initial memory: no `memory.grow` per call);
+a validate plugin also gets `wanserve-policy/`, the default rules as functions
+(`wanserve_policy::seed::validate`, what the default validate plugin runs).
 
 Needs Rust with the wasm32-unknown-unknown target (`rustup target add wasm32-unknown-unknown`;
 the `wasm-component-ld` linker comes with rustup).
@@ -138,7 +148,18 @@ the `wasm-component-ld` linker comes with rustup).
 "#,
         file = slot_file(slot),
     );
-    Ok(vec![
+    let policy_cargo = format!(
+        r#"[package]
+name = "wanserve-policy"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[dependencies]
+wit-bindgen = {{ version = "{WIT_BINDGEN}", default-features = false, features = ["macros", "realloc"] }}
+"#
+    );
+    let mut files = vec![
         (PathBuf::from("Cargo.toml"), cargo),
         (PathBuf::from(".cargo/config.toml"), config.to_string()),
         (PathBuf::from("src/lib.rs"), lib),
@@ -149,7 +170,21 @@ the `wasm-component-ld` linker comes with rustup).
             GUEST_ALLOC.to_string(),
         ),
         (PathBuf::from("README.md"), readme),
-    ])
+    ];
+    if slot == Slot::Validate {
+        files.extend([
+            (PathBuf::from("wanserve-policy/Cargo.toml"), policy_cargo),
+            (
+                PathBuf::from("wanserve-policy/src/lib.rs"),
+                POLICY_LIB.replace("path: \"../../wit\"", "path: \"../wit\""),
+            ),
+            (
+                PathBuf::from("wanserve-policy/src/seed.rs"),
+                POLICY_SEED.to_string(),
+            ),
+        ]);
+    }
+    Ok(files)
 }
 
 /// Writes the crate into `dir` (made if missing; refused if it holds anything).
