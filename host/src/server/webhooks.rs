@@ -451,6 +451,85 @@ mod tests {
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
+    /// A receiver that listens on loopback, counts its connections and answers each with
+    /// `answer` (`None`: reads and never answers).
+    fn receiver(answer: Option<String>) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut held = Vec::new();
+            for mut stream in listener.incoming().flatten() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer);
+                match &answer {
+                    Some(answer) => {
+                        let _ = stream.write_all(answer.as_bytes());
+                    }
+                    None => held.push(stream),
+                }
+            }
+        });
+        (port, connections)
+    }
+
+    fn loopback_webhooks() -> Webhooks {
+        Webhooks::new(
+            WebhookSettings {
+                policy: policy(&["127.0.0.1/32", "::1/128"]),
+                first_retry: Duration::from_secs(1),
+                give_up_after: Duration::from_secs(60),
+                proxy: None,
+            },
+            vec![1u8; 32].into(),
+        )
+        .expect("client")
+    }
+
+    /// A redirect is an answer, not 2xx: the attempt failed (to be retried) and the target
+    /// of the redirect is never contacted, so a receiver cannot bounce the server elsewhere.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let (elsewhere, reached) = receiver(Some(
+            "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n".into(),
+        ));
+        let (port, _) = receiver(Some(format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:{elsewhere}/hook\r\n\
+             content-length: 0\r\nconnection: close\r\n\r\n"
+        )));
+        let webhooks = loopback_webhooks();
+        let error = webhooks
+            .post(&delivery(&format!("http://127.0.0.1:{port}/hook"), 0), "{}")
+            .await
+            .expect_err("a redirect is not a delivery");
+        assert!(error.contains("307"), "{error}");
+        assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // It is retried, as any failed attempt.
+        let attempt = webhooks.after_failure(&delivery("http://x/", 0), 0, error);
+        assert!(
+            matches!(attempt, WebhookAttempt::Retry { .. }),
+            "{attempt:?}"
+        );
+    }
+
+    /// A receiver that never answers: the attempt ends at its 10 s timeout as a failure.
+    #[tokio::test]
+    async fn a_receiver_that_never_answers_fails_the_attempt_at_its_timeout() {
+        let (port, connections) = receiver(None);
+        let started = std::time::Instant::now();
+        let error = loopback_webhooks()
+            .post(&delivery(&format!("http://127.0.0.1:{port}/hook"), 0), "{}")
+            .await
+            .expect_err("no answer is no delivery");
+        let took = started.elapsed();
+        assert!(took >= ATTEMPT_TIMEOUT, "gave up after {took:?}: {error}");
+        assert!(took < ATTEMPT_TIMEOUT * 3, "took {took:?}");
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn signatures_follow_standard_webhooks() {
         // The example of the Standard Webhooks specification's reference libraries.
