@@ -152,12 +152,17 @@ impl PrincipalCache {
 
     /// The principal an earlier acceptance lets this request have, if any is still valid.
     pub fn lookup(&self, request: &RequestParts<'_>) -> Option<Principal> {
+        self.lookup_at(request, Instant::now())
+    }
+
+    /// [`PrincipalCache::lookup`] as of `now` (tests ask about a later moment instead of
+    /// sleeping until it).
+    fn lookup_at(&self, request: &RequestParts<'_>, now: Instant) -> Option<Principal> {
         let rules = self.rules.read().unwrap_or_else(|p| p.into_inner());
         if rules.is_empty() {
             return None;
         }
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         rules.iter().find_map(|vary| {
             entries
                 .get(&self.key(vary, request))
@@ -264,7 +269,8 @@ mod tests {
     #[test]
     fn a_rule_on_the_peer_separates_peers_and_an_entry_expires() {
         let cache = PrincipalCache::new();
-        let rule = ReuseRule::new(vec![], true, 30).expect("rule");
+        // 10 s: ample on a loaded machine; the expiry is checked as of a later moment.
+        let rule = ReuseRule::new(vec![], true, 10_000).expect("rule");
         cache.remember(
             rule,
             &request("", "/video/status", "1.2.3.4:5"),
@@ -274,8 +280,16 @@ mod tests {
         assert_eq!(reused(&cache, &same_peer).as_deref(), Some("anonymous"));
         let other_peer = request("", "/video/status", "1.2.3.4:6");
         assert_eq!(reused(&cache, &other_peer), None);
-        std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(reused(&cache, &same_peer), None);
+        let later = Instant::now() + Duration::from_millis(10_001);
+        assert!(
+            cache.lookup_at(&same_peer, later).is_none(),
+            "expired after its 10 s"
+        );
+        let before = Instant::now() + Duration::from_millis(9_000);
+        assert!(
+            cache.lookup_at(&same_peer, before).is_some(),
+            "still valid before"
+        );
     }
 
     #[test]
