@@ -23,9 +23,11 @@ fn host_with(slot: Slot, name: &str) -> PluginHost {
     host
 }
 
-/// Field names the validator complained about for `body` with `changes` applied.
-fn errors_for(host: &PluginHost, changes: serde_json::Value) -> Vec<String> {
-    let mut body = valid_submit_body();
+/// `body` with `changes` applied (a value `"<absent>"` removes the field).
+fn with_changes(
+    mut body: serde_json::Map<String, serde_json::Value>,
+    changes: &serde_json::Value,
+) -> serde_json::Map<String, serde_json::Value> {
     for (k, v) in changes.as_object().unwrap() {
         if v == "<absent>" {
             body.remove(k);
@@ -33,6 +35,12 @@ fn errors_for(host: &PluginHost, changes: serde_json::Value) -> Vec<String> {
             body.insert(k.clone(), v.clone());
         }
     }
+    body
+}
+
+/// Field names the validator complained about for `body` with `changes` applied.
+fn errors_for(host: &PluginHost, changes: serde_json::Value) -> Vec<String> {
+    let body = with_changes(valid_submit_body(), &changes);
     match host
         .validate(&plugin_caller(), &json_fields(&body))
         .expect("the plugin runs")
@@ -909,13 +917,7 @@ fn validator_keeps_the_default_answers_and_adds_its_rules(custom: &[u8]) {
     let answer = |host: &PluginHost, changes: &serde_json::Value| {
         let mut body = valid_submit_body();
         body.insert("num_frames".into(), serde_json::json!(48));
-        for (k, v) in changes.as_object().expect("object") {
-            if v == "<absent>" {
-                body.remove(k);
-            } else {
-                body.insert(k.clone(), v.clone());
-            }
-        }
+        let body = with_changes(body, changes);
         match host
             .validate(&plugin_caller(), &json_fields(&body))
             .expect("runs")

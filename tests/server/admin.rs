@@ -5,8 +5,6 @@ use crate::common;
 use crate::harness::{ADMIN, ALICE, Options, Server};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::io::Read;
-use std::time::{Duration, Instant};
 
 fn admin(server: &Server, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
     let response = server
@@ -185,44 +183,15 @@ fn a_swap_survives_a_restart_and_rolls_back_by_digest_with_an_audit_trail() {
 #[test]
 fn a_short_admin_key_fails_before_the_model_loads_and_names_the_variable() {
     let data = tempfile::tempdir().expect("temp dir");
-    let mut child = common::wanserve()
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--model-dir",
-            "/nonexistent/model",
-        ])
-        .arg("--data-dir")
-        .arg(data.path())
-        .arg("--plugin-dir")
-        .arg(crate::harness::plugin_dir())
-        .env("WANSERVE_API_KEYS", ALICE)
-        .env("WANSERVE_ADMIN_KEY", "short-key")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("wanserve starts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server kept running with a short admin key"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
+    let (status, stderr) = crate::harness::serve_until_it_exits(
+        data.path(),
+        |command| {
+            command
+                .args(["--model-dir", "/nonexistent/model"])
+                .env("WANSERVE_ADMIN_KEY", "short-key");
+        },
+        "the server kept running with a short admin key",
+    );
     assert!(!status.success());
     let error = stderr
         .lines()

@@ -323,44 +323,11 @@ fn a_second_server_on_the_same_data_directory_exits_with_a_clear_error() {
     let mut first = Server::start(Options::default());
     let running = first.submit(ALICE, &crate::harness::long_job());
     let second = |data_dir: &std::path::Path| {
-        let mut child = crate::common::wanserve()
-            .args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--threads",
-                "1",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--plugin-dir")
-            .arg(crate::harness::plugin_dir())
-            .env("WANSERVE_API_KEYS", ALICE)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("a second wanserve starts");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("the second server kept running on the first one's data directory");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .expect("piped")
-            .read_to_string(&mut stderr)
-            .expect("stderr");
-        (status, stderr)
+        crate::harness::serve_until_it_exits(
+            data_dir,
+            |_| {},
+            "the second server kept running on the first one's data directory",
+        )
     };
     let (status, stderr) = second(&first.data_dir);
     assert!(!status.success(), "{stderr}");

@@ -393,3 +393,53 @@ pub fn raw_get(base: &str, target: &str) -> (u16, String) {
         format!("GET {target} HTTP/1.1\r\nHost: wanserve\r\nConnection: close\r\n\r\n").as_bytes(),
     )
 }
+
+/// Runs `wanserve serve` on `data_dir` (loopback, port 0, one thread, the test plugins, the
+/// test API keys) with `customise` applied, expecting it to exit on its own within 60 s; its
+/// exit status and stderr. `what` says what a server that kept running did wrong.
+pub fn serve_until_it_exits(
+    data_dir: &Path,
+    customise: impl FnOnce(&mut Command),
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut command = common::wanserve();
+    command
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--plugin-dir")
+        .arg(plugin_dir())
+        .env("WANSERVE_API_KEYS", ALICE)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    customise(&mut command);
+    let mut child = command.spawn().expect("wanserve starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    (status, stderr)
+}

@@ -44,15 +44,6 @@ fn check_name(name: &str) -> Result<(), ScaffoldError> {
     }
 }
 
-/// The file a slot's plugin has in the server's plugin directory by default.
-fn slot_file(slot: Slot) -> &'static str {
-    match slot {
-        Slot::Auth => "auth_apikey.wasm",
-        Slot::Validate => "validate_seed.wasm",
-        Slot::Postprocess => "postprocess_retention.wasm",
-    }
-}
-
 /// The files of a new plugin crate `name` for `slot`, as (path in the crate, contents).
 pub fn files(name: &str, slot: Slot) -> Result<Vec<(PathBuf, String)>, ScaffoldError> {
     check_name(name)?;
@@ -146,7 +137,7 @@ the `wasm-component-ld` linker comes with rustup).
 
    or copy it into the server's plugin directory as `{file}` (the server watches it).
 "#,
-        file = slot_file(slot),
+        file = slot.default_file(),
     );
     let policy_cargo = format!(
         r#"[package]
