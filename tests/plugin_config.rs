@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wanserve::plugins::config::{ConfigSource, PluginsConfig, start_plugins};
+use wanserve::plugins::config::{ConfigSource, PluginsConfig, StoredSwaps, start_plugins};
 use wanserve::plugins::watch::PluginWatcher;
 use wanserve::plugins::{JsonValue, PluginError, PluginHost, PluginLimits, Slot, json_fields};
 
@@ -136,7 +136,11 @@ fn start_installs_every_slot_from_the_directory() {
         ("WANSERVE_PLUGIN_DIR", plugins.path().to_str().unwrap()),
         ("WANSERVE_API_KEYS", "k-123456"),
     ];
-    let started = start_plugins(&ConfigSource::new(None, data.path(), env(&vars)), None).unwrap();
+    let started = start_plugins(
+        &ConfigSource::new(None, data.path(), env(&vars)),
+        &StoredSwaps::default(),
+    )
+    .unwrap();
     assert_eq!(started.installed.len(), 3);
     assert!(
         started.generated_key.is_none(),
@@ -148,10 +152,13 @@ fn start_installs_every_slot_from_the_directory() {
 
     // A missing component names its slot and path.
     std::fs::remove_file(plugins.path().join("postprocess_retention.wasm")).unwrap();
-    let err = start_plugins(&ConfigSource::new(None, data.path(), env(&vars)), None)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = start_plugins(
+        &ConfigSource::new(None, data.path(), env(&vars)),
+        &StoredSwaps::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         err.contains("postprocess") && err.contains("postprocess_retention.wasm"),
         "{err}"

@@ -14,7 +14,7 @@ use wanserve::model::ModelDir;
 use wanserve::pipeline::step_cache::CacheMode;
 use wanserve::pipeline::{CancelToken, GenerateRequest, Progress, Stage};
 use wanserve::plugins::api_keys::hash_key;
-use wanserve::plugins::config::{ConfigSource, start_plugins};
+use wanserve::plugins::config::{ConfigSource, StoredSwaps, start_plugins};
 use wanserve::plugins::{PluginHost, PluginLimits, Slot, WIT_VERSION};
 use wanserve::server::config::{ServeArgs, ServeConfig};
 use wanserve::video::H264;
@@ -233,7 +233,7 @@ fn plugin(command: PluginCommand) -> CliResult {
         PluginCommand::Load { config, data_dir } => {
             let source =
                 ConfigSource::new(config.as_deref(), &data_dir, |var| std::env::var(var).ok());
-            let started = start_plugins(&source, None)?;
+            let started = start_plugins(&source, &StoredSwaps::default())?;
             for info in &started.installed {
                 println!(
                     "{:<12} {}  {}",

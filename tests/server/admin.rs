@@ -6,7 +6,12 @@ use crate::harness::{ADMIN, ALICE, Options, Server};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-fn admin(server: &Server, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
+pub(crate) fn admin(
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, Value) {
     let response = server
         .client()
         .request(method, format!("{}{path}", server.url))
@@ -18,7 +23,7 @@ fn admin(server: &Server, method: reqwest::Method, path: &str, body: Vec<u8>) ->
     (status, response.json().unwrap_or(Value::Null))
 }
 
-fn serving(server: &Server, slot: &str) -> String {
+pub(crate) fn serving(server: &Server, slot: &str) -> String {
     let (_, listed) = admin(server, reqwest::Method::GET, "/admin/plugins", vec![]);
     listed["plugins"]
         .as_array()
@@ -31,7 +36,7 @@ fn serving(server: &Server, slot: &str) -> String {
         .to_string()
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
@@ -176,6 +181,24 @@ fn a_swap_survives_a_restart_and_rolls_back_by_digest_with_an_audit_trail() {
     server.launch();
     assert_eq!(serving(&server, "validate"), seed);
     server.submit(ALICE, &crate::harness::small_job());
+
+    // An upload that cannot be stored (here the history is a directory, not a file) does not
+    // serve either: a restart would not find it.
+    server.terminate();
+    let history_file = server.data_dir.join("plugin-swaps/validate/history.json");
+    std::fs::remove_file(&history_file).expect("remove the history");
+    std::fs::create_dir(&history_file).expect("a directory in its place");
+    server.launch();
+    let (status, body) = admin(
+        &server,
+        reqwest::Method::PUT,
+        "/admin/plugins/validate",
+        permissive.clone(),
+    );
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("cannot be stored"), "{body}");
+    assert_eq!(serving(&server, "validate"), seed, "nothing changed");
 }
 
 /// An admin key that is too short stops the server before it opens the model (here a model

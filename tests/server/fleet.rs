@@ -463,3 +463,112 @@ fn a_worker_whose_clock_runs_ahead_takes_over_no_live_lease() {
     let done = api.wait_final(ALICE, &next);
     assert_eq!(state(&done), "Succeed", "{done}\n{}", ahead.log());
 }
+
+/// An upload through one host's admin API serves on every host within moments, a rollback
+/// through another host undoes it everywhere, and a host that was down at the time starts with
+/// what the fleet serves (the history lives in the shared database, not in a host's data
+/// directory).
+#[test]
+fn a_plugin_swap_reaches_every_host_and_a_host_that_was_down() {
+    use crate::admin::{admin, serving, sha256};
+    let postgres = Postgres::start();
+    let s3 = start_s3("videos");
+    let first = host("api", &postgres, &s3);
+    let mut second = host("api", &postgres, &s3);
+    let worker = host("worker", &postgres, &s3);
+    let seed = serving(&second, "validate");
+    let no_prompt = json!({"model": "Wan2.1-T2V-1.3B", "num_frames": 1, "infer_steps": 2});
+    let refused = second.post("/video/submit", Some(ALICE), &no_prompt);
+    assert_eq!(refused.status(), 422, "the seed's rules want a prompt");
+
+    // The permissive validator (no prompt needed), uploaded through the first host.
+    let permissive = std::fs::read(crate::common::plugin_wasm("test-permissive")).expect("wasm");
+    let (status, body) = admin(
+        &first,
+        reqwest::Method::PUT,
+        "/admin/plugins/validate",
+        permissive.clone(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let uploaded = Instant::now();
+    let reached = |server: &Server, wanted: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while serving(server, "validate") != wanted {
+            assert!(
+                Instant::now() < deadline,
+                "the swap did not reach {}",
+                server.url
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    reached(&second, &sha256(&permissive));
+    eprintln!(
+        "an upload reached the second API host in {:.2} s",
+        uploaded.elapsed().as_secs_f64()
+    );
+    let accepted = second.post("/video/submit", Some(ALICE), &no_prompt);
+    assert_eq!(accepted.status(), 202, "the second host serves the upload");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while worker
+        .log_line(|l| l.contains("fleet swap") && l.contains(&sha256(&permissive)))
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the swap did not reach the worker"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // One history for the fleet: the second host sees the upload and rolls it back by digest.
+    let (_, history) = admin(
+        &second,
+        reqwest::Method::GET,
+        "/admin/plugins/validate/history",
+        vec![],
+    );
+    assert_eq!(
+        history["history"][0]["sha256"],
+        sha256(&permissive).as_str()
+    );
+    assert_eq!(history["history"][0]["source"], "upload", "{history}");
+    assert_eq!(history["history"][1]["sha256"], seed.as_str(), "{history}");
+    let (status, body) = admin(
+        &second,
+        reqwest::Method::POST,
+        &format!("/admin/plugins/validate/rollback?sha256={seed}"),
+        vec![],
+    );
+    assert_eq!(status, 200, "{body}");
+    reached(&first, &seed);
+
+    // Down while the fleet changes: it starts with what the others serve.
+    second.terminate();
+    let (status, body) = admin(
+        &first,
+        reqwest::Method::PUT,
+        "/admin/plugins/validate",
+        permissive.clone(),
+    );
+    assert_eq!(status, 200, "{body}");
+    second.launch();
+    assert_eq!(serving(&second, "validate"), sha256(&permissive));
+    assert!(
+        second
+            .log_line(|l| l.contains("stored swap") && l.contains(&sha256(&permissive)))
+            .is_some(),
+        "the restarted host names where its plugin came from"
+    );
+    let (_, history) = admin(
+        &second,
+        reqwest::Method::GET,
+        "/admin/plugins/validate/history",
+        vec![],
+    );
+    assert_eq!(
+        history["history"].as_array().map(Vec::len),
+        Some(3),
+        "the upload, the file start-up recorded, the upload again (the rollback records nothing): {history}"
+    );
+}

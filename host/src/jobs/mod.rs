@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod retention;
 mod sql;
 pub mod sqlite;
+pub mod swap_history;
 pub mod workers;
 
 use crate::plugins::{GenerationRequest, Principal};

@@ -18,6 +18,7 @@
 //! - No cache: other processes write the same rows.
 
 use super::sql::{self, JOB_COLUMNS, SharedSql, WEBHOOK_COLUMNS, job_from_row};
+use super::swap_history::{PgSwapHistory, SWAPS_CHANNEL};
 use super::{
     CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobState, JobStore, NewJob,
     StoreError, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
@@ -44,6 +45,8 @@ pub struct PgJobStore {
     lease: Duration,
     cancels: tokio::sync::broadcast::Sender<String>,
     queued: tokio::sync::broadcast::Sender<()>,
+    /// A host changed a slot's plugin swap history.
+    swap_changes: tokio::sync::broadcast::Sender<crate::plugins::Slot>,
 }
 
 impl PgJobStore {
@@ -58,23 +61,33 @@ impl PgJobStore {
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         let mut listener = PgListener::connect_with(&pool).await?;
         listener
-            .listen_all([CANCEL_CHANNEL, QUEUED_CHANNEL])
+            .listen_all([CANCEL_CHANNEL, QUEUED_CHANNEL, SWAPS_CHANNEL])
             .await?;
         let cancels = tokio::sync::broadcast::channel(256).0;
         let queued = tokio::sync::broadcast::channel(16).0;
-        let (forward_cancel, forward_queued) = (cancels.clone(), queued.clone());
+        let swap_changes = tokio::sync::broadcast::channel(16).0;
+        let (forward_cancel, forward_queued, forward_swaps) =
+            (cancels.clone(), queued.clone(), swap_changes.clone());
         tokio::spawn(async move {
             loop {
                 match listener.recv().await {
                     Ok(notification) if notification.channel() == QUEUED_CHANNEL => {
                         let _ = forward_queued.send(());
                     }
+                    Ok(notification) if notification.channel() == SWAPS_CHANNEL => {
+                        if let Some(slot) = crate::plugins::Slot::ALL
+                            .into_iter()
+                            .find(|slot| slot.to_string() == notification.payload())
+                        {
+                            let _ = forward_swaps.send(slot);
+                        }
+                    }
                     Ok(notification) => {
                         let _ = forward_cancel.send(notification.payload().to_string());
                     }
                     Err(e) => {
                         // recv reconnects on the next call; a cancel missed meanwhile is still
-                        // found by the lease renewal.
+                        // found by the lease renewal, a plugin swap by the follower's poll.
                         tracing::warn!(error = %e, "lost the PostgreSQL cancel listener; reconnecting");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
@@ -95,7 +108,16 @@ impl PgJobStore {
             lease,
             cancels,
             queued,
+            swap_changes,
         }))
+    }
+
+    /// The fleet's plugin swap history, in this database.
+    pub fn swap_history(&self) -> PgSwapHistory {
+        PgSwapHistory {
+            pool: self.pool.clone(),
+            changes: self.swap_changes.clone(),
+        }
     }
 
     fn lease_ms(&self) -> i64 {

@@ -15,9 +15,9 @@
 
 use super::host::PluginHost;
 use super::slot::{PluginInfo, PluginLimits, Slot};
-use super::swaps::{SwapSource, SwapStore};
+use super::swaps::{SwapEntry, SwapStore};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -254,24 +254,49 @@ pub struct StartedPlugins {
     pub installed: Vec<PluginInfo>,
     /// A key generated because none was configured: print it once, then forget it.
     pub generated_key: Option<String>,
+    /// The slots installed from their files (bytes, when): for the swap history to record.
+    pub from_files: Vec<(Slot, Vec<u8>, i64)>,
 }
 
-/// Reads the config (see [`ConfigSource::read`]) and installs every slot: from `swaps` when its
-/// history says a stored component serves (an upload, a rollback), else from its file (then
-/// recorded in `swaps`). A stored component that will not load falls back to the file. The
-/// log names the plugin directory and each slot's source.
+/// What the swap history says serves in each slot instead of its file, read before the plugins
+/// start (see [`SwapStore::stored_current`]); a slot not here serves its file.
+#[derive(Default)]
+pub struct StoredSwaps(HashMap<Slot, Result<(SwapEntry, Vec<u8>), String>>);
+
+impl StoredSwaps {
+    pub async fn read(swaps: &SwapStore) -> Self {
+        let mut stored = HashMap::new();
+        for slot in Slot::ALL {
+            match swaps.stored_current(slot).await {
+                Ok(Some(found)) => {
+                    stored.insert(slot, Ok(found));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    stored.insert(slot, Err(e.to_string()));
+                }
+            }
+        }
+        Self(stored)
+    }
+}
+
+/// Reads the config (see [`ConfigSource::read`]) and installs every slot: from `stored` when
+/// the swap history says a stored component serves (an upload, a rollback), else from its file.
+/// A stored component that will not load falls back to the file. The log names the plugin
+/// directory and each slot's source.
 pub fn start_plugins(
     source: &ConfigSource,
-    swaps: Option<&SwapStore>,
+    stored: &StoredSwaps,
 ) -> Result<StartedPlugins, ConfigError> {
     let (config, generated_key) = source.read(true)?;
     let host = PluginHost::new(config.limits).map_err(|e| ConfigError::Engine(e.to_string()))?;
     tracing::info!(dir = %config.dir.display(), "plugin directory");
     let mut installed = Vec::new();
+    let mut from_files = Vec::new();
     for spec in &config.slots {
-        let stored = swaps.map(|s| s.stored_current(spec.slot)).transpose();
-        let from_store = match stored {
-            Ok(Some(Some((entry, bytes)))) => match host.install_bytes(spec, &bytes) {
+        let from_store = match stored.0.get(&spec.slot) {
+            Some(Ok((entry, bytes))) => match host.install_bytes(spec, bytes) {
                 Ok(info) => {
                     tracing::info!(slot = %spec.slot, source = "stored swap", sha256 = %entry.sha256, "plugin slot installed");
                     Some(info)
@@ -281,11 +306,11 @@ pub fn start_plugins(
                     None
                 }
             },
-            Ok(_) => None,
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(slot = %spec.slot, error = %e, "cannot read the slot's swap history; using the plugin directory's file");
                 None
             }
+            None => None,
         };
         let info = match from_store {
             Some(info) => info,
@@ -297,12 +322,7 @@ pub fn start_plugins(
                 })?;
                 let info = host.install_bytes(spec, &bytes)?;
                 tracing::info!(slot = %spec.slot, source = "file", file = %spec.path.display(), sha256 = %info.sha256, "plugin slot installed");
-                if let Some(swaps) = swaps
-                    && let Err(e) =
-                        swaps.record(spec.slot, &bytes, SwapSource::File, info.loaded_at_ms)
-                {
-                    tracing::warn!(slot = %spec.slot, error = %e, "cannot record the install in the slot's history");
-                }
+                from_files.push((spec.slot, bytes, info.loaded_at_ms));
                 info
             }
         };
@@ -313,6 +333,7 @@ pub fn start_plugins(
         config,
         installed,
         generated_key,
+        from_files,
     })
 }
 

@@ -205,6 +205,21 @@ impl PluginHost {
     /// file): read under the same lock a [`PluginHost::reconfigure`] takes, so a component
     /// installed while the config changes cannot come in with the old one.
     pub fn replace_component(&self, slot: Slot, bytes: &[u8]) -> Result<PluginInfo, PluginError> {
+        match self.replace_component_then(slot, bytes, |_| Ok::<_, std::convert::Infallible>(()))? {
+            Ok((info, ())) => Ok(info),
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`PluginHost::replace_component`] with `commit` run once the component has passed its
+    /// checks and before it serves (recording it where a restart and the fleet find it): when
+    /// `commit` fails, the slot keeps what it served and its error is the inner one.
+    pub fn replace_component_then<T, E>(
+        &self,
+        slot: Slot,
+        bytes: &[u8],
+        commit: impl FnOnce(&PluginInfo) -> Result<T, E>,
+    ) -> Result<Result<(PluginInfo, T), E>, PluginError> {
         let state = &self.slots[slot.index()];
         let _swapping = lock(&state.swap_lock);
         let config = state
@@ -214,7 +229,10 @@ impl PluginHost {
             .map(|loaded| loaded.context.config.clone())
             .unwrap_or_default();
         let loaded = Arc::new(self.prepare(slot, bytes, config)?);
-        Ok(self.swap_in(slot, loaded))
+        match commit(&loaded.info) {
+            Ok(committed) => Ok(Ok((self.swap_in(slot, loaded), committed))),
+            Err(e) => Ok(Err(e)),
+        }
     }
 
     pub(super) fn swap_in(&self, slot: Slot, loaded: Arc<Loaded>) -> PluginInfo {

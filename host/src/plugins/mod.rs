@@ -16,6 +16,7 @@ mod bindings;
 mod calls;
 pub mod config;
 mod epoch;
+pub mod fleet_follow;
 mod guest_output;
 mod host;
 mod jwt;

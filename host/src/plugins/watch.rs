@@ -23,6 +23,26 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Where the watcher records the files it installs: the swap history, written from the watch's
+/// own thread through the server's runtime.
+pub struct FileRecorder {
+    pub swaps: Arc<SwapStore>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl FileRecorder {
+    fn record(&self, slot: Slot, bytes: &[u8], loaded_at_ms: i64) {
+        let recorded =
+            self.runtime.block_on(
+                self.swaps
+                    .record(slot, bytes, SwapSource::File, loaded_at_ms),
+            );
+        if let Err(e) = recorded {
+            tracing::warn!(slot = %slot, error = %e, "cannot record the install in the slot's history");
+        }
+    }
+}
+
 /// How long a file must be quiet before it is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 
@@ -49,12 +69,12 @@ pub struct PluginWatcher {
 }
 
 impl PluginWatcher {
-    /// A file that installs is recorded in `swaps` (so a restart keeps what was last
+    /// A file that installs is recorded through `recorder` (so a restart keeps what was last
     /// installed, whichever way it came).
     pub fn start(
         host: Arc<PluginHost>,
         config: &PluginsConfig,
-        swaps: Option<Arc<SwapStore>>,
+        recorder: Option<FileRecorder>,
     ) -> Result<Self, String> {
         let watched_host = host.clone();
         let specs: Vec<SlotSpec> = config.slots.clone();
@@ -81,7 +101,7 @@ impl PluginWatcher {
             };
             for spec in &specs {
                 if paths.iter().any(|p| same_file_name(p, &spec.path)) {
-                    reload(&watched_host, spec, &seen, swaps.as_deref());
+                    reload(&watched_host, spec, &seen, recorder.as_ref());
                 }
             }
         })
@@ -175,7 +195,7 @@ fn reload(
     host: &PluginHost,
     spec: &SlotSpec,
     outcomes: &Mutex<Outcomes>,
-    swaps: Option<&SwapStore>,
+    recorder: Option<&FileRecorder>,
 ) {
     let bytes = match std::fs::read(&spec.path) {
         Ok(bytes) => bytes,
@@ -199,10 +219,8 @@ fn reload(
     }
     match host.replace_component(spec.slot, &bytes) {
         Ok(info) => {
-            if let Some(swaps) = swaps
-                && let Err(e) = swaps.record(spec.slot, &bytes, SwapSource::File, info.loaded_at_ms)
-            {
-                tracing::warn!(slot = %spec.slot, error = %e, "cannot record the install in the slot's history");
+            if let Some(recorder) = recorder {
+                recorder.record(spec.slot, &bytes, info.loaded_at_ms);
             }
             let mut outcomes = lock(outcomes);
             outcomes.last_error.remove(&spec.slot);

@@ -129,23 +129,31 @@ pub async fn upload(
     let slot = parse_slot(&slot)?;
     let bytes = super::api::body_bytes(body, MAX_COMPONENT_BYTES)?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
+    let _installing = state.swaps.installing().await;
     let plugins = state.plugins.clone();
     let swaps = state.swaps.clone();
+    let runtime = tokio::runtime::Handle::current();
+    // Stored once it passes its checks and before it serves: an upload that could not be
+    // stored (where a restart and the fleet find it) does not serve either.
     let installed = tokio::task::spawn_blocking(move || {
-        let info = plugins.replace_component(slot, &bytes)?;
-        // Recorded once it serves: a restart installs it again.
-        let recorded = swaps.record(slot, &bytes, SwapSource::Upload, info.loaded_at_ms);
-        Ok::<_, PluginError>((info, recorded))
+        plugins.replace_component_then(slot, &bytes, |info| {
+            runtime.block_on(swaps.record(slot, &bytes, SwapSource::Upload, info.loaded_at_ms))
+        })
     })
     .await
     .map_err(ApiError::internal)?;
     match installed {
-        Ok((info, recorded)) => {
+        Ok(Ok((info, _))) => {
             audit(&admin, "upload", slot, &info.sha256, None);
-            if let Err(e) = recorded {
-                tracing::error!(slot = %slot, error = %e, "the upload serves but is not stored: a restart goes back to what was stored before");
-            }
             Ok(Json(view(&state, info)))
+        }
+        Ok(Err(e)) => {
+            let reason = format!(
+                "not installed: it cannot be stored ({})",
+                one_line(&e.to_string(), 200)
+            );
+            audit(&admin, "upload", slot, &sha256, Some(&reason));
+            Err(ApiError::NotReady(reason))
         }
         Err(e @ PluginError::Engine(_)) => {
             audit(&admin, "upload", slot, &sha256, Some(&e.to_string()));
@@ -184,18 +192,29 @@ pub async fn rollback(
 ) -> Result<Json<PluginView>, ApiError> {
     let slot = parse_slot(&slot)?;
     let wanted = to.sha256.clone().unwrap_or_default();
-    let plugins = state.plugins.clone();
-    let swaps = state.swaps.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let (index, entry, bytes) = swaps.rollback_target(slot, to.sha256.as_deref())?;
-        let info = plugins
-            .replace_component(slot, &bytes)
-            .map_err(|e| RollbackError::Install(entry.sha256.clone(), e))?;
-        swaps.rolled_back_to(slot, index)?;
-        Ok::<_, RollbackError>(info)
-    })
-    .await
-    .map_err(ApiError::internal)?;
+    let _installing = state.swaps.installing().await;
+    let done = match state
+        .swaps
+        .rollback_target(slot, to.sha256.as_deref())
+        .await
+    {
+        Err(e) => Err(RollbackError::Swap(e)),
+        Ok((entry, bytes)) => {
+            let plugins = state.plugins.clone();
+            let swaps = state.swaps.clone();
+            let runtime = tokio::runtime::Handle::current();
+            let sha256 = entry.sha256.clone();
+            tokio::task::spawn_blocking(move || {
+                plugins.replace_component_then(slot, &bytes, |_| {
+                    runtime.block_on(swaps.rolled_back_to(slot, &entry))
+                })
+            })
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| RollbackError::Install(sha256, e))
+            .and_then(|marked| marked.map(|(info, ())| info).map_err(RollbackError::Swap))
+        }
+    };
     match done {
         Ok(info) => {
             audit(&admin, "rollback", slot, &info.sha256, None);
@@ -215,6 +234,11 @@ pub async fn rollback(
                 }
                 RollbackError::Install(_, _) | RollbackError::Swap(SwapError::Damaged { .. }) => {
                     ApiError::field("component", reason)
+                }
+                // Another host recorded past it meanwhile: ask again.
+                RollbackError::Swap(SwapError::Gone { .. }) => ApiError::Conflict(reason),
+                RollbackError::Swap(SwapError::Shared(_) | SwapError::Io { .. }) => {
+                    ApiError::NotReady(format!("not rolled back: {reason}"))
                 }
                 RollbackError::Swap(other) => ApiError::internal(other),
             })
@@ -262,7 +286,11 @@ pub async fn history(
     Path(slot): Path<String>,
 ) -> Result<Json<PluginHistory>, ApiError> {
     let slot = parse_slot(&slot)?;
-    let history = state.swaps.history(slot).map_err(ApiError::internal)?;
+    let history = state
+        .swaps
+        .history(slot)
+        .await
+        .map_err(ApiError::internal)?;
     let current = history.current;
     let history = history
         .entries

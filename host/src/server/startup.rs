@@ -1,6 +1,7 @@
-//! `wanserve serve` from start to stop: the model opened and checked, plugins, keys, the
-//! listener, the job store and the object store, the job workers, the model loaded beside the
-//! listener, then the graceful drain. Every way start-up can fail is a [`StartupError`].
+//! `wanserve serve` from start to stop: the admin key, the job store (in a fleet it holds the
+//! plugin swap history), the plugins, the model's files checked, the listener, the object
+//! store, the job workers, the model loaded beside the listener, then the graceful drain. Every
+//! way start-up can fail is a [`StartupError`].
 
 use super::config::ServeConfig;
 use super::routes::{overflow_router, router};
@@ -15,9 +16,10 @@ use crate::jobs::workers::{WorkerConfig, Workers};
 use crate::jobs::{JobStore, StoreError};
 use crate::model::{ModelDir, ModelError};
 use crate::pipeline::step_cache::CacheMode;
-use crate::plugins::config::{ConfigError, ConfigSource, start_plugins};
-use crate::plugins::swaps::SwapStore;
-use crate::plugins::watch::PluginWatcher;
+use crate::plugins::config::{ConfigError, ConfigSource, StoredSwaps, start_plugins};
+use crate::plugins::fleet_follow;
+use crate::plugins::swaps::{SwapSource, SwapStore};
+use crate::plugins::watch::{FileRecorder, PluginWatcher};
 use crate::storage::{StorageError, VideoStore};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use secrecy::ExposeSecret;
@@ -104,10 +106,23 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
     })?;
 
     // Configuration first, before anything heavy loads: the admin key (its length, or the
-    // stored hash), then the plugins (their files compile and self-test), then the model's
-    // files (hashed).
+    // stored hash), the job queue (in a fleet it holds the plugin swap history), then the
+    // plugins (their files compile and self-test), then the model's files (hashed).
     let (admin_key_hash, generated_admin) =
         auth::admin_key_hash(config.admin_key.as_ref(), &config.data_dir)?;
+    let (store, swaps): (Arc<dyn JobStore>, SwapStore) = match &config.queue {
+        Some(url) => {
+            let shared = PgJobStore::open(url.expose_secret(), config.lease).await?;
+            let history = Arc::new(shared.swap_history());
+            (shared, SwapStore::new(history))
+        }
+        None => (
+            Arc::new(SqliteJobStore::open(&config.data_dir.join("jobs.db")).await?),
+            SwapStore::local(&config.data_dir),
+        ),
+    };
+    let swaps = Arc::new(swaps);
+    tracing::info!(history = swaps.place(), "plugin swaps are kept in");
 
     // Plugins: flags/env override the [plugins] table the same way the env does.
     let overrides = [
@@ -131,8 +146,15 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
             .or_else(|| std::env::var(var).ok())
     };
     let plugin_source = ConfigSource::new(config.config_file.as_deref(), &config.data_dir, env);
-    let swaps = Arc::new(SwapStore::new(&config.data_dir));
-    let started = start_plugins(&plugin_source, Some(&swaps))?;
+    let started = start_plugins(&plugin_source, &StoredSwaps::read(&swaps).await)?;
+    for (slot, bytes, loaded_at_ms) in &started.from_files {
+        if let Err(e) = swaps
+            .record(*slot, bytes, SwapSource::File, *loaded_at_ms)
+            .await
+        {
+            tracing::warn!(slot = %slot, error = %e, "cannot record the install in the slot's history");
+        }
+    }
     if let Some(key) = &started.generated_key {
         println!(
             "No API key was configured; generated one (shown only now, stored hashed in {}):",
@@ -179,7 +201,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
     let watcher = match PluginWatcher::start(
         started.host.clone(),
         &started.config,
-        Some(swaps.clone()),
+        Some(FileRecorder {
+            swaps: swaps.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }),
     ) {
         Ok(mut w) => {
             if let Err(e) = w.watch_config(plugin_source) {
@@ -218,10 +243,6 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         .clone()
         .unwrap_or_else(|| base_url.clone());
 
-    let store: Arc<dyn JobStore> = match &config.queue {
-        Some(url) => PgJobStore::open(url.expose_secret(), config.lease).await?,
-        None => Arc::new(SqliteJobStore::open(&config.data_dir.join("jobs.db")).await?),
-    };
     // A fleet's hosts must sign alike: with a shared queue its database keeps the secrets.
     let shared_secret = |name: &'static str| {
         let store = store.clone();
@@ -384,6 +405,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
     );
 
     let webhook_sender = tokio::spawn(webhook_delivery::run(state.clone()));
+    let follower = fleet_follow::start(
+        started.host.clone(),
+        state.swaps.clone(),
+        state.shutting_down.clone(),
+    );
 
     println!("listening on http://{local}");
     println!("docs: {base_url}/docs");
@@ -404,6 +430,9 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     let _ = webhook_sender.await;
+    if let Some(follower) = follower {
+        let _ = follower.await;
+    }
     tokio::task::spawn_blocking(move || workers.shutdown())
         .await
         .map_err(|_| StartupError::Panicked("stopping the job workers"))?;
