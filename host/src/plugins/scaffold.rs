@@ -10,7 +10,21 @@ use std::path::{Path, PathBuf};
 const WIT: &str = include_str!("../../../wit/policy.wit");
 const GUEST_ALLOC: &str = include_str!("../../../plugins/guest-alloc/src/lib.rs");
 const POLICY_LIB: &str = include_str!("../../../plugins/wanserve-policy/src/lib.rs");
-const POLICY_SEED: &str = include_str!("../../../plugins/wanserve-policy/src/seed.rs");
+/// The guest library's modules besides lib.rs (the default rules of each slot).
+const POLICY_MODULES: [(&str, &str); 3] = [
+    (
+        "seed.rs",
+        include_str!("../../../plugins/wanserve-policy/src/seed.rs"),
+    ),
+    (
+        "auth.rs",
+        include_str!("../../../plugins/wanserve-policy/src/auth.rs"),
+    ),
+    (
+        "retention.rs",
+        include_str!("../../../plugins/wanserve-policy/src/retention.rs"),
+    ),
+];
 const AUTH: &str = include_str!("../../../plugins/template/src/lib.rs");
 const VALIDATE: &str = include_str!("../../../plugins/template-validate/src/lib.rs");
 const POSTPROCESS: &str = include_str!("../../../plugins/template-postprocess/src/lib.rs");
@@ -55,12 +69,6 @@ pub fn files(name: &str, slot: Slot) -> Result<Vec<(PathBuf, String)>, ScaffoldE
     // The templates sit two levels below the repository's wit/; here it is beside Cargo.toml.
     let lib = template.replace("path: \"../../wit\"", "path: \"wit\"");
     let artifact = name.replace('-', "_");
-    // The validate start builds on the default rules' library, vendored beside it.
-    let policy_dependency = if slot == Slot::Validate {
-        "wanserve-policy = { path = \"wanserve-policy\" }\n"
-    } else {
-        ""
-    };
     let cargo = format!(
         r#"[package]
 name = "{name}"
@@ -74,7 +82,9 @@ crate-type = ["cdylib"]
 [dependencies]
 wit-bindgen = {{ version = "{WIT_BINDGEN}", default-features = false, features = ["macros", "realloc"] }}
 guest-alloc = {{ path = "guest-alloc" }}
-{policy_dependency}
+# The default rules as functions, vendored beside it.
+wanserve-policy = {{ path = "wanserve-policy" }}
+
 # Its own workspace: it builds the same inside another project's tree.
 [workspace]
 
@@ -112,8 +122,9 @@ talc = {{ version = "{TALC}", default-features = false }}
 A `{slot}` plugin for wanserve (WIT package `{WIT_PACKAGE}`, vendored in `wit/`), made by
 `wanserve plugin new {name} --slot {slot}`. Its code is `src/lib.rs`; `guest-alloc/` is the
 allocator wanserve's own plugins use (a heap in the initial memory: no `memory.grow` per call);
-a validate plugin also gets `wanserve-policy/`, the default rules as functions
-(`wanserve_policy::seed::validate`, what the default validate plugin runs).
+`wanserve-policy/` is the default plugins' rules as functions, to build on: `seed::validate`
+(the default validate plugin), `auth::authenticate` and its parts (the default auth plugin),
+`retention` (the default postprocess plugin).
 
 Needs Rust with the wasm32-unknown-unknown target (`rustup target add wasm32-unknown-unknown`;
 the `wasm-component-ld` linker comes with rustup).
@@ -162,19 +173,19 @@ wit-bindgen = {{ version = "{WIT_BINDGEN}", default-features = false, features =
         ),
         (PathBuf::from("README.md"), readme),
     ];
-    if slot == Slot::Validate {
-        files.extend([
-            (PathBuf::from("wanserve-policy/Cargo.toml"), policy_cargo),
-            (
-                PathBuf::from("wanserve-policy/src/lib.rs"),
-                POLICY_LIB.replace("path: \"../../wit\"", "path: \"../wit\""),
-            ),
-            (
-                PathBuf::from("wanserve-policy/src/seed.rs"),
-                POLICY_SEED.to_string(),
-            ),
-        ]);
-    }
+    files.extend([
+        (PathBuf::from("wanserve-policy/Cargo.toml"), policy_cargo),
+        (
+            PathBuf::from("wanserve-policy/src/lib.rs"),
+            POLICY_LIB.replace("path: \"../../wit\"", "path: \"../wit\""),
+        ),
+    ]);
+    files.extend(POLICY_MODULES.iter().map(|(file, text)| {
+        (
+            PathBuf::from("wanserve-policy/src").join(file),
+            text.to_string(),
+        )
+    }));
     Ok(files)
 }
 

@@ -1,16 +1,25 @@
 //! A postprocess plugin to start from: each video is stored as `<caller>/<request id>.mp4`,
-//! kept for `retention-seconds` from its config (a day when unset), tagged with who made it,
-//! and deleted when its time is up.
+//! kept for `retention-seconds` from its config (a day when unset), with the default plugin's
+//! metadata (who made it, the request's parameters: `wanserve_policy::retention`), and deleted
+//! when its time is up (the default rule).
 
 // Heap inside the initial memory: no memory.grow in an ordinary call (see guest-alloc).
 use guest_alloc as _;
 
-wit_bindgen::generate!({ path: "../../wit", world: "postprocess-plugin" });
+// The types and host imports are the guest library's, so its functions fit these exports.
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "postprocess-plugin",
+    with: {
+        "wanserve:policy/types@0.1.0": wanserve_policy::types,
+        "wanserve:policy/host@0.1.0": wanserve_policy::host,
+    },
+});
 
 use exports::wanserve::policy::postprocess::{
     FinishedJob, Guest as Postprocess, OutputPolicy, RetentionDecision, StoredVideo,
 };
-use wanserve::policy::host;
+use wanserve_policy::{host, retention};
 
 struct Component;
 
@@ -40,12 +49,12 @@ impl Postprocess for Component {
         OutputPolicy {
             object_key: format!("{}/{}.mp4", key_part(&job.caller.id), job.request_id),
             retention_seconds: retention_seconds(),
-            metadata: vec![("caller".into(), job.caller.id)],
+            metadata: retention::metadata(&job.caller, &job.request),
         }
     }
 
     fn retain(video: StoredVideo, now: u64) -> RetentionDecision {
-        if now >= video.expires_at {
+        if retention::expired(video.expires_at, now) {
             RetentionDecision::Delete
         } else {
             RetentionDecision::Keep

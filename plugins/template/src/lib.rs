@@ -8,11 +8,19 @@
 // Heap inside the initial memory: no memory.grow in an ordinary call (see guest-alloc).
 use guest_alloc as _;
 
-wit_bindgen::generate!({ path: "../../wit", world: "auth-plugin" });
+// The types and host imports are the guest library's, so its functions fit these exports.
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "auth-plugin",
+    with: {
+        "wanserve:policy/types@0.1.0": wanserve_policy::types,
+        "wanserve:policy/host@0.1.0": wanserve_policy::host,
+    },
+});
 
 use exports::wanserve::policy::auth::{Denial, Guest as Auth, HttpRequest};
-use wanserve::policy::host;
-use wanserve::policy::types::Principal;
+use wanserve_policy::host;
+use wanserve_policy::types::Principal;
 
 struct Component;
 

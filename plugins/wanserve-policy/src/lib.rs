@@ -12,6 +12,12 @@
 //!   ```
 //! - [`seed`]: the seed's validation rules, the ones the default validate plugin applies, as a
 //!   function: a custom validator is `seed::validate(&body)`, then its own rules.
+//! - [`auth`]: the default auth plugin's rules (Bearer API keys hashed and compared in constant
+//!   time, JWTs verified by the host, public paths, reuse): `auth::authenticate` is that whole
+//!   plugin; its parts (`bearer_token`, `api_key_principal`, …) serve a plugin with rules of its
+//!   own.
+//! - [`retention`]: the default postprocess plugin's rules (object key, metadata, retention per
+//!   tier, the sweeper's answer).
 
 mod bindings {
     wit_bindgen::generate!({
@@ -24,4 +30,6 @@ mod bindings {
 
 pub use bindings::wanserve::policy::{host, types};
 
+pub mod auth;
+pub mod retention;
 pub mod seed;
