@@ -233,3 +233,94 @@ fn a_short_admin_key_fails_before_the_model_loads_and_names_the_variable() {
         "the key itself was printed: {stderr}"
     );
 }
+
+/// The fenced blocks of `language` in `text`, in order.
+fn fenced<'a>(text: &'a str, language: &str) -> Vec<&'a str> {
+    let opening = format!("```{language}\n");
+    text.split(opening.as_str())
+        .skip(1)
+        .filter_map(|rest| rest.split("\n```").next())
+        .collect()
+}
+
+/// plugins/README.md's walk-through ("Start from nothing"), run as written: the server gets its
+/// config block, then its shell blocks run in a scratch directory with `wanserve` on the path
+/// and the admin key in the environment (only the port differs from the text's 8088): a
+/// validator from nothing builds, checks, is swapped in and refuses what it should, and the
+/// rollback brings the default back.
+#[test]
+fn the_plugin_walkthrough_runs_as_written() {
+    let readme = std::fs::read_to_string(common::repo_root().join("plugins/README.md"))
+        .expect("plugins/README.md");
+    let section = readme
+        .split("## Start from nothing")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the walk-through section");
+    let config = fenced(section, "toml");
+    let shell = fenced(section, "sh");
+    assert_eq!((config.len(), shell.len()), (1, 2), "{section}");
+    let server = Server::start(Options {
+        toml: format!("{}\n", config[0]),
+        ..Options::default()
+    });
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let binary = std::path::PathBuf::from(env!("CARGO_BIN_EXE_wanserve"));
+    let path = format!(
+        "{}:{}",
+        binary.parent().expect("bin dir").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = |block: &str| {
+        let script = block.replace("http://localhost:8088", &server.url);
+        let out = std::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .current_dir(scratch.path())
+            .env("PATH", &path)
+            .env("WANSERVE_ADMIN_KEY", ADMIN)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .output()
+            .expect("bash runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{script}\n{text}");
+        text
+    };
+    let submit = |prompt: &str, frames: u32| {
+        let mut body = crate::harness::small_job();
+        body["prompt"] = prompt.into();
+        body["num_frames"] = frames.into();
+        let response = server.post("/video/submit", Some(ALICE), &body);
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().unwrap_or(Value::Null))
+    };
+    let refused_field = |(status, body): (u16, Value)| {
+        assert_eq!(status, 422, "{body}");
+        body["error"]["fields"][0]["field"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    let (status, _) = submit("A volcano erupting at night, lava flowing", 49);
+    assert_eq!(status, 202, "the default knows no banned word");
+    let out = run(shell[0]);
+    assert!(out.contains("self-test: passed"), "{out}");
+    assert_eq!(
+        refused_field(submit("A volcano erupting at night, lava flowing", 49)),
+        "prompt"
+    );
+    assert_eq!(refused_field(submit("A calm lake at dawn, mist", 50)), "num_frames");
+    assert_eq!(submit("A calm lake at dawn, mist", 49).0, 202);
+    // The default's own rules still hold (the seed allows 24 frames at least).
+    assert_eq!(refused_field(submit("A calm lake at dawn, mist", 23)), "num_frames");
+
+    let out = run(shell[1]);
+    assert!(out.contains("\"upload\""), "the history names the upload: {out}");
+    let (status, _) = submit("A volcano erupting at night, lava flowing", 49);
+    assert_eq!(status, 202, "rolled back to the default");
+}
