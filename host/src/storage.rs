@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("object store URL {url:?}: {reason}")]
+    #[error("--store / WANSERVE_STORE {url:?}: {reason}")]
     Url { url: String, reason: String },
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
@@ -69,14 +69,25 @@ impl VideoStore {
     /// `store`: `None` for `<data_dir>/videos`, `file:///abs/dir`, or `s3://bucket[/prefix]`
     /// (credentials, region and endpoint from the standard `AWS_*` variables).
     /// `retry`: how long a failing S3 request is retried before it is an error.
+    /// `public_url`: the base of the URLs a local store hands out (the server's address).
     pub fn open(
         store: Option<&str>,
         data_dir: &Path,
         public_url: &str,
         retry: Duration,
     ) -> Result<Self, StorageError> {
+        Ok(Self::open_unlisted(store, data_dir, retry)?.served_at(public_url))
+    }
+
+    /// [`VideoStore::open`] before the server knows its address (start-up checks the URL
+    /// before the model loads, and binds the listener later): [`VideoStore::served_at`] sets it.
+    pub fn open_unlisted(
+        store: Option<&str>,
+        data_dir: &Path,
+        retry: Duration,
+    ) -> Result<Self, StorageError> {
         let url_secret = load_or_create_secret(&data_dir.join(URL_SECRET_FILE))?;
-        let public_url = public_url.trim_end_matches('/').to_string();
+        let public_url = String::new();
         let url_error = |url: &str, reason: String| StorageError::Url {
             url: url.into(),
             reason,
@@ -138,6 +149,12 @@ impl VideoStore {
             public_url,
             description,
         })
+    }
+
+    /// The base of the URLs a local store hands out.
+    pub fn served_at(mut self, public_url: &str) -> Self {
+        self.public_url = public_url.trim_end_matches('/').to_string();
+        self
     }
 
     /// What the store is, for the start-up log (no credentials).

@@ -202,9 +202,10 @@ fn a_swap_survives_a_restart_and_rolls_back_by_digest_with_an_audit_trail() {
 }
 
 /// An admin key that is too short stops the server before it opens the model (here a model
-/// directory that does not exist: its error would come first otherwise), naming the variable.
+/// directory that does not exist: its error would come first otherwise), naming the variable;
+/// so do a store URL and a queue URL it cannot use.
 #[test]
-fn a_short_admin_key_fails_before_the_model_loads_and_names_the_variable() {
+fn bad_settings_fail_before_the_plugins_and_the_model_and_name_the_variable() {
     let data = tempfile::tempdir().expect("temp dir");
     let (status, stderr) = crate::harness::serve_until_it_exits(
         data.path(),
@@ -232,6 +233,38 @@ fn a_short_admin_key_fails_before_the_model_loads_and_names_the_variable() {
         !stderr.contains("short-key"),
         "the key itself was printed: {stderr}"
     );
+
+    // So are a store URL and a queue URL the server cannot use, and an unreachable queue:
+    // each names its flag and variable, before the plugins and the model.
+    for (flag, value, wanted) in [
+        ("--store", "ftp://videos", "--store / WANSERVE_STORE"),
+        ("--queue", "mysql://db/wanserve", "--queue / WANSERVE_QUEUE"),
+        (
+            "--queue",
+            "postgres://nobody@127.0.0.1:1/none",
+            "--queue / WANSERVE_QUEUE: cannot open",
+        ),
+    ] {
+        let (status, stderr) = crate::harness::serve_until_it_exits(
+            data.path(),
+            |command| {
+                command
+                    .args(["--model-dir", "/nonexistent/model", flag, value])
+                    .env("WANSERVE_ADMIN_KEY", ADMIN);
+            },
+            "the server kept running with a URL it cannot use",
+        );
+        assert!(!status.success());
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line: {stderr}"));
+        assert!(error.contains(wanted), "{flag} {value}: {error}");
+        assert!(
+            !stderr.contains("plugin slot installed"),
+            "the plugins loaded first: {stderr}"
+        );
+    }
 }
 
 /// The fenced blocks of `language` in `text`, in order.

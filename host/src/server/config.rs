@@ -188,8 +188,21 @@ struct ConfigFile {
 pub enum ServeConfigError {
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
-    #[error("{key}: {reason}")]
+    #[error("{}: {reason}", setting_name(key))]
     Invalid { key: &'static str, reason: String },
+}
+
+/// Where a setting comes from, as an operator would look for it: `queue` is `--queue /
+/// WANSERVE_QUEUE / queue in [server]`. A dotted key (`server.device`) is the config file's own.
+fn setting_name(key: &str) -> String {
+    if key.contains('.') || key == "flags" {
+        return key.to_string();
+    }
+    format!(
+        "--{} / WANSERVE_{} / {key} in [server]",
+        key.replace('_', "-"),
+        key.to_uppercase()
+    )
 }
 
 impl From<SettingError> for ServeConfigError {

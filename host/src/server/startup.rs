@@ -53,6 +53,8 @@ pub enum StartupError {
     },
     #[error(transparent)]
     JobStore(#[from] StoreError),
+    #[error("--queue / WANSERVE_QUEUE: cannot open the PostgreSQL queue: {0}")]
+    Queue(StoreError),
     #[error(transparent)]
     Webhooks(#[from] webhooks::WebhookError),
     #[error(transparent)]
@@ -112,7 +114,9 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         auth::admin_key_hash(config.admin_key.as_ref(), &config.data_dir)?;
     let (store, swaps): (Arc<dyn JobStore>, SwapStore) = match &config.queue {
         Some(url) => {
-            let shared = PgJobStore::open(url.expose_secret(), config.lease).await?;
+            let shared = PgJobStore::open(url.expose_secret(), config.lease)
+                .await
+                .map_err(StartupError::Queue)?;
             let history = Arc::new(shared.swap_history());
             (shared, SwapStore::new(history))
         }
@@ -122,6 +126,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         ),
     };
     let swaps = Arc::new(swaps);
+    let unlisted_videos =
+        VideoStore::open_unlisted(config.store.as_deref(), &config.data_dir, config.store_retry)?;
     tracing::info!(history = swaps.place(), "plugin swaps are kept in");
 
     // Plugins: flags/env override the [plugins] table the same way the env does.
@@ -276,12 +282,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
             &config.data_dir,
         )?,
     )?;
-    let videos = Arc::new(VideoStore::open(
-        config.store.as_deref(),
-        &config.data_dir,
-        &public_url,
-        config.store_retry,
-    )?);
+    let videos = Arc::new(unlisted_videos.served_at(&public_url));
     // Jobs that were running when the last process died go back to the queue; whatever their
     // attempt may have published is removed so the re-run publishes the only copy.
     let recovered = store.recover().await?;
