@@ -347,13 +347,22 @@ fn the_plugin_walkthrough_runs_as_written() {
         refused_field(submit("A volcano erupting at night, lava flowing", 49)),
         "prompt"
     );
-    assert_eq!(refused_field(submit("A calm lake at dawn, mist", 50)), "num_frames");
+    assert_eq!(
+        refused_field(submit("A calm lake at dawn, mist", 50)),
+        "num_frames"
+    );
     assert_eq!(submit("A calm lake at dawn, mist", 49).0, 202);
     // The default's own rules still hold (the seed allows 24 frames at least).
-    assert_eq!(refused_field(submit("A calm lake at dawn, mist", 23)), "num_frames");
+    assert_eq!(
+        refused_field(submit("A calm lake at dawn, mist", 23)),
+        "num_frames"
+    );
 
     let out = run(shell[1]);
-    assert!(out.contains("\"upload\""), "the history names the upload: {out}");
+    assert!(
+        out.contains("\"upload\""),
+        "the history names the upload: {out}"
+    );
     let (status, _) = submit("A volcano erupting at night, lava flowing", 49);
     assert_eq!(status, 202, "rolled back to the default");
 }

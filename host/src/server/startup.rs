@@ -126,8 +126,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         ),
     };
     let swaps = Arc::new(swaps);
-    let unlisted_videos =
-        VideoStore::open_unlisted(config.store.as_deref(), &config.data_dir, config.store_retry)?;
+    let unlisted_videos = VideoStore::open_unlisted(
+        config.store.as_deref(),
+        &config.data_dir,
+        config.store_retry,
+    )?;
     tracing::info!(history = swaps.place(), "plugin swaps are kept in");
 
     // Plugins: flags/env override the [plugins] table the same way the env does.
