@@ -139,6 +139,7 @@ fn start_installs_every_slot_from_the_directory() {
     let started = start_plugins(
         &ConfigSource::new(None, data.path(), env(&vars)),
         &StoredSwaps::default(),
+        &[wanserve::wire::DEFAULT_MODEL.to_string()],
     )
     .unwrap();
     assert_eq!(started.installed.len(), 3);
@@ -155,6 +156,7 @@ fn start_installs_every_slot_from_the_directory() {
     let err = start_plugins(
         &ConfigSource::new(None, data.path(), env(&vars)),
         &StoredSwaps::default(),
+        &[wanserve::wire::DEFAULT_MODEL.to_string()],
     )
     .err()
     .unwrap()

@@ -284,6 +284,27 @@ pub trait Renderer: Send + Sync {
     ) -> Result<Rendered, RenderError>;
 }
 
+/// The renderers of the models a server serves, by the name a job's `model` gives.
+#[derive(Clone, Default)]
+pub struct Renderers(std::collections::BTreeMap<String, std::sync::Arc<dyn Renderer>>);
+
+impl Renderers {
+    /// One model, under `name`.
+    pub fn one(name: &str, renderer: std::sync::Arc<dyn Renderer>) -> Self {
+        let mut renderers = Self::default();
+        renderers.insert(name, renderer);
+        renderers
+    }
+
+    pub fn insert(&mut self, name: &str, renderer: std::sync::Arc<dyn Renderer>) {
+        self.0.insert(name.to_string(), renderer);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&std::sync::Arc<dyn Renderer>> {
+        self.0.get(name)
+    }
+}
+
 /// A pipeline over any [`Backend`] with the encoder its videos are written by.
 pub struct Engine<B> {
     pub pipeline: Pipeline<B>,

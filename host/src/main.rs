@@ -233,7 +233,11 @@ fn plugin(command: PluginCommand) -> CliResult {
         PluginCommand::Load { config, data_dir } => {
             let source =
                 ConfigSource::new(config.as_deref(), &data_dir, |var| std::env::var(var).ok());
-            let started = start_plugins(&source, &StoredSwaps::default())?;
+            let started = start_plugins(
+                &source,
+                &StoredSwaps::default(),
+                &[wanserve::wire::DEFAULT_MODEL.to_string()],
+            )?;
             for info in &started.installed {
                 println!(
                     "{:<12} {}  {}",

@@ -3,6 +3,9 @@
 //! module and neither imports the other.
 
 use serde::{Deserialize, Serialize};
+
+/// The seed's model name: what a server serves when it is given one model directory (or none).
+pub const DEFAULT_MODEL: &str = "Wan2.1-T2V-1.3B";
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
@@ -11,7 +14,9 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)] // documentation of the body: the validate plugin reads it, not serde
 pub struct SubmitBody {
-    #[schema(example = "Wan2.1-T2V-1.3B", pattern = "^Wan2\\.1-T2V-1\\.3B$")]
+    /// One of the names `GET /models` lists (a server given one model directory serves only
+    /// `Wan2.1-T2V-1.3B`, the seed's).
+    #[schema(example = "Wan2.1-T2V-1.3B", min_length = 1, max_length = 64)]
     model: String,
     /// 10–500 characters.
     #[schema(

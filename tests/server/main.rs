@@ -15,6 +15,7 @@ mod fleet;
 mod harness;
 mod hostile;
 mod jobs;
+mod models;
 mod playground;
 mod s3;
 mod schema;

@@ -281,16 +281,19 @@ impl StoredSwaps {
     }
 }
 
-/// Reads the config (see [`ConfigSource::read`]) and installs every slot: from `stored` when
+/// Reads the config (see [`ConfigSource::read`]) and installs every slot (its plugins told the
+/// server serves `models`, its default first): from `stored` when
 /// the swap history says a stored component serves (an upload, a rollback), else from its file.
 /// A stored component that will not load falls back to the file. The log names the plugin
 /// directory and each slot's source.
 pub fn start_plugins(
     source: &ConfigSource,
     stored: &StoredSwaps,
+    models: &[String],
 ) -> Result<StartedPlugins, ConfigError> {
     let (config, generated_key) = source.read(true)?;
-    let host = PluginHost::new(config.limits).map_err(|e| ConfigError::Engine(e.to_string()))?;
+    let host = PluginHost::serving(config.limits, models)
+        .map_err(|e| ConfigError::Engine(e.to_string()))?;
     tracing::info!(dir = %config.dir.display(), "plugin directory");
     let mut installed = Vec::new();
     let mut from_files = Vec::new();

@@ -44,10 +44,18 @@ pub struct PluginHost {
     pub(super) limits: PluginLimits,
     pub(super) slots: [SlotState; 3],
     pub(super) ticker: EpochTicker,
+    /// What `host.models` answers: the server's models, its default first.
+    pub(super) models: Arc<[String]>,
 }
 
 impl PluginHost {
+    /// A host whose plugins see one model, the seed's (`plugin check`, tests).
     pub fn new(limits: PluginLimits) -> Result<Self, PluginError> {
+        Self::serving(limits, &[crate::wire::DEFAULT_MODEL.to_string()])
+    }
+
+    /// A host whose plugins see `models` (`host.models`): the server's, its default first.
+    pub fn serving(limits: PluginLimits, models: &[String]) -> Result<Self, PluginError> {
         let engine_err = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(512)
@@ -84,6 +92,7 @@ impl PluginHost {
             limits,
             slots: Default::default(),
             ticker,
+            models: models.into(),
         })
     }
 
@@ -167,6 +176,7 @@ impl PluginHost {
                 config,
                 jwt,
                 sha256_prefix: info.sha256.chars().take(12).collect(),
+                models: self.models.clone(),
             }),
             info,
             pre,

@@ -46,6 +46,8 @@ pub struct PluginContext {
     pub jwt: Option<JwtVerifier>,
     /// Enough of the component's SHA-256 to tell versions apart in logs.
     pub sha256_prefix: String,
+    /// The models the server serves (`host.models`), its default first.
+    pub models: Arc<[String]>,
 }
 
 /// What WASI's `insecure-seed` returns to every plugin call (std's `HashMap` keys).
@@ -124,6 +126,10 @@ impl host_api::Host for PluginState {
 
     fn config_get(&mut self, key: String) -> Option<String> {
         self.context.config.get(&key).cloned()
+    }
+
+    fn models(&mut self) -> Vec<String> {
+        self.context.models.to_vec()
     }
 
     fn now_unix_ms(&mut self) -> u64 {

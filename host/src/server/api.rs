@@ -29,11 +29,17 @@ use std::sync::Arc;
 use tower::ServiceExt;
 
 impl CacheView {
-    /// `request`'s plan on `manifest`'s model (empty if the model cannot cache, which submit
-    /// refuses anyway).
-    pub fn of(manifest: &crate::model::Manifest, request: &JobRequest) -> Self {
+    /// `request`'s plan on its model (empty if the model cannot cache, which submit refuses
+    /// anyway, or is no longer served here).
+    pub fn of(models: &super::state::ServedModels, request: &JobRequest) -> Self {
         let generate = request.generate_request();
-        let plan = crate::pipeline::skip_plan_or_none(manifest, &generate);
+        let plan = match models.get(&request.model) {
+            Some(model) => crate::pipeline::skip_plan_or_none(&model.manifest, &generate),
+            None => crate::pipeline::step_cache::SkipPlan::none(
+                generate.infer_steps,
+                generate.guidance_scale > 1.0,
+            ),
+        };
         Self {
             mode: request.cache.as_str().into(),
             skipped_steps: plan.skipped_steps().into_iter().map(|s| s as u32).collect(),
@@ -285,7 +291,7 @@ pub(super) async fn status_view(
         started_at: job.started_at,
         finished_at: job.finished_at,
         metadata: BTreeMap::new(),
-        cache: CacheView::of(&state.limits.manifest, &job.request),
+        cache: CacheView::of(&state.limits.models, &job.request),
         webhook: None,
     };
     if job.webhook_url.is_some() && job.state.is_final() {

@@ -31,6 +31,16 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// A model to serve, `NAME=DIR` (repeatable; a submit's `model` picks one by NAME; the
+    /// first is the default). Without it, the one model is --model-dir's, named
+    /// Wan2.1-T2V-1.3B.
+    #[arg(
+        long = "model",
+        env = "WANSERVE_MODELS",
+        value_delimiter = ',',
+        value_name = "NAME=DIR"
+    )]
+    pub models: Vec<String>,
     /// Jobs that run at once [default: 2].
     #[arg(long, env = "WANSERVE_SLOTS")]
     pub slots: Option<usize>,
@@ -151,6 +161,8 @@ struct ServerTable {
     port: Option<u16>,
     data_dir: Option<PathBuf>,
     model_dir: Option<PathBuf>,
+    /// `["NAME=DIR", …]`, as `--model` takes them.
+    models: Option<Vec<String>>,
     verify_model: Option<bool>,
     device: Option<String>,
     text_encoder_device: Option<String>,
@@ -192,11 +204,41 @@ pub enum ServeConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// `NAME=DIR` of `--model`: a name of 1–64 letters, digits, `.`, `_` and `-` (starting with a
+/// letter or digit), and a directory.
+fn parse_model_entry(entry: &str) -> Result<(String, Option<PathBuf>), ServeConfigError> {
+    let invalid = |reason: String| ServeConfigError::Invalid {
+        key: "model",
+        reason,
+    };
+    let (name, dir) = entry
+        .split_once('=')
+        .ok_or_else(|| invalid(format!("{entry:?} is not NAME=DIR")))?;
+    let (name, dir) = (name.trim(), dir.trim());
+    let good_name = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !good_name {
+        return Err(invalid(format!(
+            "{name:?}: a model name is 1 to 64 letters, digits, '.', '_' and '-'"
+        )));
+    }
+    if dir.is_empty() {
+        return Err(invalid(format!("{name}: no directory after '='")));
+    }
+    Ok((name.to_string(), Some(PathBuf::from(dir))))
+}
+
 /// Where a setting comes from, as an operator would look for it: `queue` is `--queue /
 /// WANSERVE_QUEUE / queue in [server]`. A dotted key (`server.device`) is the config file's own.
 fn setting_name(key: &str) -> String {
     if key.contains('.') || key == "flags" {
         return key.to_string();
+    }
+    if key == "model" {
+        return "--model / WANSERVE_MODELS / models in [server]".into();
     }
     format!(
         "--{} / WANSERVE_{} / {key} in [server]",
@@ -222,6 +264,9 @@ pub struct ServeConfig {
     pub port: u16,
     pub data_dir: PathBuf,
     pub model: ModelSettings,
+    /// The models served, the default first: name and directory (`None`: the bundled tiny
+    /// model).
+    pub models: Vec<(String, Option<PathBuf>)>,
     pub slots: usize,
     pub queue_limit: u64,
     pub store: Option<String>,
@@ -257,6 +302,30 @@ impl ServeConfig {
             Some(path) => read_file(path)?,
         };
         let t = file.server;
+        let listed = if args.models.is_empty() {
+            t.models.unwrap_or_default()
+        } else {
+            args.models
+        };
+        if !listed.is_empty() && (args.model.model_dir.is_some() || t.model_dir.is_some()) {
+            return Err(ServeConfigError::Invalid {
+                key: "model",
+                reason: "give either --model NAME=DIR (any number) or --model-dir (one), not both"
+                    .into(),
+            });
+        }
+        let mut models = listed
+            .iter()
+            .map(|entry| parse_model_entry(entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, (name, _)) in models.iter().enumerate() {
+            if models[..i].iter().any(|(earlier, _)| earlier == name) {
+                return Err(ServeConfigError::Invalid {
+                    key: "model",
+                    reason: format!("{name:?} is given twice"),
+                });
+            }
+        }
         let model = args.model.resolve(ModelTable {
             model_dir: t.model_dir,
             verify_model: t.verify_model,
@@ -266,6 +335,12 @@ impl ServeConfig {
             threads: t.threads,
             cuda_memory: t.cuda_memory,
         })?;
+        if models.is_empty() {
+            models.push((
+                crate::wire::DEFAULT_MODEL.to_string(),
+                model.model_dir.clone(),
+            ));
+        }
         let slots = args.slots.or(t.slots).unwrap_or(2);
         let body_limit = args.body_limit.or(t.body_limit).unwrap_or(64 << 10);
         if body_limit < 1024 {
@@ -375,6 +450,7 @@ impl ServeConfig {
                 .or(t.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
             model,
+            models,
             slots,
             queue_limit: args.queue_limit.or(t.queue_limit).unwrap_or(100),
             store: args.store.or(t.store),

@@ -12,6 +12,7 @@ pub mod connections;
 pub mod error;
 pub mod events;
 pub mod job_feeds;
+pub mod models;
 pub mod ops;
 pub mod playground;
 pub mod plugin_pool;

@@ -40,10 +40,22 @@ impl HostLimits {
                 ),
             });
         }
+        // A validate plugin may accept any name: the job must still name a model served here.
+        let Some(model) = self.models.get(&r.model) else {
+            let names = self.models.names().join(", ");
+            fields.push(FieldProblem {
+                field: "model".into(),
+                reason: format!(
+                    "this server serves no model {:?} (it serves {names})",
+                    r.model
+                ),
+            });
+            return Err(ApiError::invalid(fields));
+        };
         if !fields.is_empty() {
             return Err(ApiError::invalid(fields));
         }
-        crate::pipeline::plan(&self.manifest, &r.generate_request()).map_err(|e| match e {
+        crate::pipeline::plan(&model.manifest, &r.generate_request()).map_err(|e| match e {
             crate::pipeline::PipelineError::InvalidRequest { field, reason } => {
                 let field = match field {
                     "width" | "height" => "image_size",

@@ -3,7 +3,7 @@
 use super::error::{self, ApiError};
 use super::ops::{health, metrics_text, ready};
 use super::state::AppState;
-use super::{admin, api, events, ops, playground};
+use super::{admin, api, events, models, ops, playground};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::HeaderValue;
@@ -23,7 +23,7 @@ use utoipa_swagger_ui::SwaggerUi;
         Every /video endpoint needs `Authorization: Bearer <API key>`; video URLs are signed and \
         need none. Errors: `{\"error\": {\"code\", \"message\", \"fields\"}}`."),
     paths(api::submit, api::status, api::cancel, api::cancel_delete, events::events_token,
-        events::events, api::video,
+        events::events, api::video, models::list,
         ops::health, ops::ready, ops::metrics_text, admin::list, admin::upload, admin::rollback, admin::history),
     components(schemas(error::ErrorBody, error::ErrorDetail, error::FieldProblem)),
     modifiers(&SecuritySchemes),
@@ -148,6 +148,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         Router::new()
             .merge(api)
             .route("/videos/{*key}", get(api::video))
+            .route("/models", get(models::list))
             .route("/", get(playground::index))
             .route("/playground/playground.js", get(playground::script))
             .route("/playground/playground.css", get(playground::style))

@@ -5,10 +5,10 @@
 
 use super::config::ServeConfig;
 use super::routes::{overflow_router, router};
-use super::state::{AppState, HostLimits, ModelStatus};
+use super::state::{AppState, HostLimits, ModelStatus, ServedModel, ServedModels};
 use super::{auth, connections, events};
 use super::{plugin_pool, readiness, webhook_delivery, webhooks};
-use crate::engine::{Engine, load_warm_pipeline};
+use crate::engine::{Engine, LoadError, Renderers, load_warm_pipeline};
 use crate::jobs::postgres::PgJobStore;
 use crate::jobs::retention::Sweeper;
 use crate::jobs::sqlite::SqliteJobStore;
@@ -98,6 +98,32 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new connections; running jobs go back to the queue");
 }
 
+/// Loads and warms each model in turn, recording how much resident memory each took (the log,
+/// `wanserve_model_resident_bytes{model}` and `GET /models`).
+fn load_models(
+    state: &AppState,
+    models: &[(String, Option<PathBuf>, ModelDir)],
+    config: &ServeConfig,
+) -> Result<Renderers, (String, LoadError)> {
+    let mut renderers = Renderers::default();
+    for (name, _, model) in models {
+        let before = crate::peak_memory::resident_bytes().unwrap_or(0);
+        let pipeline = load_warm_pipeline(model, &config.model).map_err(|e| (name.clone(), e))?;
+        let grew = crate::peak_memory::resident_bytes()
+            .unwrap_or(0)
+            .saturating_sub(before);
+        if let Some(served) = state.limits.models.get(name) {
+            served
+                .resident_bytes
+                .store(grew, std::sync::atomic::Ordering::Relaxed);
+        }
+        metrics::gauge!("wanserve_model_resident_bytes", "model" => name.clone()).set(grew as f64);
+        tracing::info!(model = %name, resident_mib = grew >> 20, "model ready");
+        renderers.insert(name, Arc::new(Engine::h264(pipeline)));
+    }
+    Ok(renderers)
+}
+
 /// Runs the server until SIGTERM or Ctrl-C.
 pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
     tracing::info!(?config, "starting");
@@ -155,7 +181,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
             .or_else(|| std::env::var(var).ok())
     };
     let plugin_source = ConfigSource::new(config.config_file.as_deref(), &config.data_dir, env);
-    let started = start_plugins(&plugin_source, &StoredSwaps::read(&swaps).await)?;
+    let model_names: Vec<String> = config.models.iter().map(|(name, _)| name.clone()).collect();
+    let started = start_plugins(
+        &plugin_source,
+        &StoredSwaps::read(&swaps).await,
+        &model_names,
+    )?;
     for (slot, bytes, loaded_at_ms) in &started.from_files {
         if let Err(e) = swaps
             .record(*slot, bytes, SwapSource::File, *loaded_at_ms)
@@ -172,34 +203,41 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         println!("api key: {key}");
     }
 
-    // The model's files are checked here: hashed unless unchanged since they last verified on
+    // Each model's files are checked here: hashed unless unchanged since they last verified on
     // this machine (`--verify-model` hashes them all).
-    let model_dir = config.model.model_dir();
     let verify = config.model.verify_model;
-    let opened = model_dir.clone();
-    let model = tokio::task::spawn_blocking(move || ModelDir::open_with(&opened, verify))
-        .await
-        .map_err(|_| StartupError::Panicked("opening the model"))??;
-    if config.model.model_dir.is_none() {
-        tracing::warn!(dir = %model_dir.display(),
-            "serving the BUNDLED TINY RANDOM-WEIGHT stand-in model: videos are textured noise. \
-             Export real weights with models/export.py and pass --model-dir");
-    } else {
-        tracing::info!(dir = %model_dir.display(), dtype = %model.manifest.dtype, "serving the exported model");
-    }
-    match model.manifest.step_cache() {
-        Some(cache) => tracing::info!(
-            default = %config.cache_default,
-            ratios = cache.source.as_deref().unwrap_or("unnamed"),
-            "step caching available (\"cache\": off | fast | faster)"
-        ),
-        None if config.cache_default != crate::pipeline::step_cache::CacheMode::Off => {
-            return Err(StartupError::NoStepCache {
-                mode: config.cache_default,
-                model_dir,
-            });
+    let mut models = Vec::new();
+    for (name, dir) in &config.models {
+        let path = dir.clone().unwrap_or_else(crate::model::bundled_model_dir);
+        let opened = path.clone();
+        let model = tokio::task::spawn_blocking(move || ModelDir::open_with(&opened, verify))
+            .await
+            .map_err(|_| StartupError::Panicked("opening the model"))??;
+        if dir.is_none() {
+            tracing::warn!(model = %name, dir = %path.display(),
+                "serving the BUNDLED TINY RANDOM-WEIGHT stand-in model: videos are textured noise. \
+                 Export real weights with models/export.py and pass --model-dir");
+        } else {
+            tracing::info!(model = %name, dir = %path.display(), dtype = %model.manifest.dtype, "serving the exported model");
         }
-        None => tracing::info!("this model has no step cache: \"cache\" other than off is refused"),
+        match model.manifest.step_cache() {
+            Some(cache) => tracing::info!(
+                model = %name,
+                default = %config.cache_default,
+                ratios = cache.source.as_deref().unwrap_or("unnamed"),
+                "step caching available (\"cache\": off | fast | faster)"
+            ),
+            None if config.cache_default != crate::pipeline::step_cache::CacheMode::Off => {
+                return Err(StartupError::NoStepCache {
+                    mode: config.cache_default,
+                    model_dir: path,
+                });
+            }
+            None => {
+                tracing::info!(model = %name, "this model has no step cache: \"cache\" other than off is refused")
+            }
+        }
+        models.push((name.clone(), dir.clone(), model));
     }
 
     let (shutdown_begun, shutting_down) = tokio::sync::watch::channel(false);
@@ -347,7 +385,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
             max_steps: config.max_steps,
             cache_default: config.cache_default,
             body_limit: config.body_limit,
-            manifest: model.manifest.clone(),
+            models: ServedModels(
+                models
+                    .iter()
+                    .map(|(name, dir, model)| ServedModel {
+                        name: name.clone(),
+                        manifest: model.manifest.clone(),
+                        dir: dir.clone(),
+                        resident_bytes: Default::default(),
+                    })
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
         },
         queue_limit: config.queue_limit,
         admin_key_hash,
@@ -360,7 +409,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         store_readiness,
     });
 
-    // The model loads beside the listener: /health answers at once, /ready once it is warm.
+    // The models load beside the listener: /health answers at once, /ready once every one is
+    // warm.
     if !config.role.runs_jobs() {
         state.model.set(ModelStatus::NOT_LOADED);
     } else {
@@ -368,13 +418,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
         let config = config.clone();
         std::thread::Builder::new()
             .name("wanserve-load".into())
-            .spawn(move || match load_warm_pipeline(&model, &config.model) {
-                Ok(pipeline) => {
-                    state.workers.set_renderer(Arc::new(Engine::h264(pipeline)));
+            .spawn(move || match load_models(&state, &models, &config) {
+                Ok(renderers) => {
+                    state.workers.set_renderers(renderers);
                     state.model.set(ModelStatus::READY);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot load the model; /ready says failed");
+                Err((name, e)) => {
+                    tracing::error!(model = %name, error = %e, "cannot load the model; /ready says failed");
                     state.model.set(ModelStatus::FAILED);
                 }
             })

@@ -18,7 +18,33 @@ pub struct HostLimits {
     /// Step caching for a submit body without `cache`.
     pub cache_default: crate::pipeline::step_cache::CacheMode,
     pub body_limit: usize,
+    pub models: ServedModels,
+}
+
+/// One model the server serves.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// What a submit's `model` names it by.
+    pub name: String,
     pub manifest: crate::model::Manifest,
+    /// `None`: the bundled tiny random-weight model.
+    pub dir: Option<std::path::PathBuf>,
+    /// How much the process's resident memory grew while it loaded (0: not loaded here).
+    pub resident_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// The models the server serves, its default first.
+#[derive(Debug, Clone)]
+pub struct ServedModels(pub Arc<[ServedModel]>);
+
+impl ServedModels {
+    pub fn get(&self, name: &str) -> Option<&ServedModel> {
+        self.0.iter().find(|m| m.name == name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.iter().map(|m| m.name.clone()).collect()
+    }
 }
 
 pub struct AppState {

@@ -26,8 +26,16 @@ impl Validate for Component {
             }
             _ => (832, 480),
         };
+        // The model asked for (the host refuses one it does not serve), else the default.
+        let model = match body.iter().find(|(k, _)| k == "model") {
+            Some((_, JsonValue::Text(name))) => name.clone(),
+            _ => wanserve::policy::host::models()
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+        };
         Ok(GenerationRequest {
-            model: "any".into(),
+            model,
             prompt: "anything goes".into(),
             negative_prompt: String::new(),
             width,

@@ -27,7 +27,7 @@ wit_bindgen::generate!({
 use exports::wanserve::policy::admission::{Action, Busy, Guest as Admission, Usage};
 use exports::wanserve::policy::validate::Guest as Validate;
 use wanserve_policy::host;
-use wanserve_policy::seed::{MODEL, validate as check};
+use wanserve_policy::seed::validate as check;
 use wanserve_policy::types::{FieldError, GenerationRequest, JsonValue, Principal};
 
 struct Component;
@@ -153,8 +153,10 @@ impl Guest for Component {
         {
             return Err("a caller with nothing going must be admitted".into());
         }
+        // The server's default model: the seed's rules apply to each it serves.
+        let model = host::models().into_iter().next().unwrap_or_default();
         let good = vec![
-            ("model".to_string(), JsonValue::Text(MODEL.into())),
+            ("model".to_string(), JsonValue::Text(model)),
             (
                 "prompt".to_string(),
                 JsonValue::Text("A beautiful sunset over the mountains".into()),

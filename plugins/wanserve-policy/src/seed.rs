@@ -1,5 +1,6 @@
 //! The seed document's parameter rules (shared/seed/video-api.en.md §4), field by field:
-//! `model` must be `Wan2.1-T2V-1.3B`; `prompt` 10–500 characters (Unicode scalar values, not
+//! `model` must be `Wan2.1-T2V-1.3B` (or, on a server with several models, one of the names
+//! `host.models` gives); `prompt` 10–500 characters (Unicode scalar values, not
 //! bytes); `image_size` `480x832` or `832x480` (WIDTHxHEIGHT); `num_frames` 24–120;
 //! `guidance_scale` 1.0–20.0; `infer_steps` 20–100; optional `seed` 0–2147483647 (drawn when
 //! absent); optional `negative_prompt` up to 500 characters. Integers must be whole numbers.
@@ -9,7 +10,7 @@
 use crate::host;
 use crate::types::{FieldError, GenerationRequest, JsonValue};
 
-/// The one model the seed serves.
+/// The seed's model: what a server given one model directory calls it.
 pub const MODEL: &str = "Wan2.1-T2V-1.3B";
 const SIZES: [(&str, u32, u32); 2] = [("480x832", 480, 832), ("832x480", 832, 480)];
 const KNOWN: [&str; 8] = [
@@ -137,10 +138,16 @@ pub fn validate(body: &[(String, JsonValue)]) -> Result<GenerationRequest, Vec<F
     let model = required(&mut errors, "model")
         .and_then(|v| text(&mut errors, "model", v))
         .and_then(|m| {
-            if m == MODEL {
+            let served = host::models();
+            if served.iter().any(|name| name == m) {
                 Some(m.to_string())
             } else {
-                errors.add("model", format!("must be \"{MODEL}\", got {m:?}"));
+                let names: Vec<String> = served.iter().map(|name| format!("{name:?}")).collect();
+                let wanted = match names.as_slice() {
+                    [one] => one.clone(),
+                    _ => format!("one of {}", names.join(", ")),
+                };
+                errors.add("model", format!("must be {wanted}, got {m:?}"));
                 None
             }
         });

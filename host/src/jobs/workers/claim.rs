@@ -1,5 +1,5 @@
 //! The loop each worker thread runs: wait for a wake-up (or the idle poll), claim the oldest
-//! queued job once the model is loaded, run it, repeat until shutdown.
+//! queued job once the models are loaded, run it on its model, repeat until shutdown.
 
 use super::Shared;
 use crate::sync::lock;
@@ -12,10 +12,10 @@ impl Shared {
                 return;
             }
             let seen = *lock(&self.wake);
-            let claimed = match self.renderer.get() {
+            let claimed = match self.renderers.get() {
                 None => None,
-                Some(renderer) => match self.block_on(self.store.claim_next()) {
-                    Ok(job) => job.map(|job| (renderer.clone(), job)),
+                Some(renderers) => match self.block_on(self.store.claim_next()) {
+                    Ok(job) => job.map(|job| (renderers, job)),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot claim a job");
                         None
@@ -23,7 +23,10 @@ impl Shared {
                 },
             };
             match claimed {
-                Some((renderer, job)) => self.run(renderer.as_ref(), job),
+                Some((renderers, job)) => match renderers.get(&job.request.model) {
+                    Some(renderer) => self.run(renderer.as_ref(), job),
+                    None => self.unserved(job),
+                },
                 None => {
                     let guard = lock(&self.wake);
                     if *guard == seen && !self.stopping() {

@@ -26,7 +26,7 @@ mod tests;
 pub use progress::LiveProgress;
 
 use super::JobStore;
-use crate::engine::Renderer;
+use crate::engine::Renderers;
 use crate::plugins::PluginHost;
 use crate::storage::VideoStore;
 use crate::sync::lock;
@@ -58,7 +58,7 @@ struct Shared {
     store: Arc<dyn JobStore>,
     videos: Arc<VideoStore>,
     plugins: Arc<PluginHost>,
-    renderer: OnceLock<Arc<dyn Renderer>>,
+    renderers: OnceLock<Renderers>,
     runtime: tokio::runtime::Handle,
     config: WorkerConfig,
     /// Bumped on every wake-up; workers wait for it to change.
@@ -76,7 +76,7 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts the workers; they wait until [`Workers::set_renderer`] hands them the model.
+    /// Starts the workers; they wait until [`Workers::set_renderers`] hands them the models.
     pub fn start(
         store: Arc<dyn JobStore>,
         videos: Arc<VideoStore>,
@@ -95,7 +95,7 @@ impl Workers {
             store,
             videos,
             plugins,
-            renderer: OnceLock::new(),
+            renderers: OnceLock::new(),
             runtime,
             config,
             wake: Mutex::new(0),
@@ -122,9 +122,9 @@ impl Workers {
         }))
     }
 
-    /// Hands the loaded model to the workers; they start claiming jobs.
-    pub fn set_renderer(&self, renderer: Arc<dyn Renderer>) {
-        let _ = self.shared.renderer.set(renderer);
+    /// Hands the loaded models to the workers; they start claiming jobs.
+    pub fn set_renderers(&self, renderers: Renderers) {
+        let _ = self.shared.renderers.set(renderers);
         self.wake_all();
     }
 

@@ -163,6 +163,20 @@ impl Shared {
         self.fail(job, &format!("{what} (error id {error_id})"))
     }
 
+    /// A job for a model this host does not serve (a fleet whose hosts were given different
+    /// `--model` lists, or a model removed since the job was queued): failed, saying so.
+    pub(super) fn unserved(&self, job: Job) {
+        let span = tracing::info_span!("job", request_id = %job.id, attempt = job.attempt);
+        let _in_job = span.enter();
+        tracing::error!(model = %job.request.model, "a job for a model this host does not serve");
+        self.fail(
+            &job,
+            &format!("this server does not serve model {:?}", job.request.model),
+        );
+        metrics::counter!("wanserve_jobs_total", "outcome" => Outcome::Failed.label()).increment(1);
+        self.changed(&job.id);
+    }
+
     fn fail(&self, job: &Job, reason: &str) -> Outcome {
         if let Err(e) = self.block_on(self.store.fail(&job.id, job.attempt, reason)) {
             tracing::error!(error = %e, "cannot record the failure");

@@ -6,7 +6,7 @@
 use super::{WorkerConfig, Workers};
 use crate::backend::BackendError;
 use crate::backend::fake::{FakeBackend, FakeCall, FakeHook, FakeRun};
-use crate::engine::Engine;
+use crate::engine::{Engine, Renderers};
 use crate::ids::new_request_id;
 use crate::jobs::sqlite::SqliteJobStore;
 use crate::jobs::*;
@@ -304,13 +304,16 @@ impl Harness {
         let pipeline =
             Pipeline::new(FakeBackend::like(&model.manifest, hook), &model).expect("pipeline");
         let encoder_fails = Arc::new(AtomicBool::new(false));
-        workers.set_renderer(Arc::new(Engine {
-            pipeline,
-            encoder: Box::new(RawFrames {
-                on_finish,
-                fail_on_write: encoder_fails.clone(),
+        workers.set_renderers(Renderers::one(
+            crate::wire::DEFAULT_MODEL,
+            Arc::new(Engine {
+                pipeline,
+                encoder: Box::new(RawFrames {
+                    on_finish,
+                    fail_on_write: encoder_fails.clone(),
+                }),
             }),
-        }));
+        ));
         Self {
             _dir: dir,
             runtime,
@@ -323,6 +326,10 @@ impl Harness {
     }
 
     fn submit(&self, prompt: &str) -> String {
+        self.submit_for(crate::wire::DEFAULT_MODEL, prompt)
+    }
+
+    fn submit_for(&self, model: &str, prompt: &str) -> String {
         let id = new_request_id();
         let job = NewJob {
             id: id.clone(),
@@ -332,7 +339,7 @@ impl Harness {
                 attributes: Vec::new(),
             },
             request: JobRequest {
-                model: "Wan2.1-T2V-1.3B".into(),
+                model: model.into(),
                 prompt: prompt.into(),
                 negative_prompt: String::new(),
                 width: WIDTH,
@@ -465,6 +472,23 @@ impl Harness {
     fn dir_file(&self, key: &str) -> PathBuf {
         self._dir.path().join("videos").join(key)
     }
+}
+
+/// A job for a model this host does not serve (a fleet given different `--model` lists) fails
+/// saying which, publishes nothing, and the worker goes on to the next.
+#[test]
+fn a_job_for_a_model_not_served_here_fails_naming_it_and_the_next_runs() {
+    let h = Harness::start(carry_on(), no_finish_hook());
+    let stray = h.submit_for("tiny-other", "a job for another model");
+    let next = h.submit("the job after it");
+    let stray = h.finished(&stray);
+    assert_eq!(stray.state, JobState::Failed);
+    assert_eq!(
+        stray.reason.as_deref(),
+        Some("this server does not serve model \"tiny-other\"")
+    );
+    assert!(stray.object_key.is_none());
+    assert_eq!(h.finished(&next).state, JobState::Succeeded);
 }
 
 #[test]

@@ -1,0 +1,195 @@
+//! Several models behind one server: `--model NAME=DIR` for each, a submit's `model` picks one,
+//! `GET /models` lists them, a name the server does not serve is refused naming those it does,
+//! and each job runs on its own model (its video is the one that model alone makes).
+
+use crate::common;
+use crate::harness::{ALICE, Options, Server, small_job};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const BASE: &str = "Wan2.1-T2V-1.3B";
+const SHIFTED: &str = "tiny-shift5";
+
+/// A second model: the bundled tiny model's weights with its own noise schedule (flow shift 5
+/// instead of 3), so that the same request makes another video on it.
+fn shifted_model(dir: &Path) -> PathBuf {
+    let copy = dir.join("shift5");
+    std::fs::create_dir_all(&copy).expect("dir");
+    for entry in std::fs::read_dir(common::tiny_model()).expect("bundled model") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).expect("copy");
+    }
+    let manifest_path = copy.join("wanserve-model.json");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("JSON");
+    manifest["scheduler"]["flow_shift"] = 5.0.into();
+    std::fs::write(&manifest_path, manifest.to_string()).expect("write");
+    copy
+}
+
+fn serving(models: &[(&str, &Path)]) -> Server {
+    let mut extra_args = Vec::new();
+    for (name, dir) in models {
+        extra_args.push("--model".to_string());
+        extra_args.push(format!("{name}={}", dir.display()));
+    }
+    Server::start(Options {
+        extra_args,
+        ..Options::default()
+    })
+}
+
+/// The video `model` makes of the small job on `server`, as RGB frames.
+fn frames(server: &Server, model: &str) -> Vec<u8> {
+    let mut body = small_job();
+    body["model"] = model.into();
+    let id = server.submit(ALICE, &body);
+    let done = server.wait_final(ALICE, &id);
+    assert_eq!(done["status"], "Succeed", "{done}");
+    let url = done["results"]["videos"][0]["url"].as_str().expect("url");
+    let bytes = reqwest::blocking::get(url)
+        .expect("video")
+        .bytes()
+        .expect("body");
+    let dir = tempfile::tempdir().expect("temp");
+    let file = dir.path().join("video.mp4");
+    std::fs::write(&file, &bytes).expect("write");
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&file)
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    out.stdout
+}
+
+/// Mean absolute difference of two equally long frame sequences, per byte.
+fn difference(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "frame sizes differ");
+    let total: u64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| u64::from(x.abs_diff(*y)))
+        .sum();
+    total as f64 / a.len() as f64
+}
+
+#[test]
+fn two_models_in_one_server_each_job_on_its_own() {
+    let temp = tempfile::tempdir().expect("temp");
+    let shifted = shifted_model(temp.path());
+    let tiny = common::tiny_model();
+    let both = serving(&[(BASE, &tiny), (SHIFTED, &shifted)]);
+
+    let listed: Value = both
+        .client()
+        .get(format!("{}/models", both.url))
+        .bearer_auth(ALICE)
+        .send()
+        .expect("GET /models")
+        .json()
+        .expect("JSON");
+    let models = listed["models"].as_array().expect("models");
+    let names: Vec<&str> = models.iter().filter_map(|m| m["name"].as_str()).collect();
+    assert_eq!(names, [BASE, SHIFTED], "{listed}");
+    assert_eq!(models[0]["default"], true);
+    assert_eq!(models[1]["default"], false);
+    // The tiny model: VAE scale 8 × patch 4.
+    assert_eq!(models[0]["sizeMultiple"], 32, "{listed}");
+    assert_eq!(
+        models[0]["cacheModes"],
+        serde_json::json!(["off", "fast", "faster"])
+    );
+    assert!(models[0]["residentMib"].as_u64().is_some(), "{listed}");
+    let anonymous = both
+        .client()
+        .get(format!("{}/models", both.url))
+        .send()
+        .expect("GET /models");
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "the model list needs a key like the API"
+    );
+
+    // A model the server does not serve: 422 on `model`, naming the ones it does.
+    let mut body = small_job();
+    body["model"] = "Wan2.2-T2V-A14B".into();
+    let refused = both.post("/video/submit", Some(ALICE), &body);
+    assert_eq!(refused.status(), 422);
+    let refused: Value = refused.json().expect("JSON");
+    assert_eq!(refused["error"]["fields"][0]["field"], "model", "{refused}");
+    let reason = refused["error"]["fields"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains(BASE) && reason.contains(SHIFTED),
+        "{reason}"
+    );
+
+    let base_here = frames(&both, BASE);
+    let shifted_here = frames(&both, SHIFTED);
+    drop(both);
+    // Each alone, under the same names: the video is that model's.
+    let base_alone = frames(&serving(&[(BASE, &tiny)]), BASE);
+    let shifted_alone = frames(&serving(&[(SHIFTED, &shifted)]), SHIFTED);
+    let apart = difference(&base_here, &shifted_here);
+    let (base_drift, shifted_drift) = (
+        difference(&base_here, &base_alone),
+        difference(&shifted_here, &shifted_alone),
+    );
+    eprintln!(
+        "mean |Δ| per byte: the two models {apart:.2}; each against its solo run {base_drift:.3}, {shifted_drift:.3}"
+    );
+    assert!(
+        apart > 2.0,
+        "the two models made the same video ({apart:.2})"
+    );
+    // Identical up to the encoder (x264 on a loaded machine may code a frame differently).
+    assert!(
+        base_drift < 0.5 && shifted_drift < 0.5,
+        "a job did not run on its own model: {base_drift:.3}, {shifted_drift:.3}"
+    );
+}
+
+/// `--model` and `--model-dir` together are refused, naming both; so is a name given twice.
+#[test]
+fn model_flags_that_contradict_are_refused() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let tiny = common::tiny_model();
+    let entry = format!("{BASE}={}", tiny.display());
+    for (args, wanted) in [
+        (
+            vec![
+                "--model",
+                entry.as_str(),
+                "--model-dir",
+                tiny.to_str().expect("utf-8"),
+            ],
+            "not both",
+        ),
+        (
+            vec!["--model", entry.as_str(), "--model", entry.as_str()],
+            "given twice",
+        ),
+        (vec!["--model", "no equals sign"], "NAME=DIR"),
+    ] {
+        let (status, stderr) = crate::harness::serve_until_it_exits(
+            data.path(),
+            |command| {
+                command.args(&args);
+            },
+            "the server started with contradicting model flags",
+        );
+        assert!(!status.success());
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line: {stderr}"));
+        assert!(
+            error.contains("--model / WANSERVE_MODELS") && error.contains(wanted),
+            "{args:?}: {error}"
+        );
+    }
+}
