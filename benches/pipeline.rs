@@ -297,8 +297,58 @@ fn step_cache_50_steps(c: &mut Criterion) {
     group.finish();
 }
 
+/// The bundled model made few-step by `models/few_step.py` (FastWan's settings), in `dir`.
+fn few_step_copy(dir: &std::path::Path) -> Pipeline<OrtBackend> {
+    let made = std::process::Command::new("python3")
+        .arg(bundled_model_dir().join("../few_step.py"))
+        .arg(bundled_model_dir())
+        .arg("--out")
+        .arg(dir)
+        .args(["--preset", "fastwan"])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let model = ModelDir::open(dir).expect("few-step model");
+    let backend = OrtBackend::load(&model, Device::Cpu, 0).expect("ONNX Runtime");
+    Pipeline::new(backend, &model).expect("pipeline")
+}
+
+/// A whole job at 832x480 (1 frame, so the denoising dominates): the base model's 50 guided
+/// UniPC steps against a few-step distilled model's 3 unguided DMD steps, same weights.
+fn few_step_against_base(c: &mut Criterion) {
+    let base = tiny_pipeline();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let few = few_step_copy(dir.path());
+    let job = |steps| GenerateRequest {
+        width: 832,
+        height: 480,
+        num_frames: 1,
+        infer_steps: steps,
+        ..request(1)
+    };
+    let run = |pipeline: &Pipeline<OrtBackend>, req: &GenerateRequest| {
+        pipeline
+            .generate(req, &CancelToken::default(), &mut |_| {}, &mut |_| Ok(()))
+            .unwrap()
+            .frames
+    };
+    let mut group = c.benchmark_group("tiny_832x480_job");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
+    let (base_job, few_job) = (job(50), job(3));
+    group.bench_function("base_50_steps_guided", |b| b.iter(|| run(&base, &base_job)));
+    group.bench_function("dmd_3_steps", |b| b.iter(|| run(&few, &few_job)));
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    few_step_against_base,
     step_cache_50_steps,
     two_jobs,
     denoise_and_decode,

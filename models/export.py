@@ -44,6 +44,8 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from transformers import UMT5EncoderModel
 
+import few_step
+
 OPSET = 23
 TWO_GB = 2 * 1024**3
 MAX_TEXT_LEN = 512  # diffusers pads every prompt to 512 tokens for Wan
@@ -512,6 +514,11 @@ def main() -> None:
                              "model; small models only); auto: published for the 1.3B architecture, else calibrate")
     parser.add_argument("--skip", nargs="*", default=[], choices=["text_encoder", "transformer", "vae"],
                         help="leave out parts (for proving the export of one part at real size)")
+    parser.add_argument("--sampler", choices=sorted(few_step.PRESETS), default=None,
+                        help="a few-step distilled checkpoint (FastWan2.1, LightX2V): its DMD sampler in the "
+                             "manifest (see models/few_step.py; no step cache then)")
+    parser.add_argument("--sampler-timesteps", default=None, help="override the preset's (comma-separated)")
+    parser.add_argument("--sampler-shift", type=float, default=None, help="override the preset's")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
@@ -561,6 +568,9 @@ def main() -> None:
             check_vae(vae, args.out, va.z_dim)
     manifest["scheduler"] = json.loads((args.src / "scheduler" / "scheduler_config.json").read_text())
     manifest["fps"] = 16
+    if args.sampler or args.sampler_timesteps:
+        few_step.apply(manifest, few_step.sampler_section(
+            args.sampler, args.sampler_timesteps.split(",") if args.sampler_timesteps else None, args.sampler_shift))
     for path in sorted(args.out.iterdir()):
         if path.name != "wanserve-model.json" and path.is_file():
             files[path.name] = sha256(path)

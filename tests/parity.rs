@@ -346,3 +346,105 @@ fn step_cache_calibration_measures_the_ratios_diffusers_measured() {
         eprintln!("calibration {branch}: max |Δ| {worst:.1e}");
     }
 }
+
+/// The bundled model made few-step by `models/few_step.py` with `preset`, in `dir`.
+fn few_step_model(dir: &std::path::Path, preset: &str) -> ModelDir {
+    let made = std::process::Command::new("python3")
+        .arg(common::repo_root().join("models/few_step.py"))
+        .arg(common::tiny_model())
+        .arg("--out")
+        .arg(dir)
+        .args(["--preset", preset])
+        .output()
+        .expect("python3 runs");
+    assert!(made.status.success(), "{}", common::stderr(&made));
+    ModelDir::open(dir).expect("the few-step model opens")
+}
+
+#[derive(Deserialize)]
+struct FewStepCase {
+    prompt: String,
+    width: usize,
+    height: usize,
+    num_frames: usize,
+    infer_steps: usize,
+    seed: u64,
+}
+
+/// The few-step (DMD) sampler on the tiny model with FastWan's settings against
+/// `models/reference_dmd.py` (FastVideo's DMD loop with torch's generator, the same DiT graph):
+/// the initial noise drawn frame-major, then the final latents after 3 steps (two of them
+/// noised again with fresh draws from the same generator). A guidance scale is ignored.
+#[test]
+fn few_step_sampler_matches_fastvideos_dmd_loop() {
+    let dir = case_dir("dmd_fastwan");
+    let case: FewStepCase =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let temp = tempfile::tempdir().expect("temp dir");
+    let model = few_step_model(temp.path(), "fastwan");
+    let backend = OrtBackend::load(&model, Device::Cpu, 2).expect("ONNX Runtime loads it");
+    let pipeline = Pipeline::new(backend, &model).expect("pipeline");
+    let request = GenerateRequest {
+        prompt: case.prompt.clone(),
+        negative_prompt: String::new(),
+        width: case.width,
+        height: case.height,
+        num_frames: case.num_frames,
+        infer_steps: case.infer_steps,
+        guidance_scale: 5.0,
+        seed: case.seed,
+        cache: CacheMode::Off,
+    };
+    // Each timestep's sigma, from the training-noise table as FastVideo looks it up.
+    let sampler = wanserve::pipeline::few_step::FewStepSampler::new(
+        model.manifest.sampler.as_ref().expect("a sampler"),
+    );
+    let sigmas: Vec<f32> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sigmas.json")).unwrap()).unwrap();
+    for (i, expected) in sigmas.iter().enumerate() {
+        assert_eq!(sampler.sigma(i), *expected, "σ at step {i}");
+    }
+    let plan = pipeline.plan(&request).unwrap();
+    let expected_noise: Array5<f32> = read_npy(dir.join("noise.npy")).unwrap();
+    let noise = pipeline.initial_noise(&plan, case.seed).unwrap();
+    assert_eq!(noise.shape(), expected_noise.shape());
+    let d_noise = max_abs_diff(&noise, &expected_noise);
+    assert!(d_noise <= 1e-6, "initial noise differs by {d_noise}");
+
+    let generated = pipeline
+        .generate(&request, &CancelToken::default(), &mut |_| {}, &mut |_| {
+            Ok(())
+        })
+        .unwrap();
+    let expected: Array5<f32> = read_npy(dir.join("latents.npy")).unwrap();
+    assert_eq!(generated.latents.shape(), expected.shape());
+    let d_latents = max_abs_diff(&generated.latents, &expected);
+    eprintln!("few-step parity: noise within {d_noise:e}, final latents within {d_latents:e}");
+    assert!(d_latents <= 1e-4, "final latents differ by {d_latents}");
+    // Not the base sampler's answer: the same request there ends elsewhere.
+    let base = pipeline_on_base_differs(&request, &generated.latents);
+    assert!(
+        base > 1e-2,
+        "the base model's latents are the same ({base})"
+    );
+
+    // A distilled model runs its own step count only.
+    let wrong = GenerateRequest {
+        infer_steps: 4,
+        ..request
+    };
+    let refused = pipeline
+        .plan(&wrong)
+        .expect_err("4 steps on a 3-step model");
+    assert!(refused.to_string().contains("exactly 3 steps"), "{refused}");
+}
+
+/// The largest difference between `latents` and the bundled (base) model's for `request`.
+fn pipeline_on_base_differs(request: &GenerateRequest, latents: &Array5<f32>) -> f32 {
+    let base = pipeline()
+        .generate(request, &CancelToken::default(), &mut |_| {}, &mut |_| {
+            Ok(())
+        })
+        .unwrap();
+    max_abs_diff(&base.latents, latents)
+}

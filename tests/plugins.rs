@@ -142,6 +142,68 @@ fn validate_seed_boundaries() {
     }
 }
 
+/// On a server with several models, the seed's rules accept each served name (and no other,
+/// naming them all), and a model's own `infer_steps` / `num_frames` ranges from the config
+/// apply to that model alone; a range that does not read fails the self-test, naming its key.
+#[test]
+fn validate_seed_takes_each_models_own_ranges_from_its_config() {
+    let models = ["Wan2.1-T2V-1.3B".to_string(), "tiny-fast".to_string()];
+    let host = PluginHost::serving(PluginLimits::default(), &models).unwrap();
+    let wasm = std::fs::read(plugin_wasm("validate-seed")).unwrap();
+    let config = BTreeMap::from([
+        ("infer_steps.tiny-fast".to_string(), "3-4".to_string()),
+        ("num_frames.tiny-fast".to_string(), "24-49".to_string()),
+    ]);
+    host.replace(Slot::Validate, &wasm, config).unwrap();
+    let cases: Vec<(serde_json::Value, &[&str])> = vec![
+        (serde_json::json!({"infer_steps": 20}), &[]),
+        (serde_json::json!({"infer_steps": 3}), &["infer_steps"]),
+        (
+            serde_json::json!({"model": "tiny-fast", "infer_steps": 3, "num_frames": 49}),
+            &[],
+        ),
+        (
+            serde_json::json!({"model": "tiny-fast", "infer_steps": 4, "num_frames": 24}),
+            &[],
+        ),
+        (
+            serde_json::json!({"model": "tiny-fast", "infer_steps": 5, "num_frames": 49}),
+            &["infer_steps"],
+        ),
+        (
+            serde_json::json!({"model": "tiny-fast", "infer_steps": 20, "num_frames": 49}),
+            &["infer_steps"],
+        ),
+        (
+            serde_json::json!({"model": "tiny-fast", "infer_steps": 3, "num_frames": 50}),
+            &["num_frames"],
+        ),
+        (serde_json::json!({"num_frames": 50}), &[]),
+    ];
+    for (changes, expected) in cases {
+        assert_eq!(errors_for(&host, changes.clone()), expected, "{changes}");
+    }
+    let refused = host
+        .validate(
+            &plugin_caller(),
+            &json_fields(&with_changes(
+                common::valid_submit_body(),
+                &serde_json::json!({"model": "Wan2.2"}),
+            )),
+        )
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        refused[0].reason, "must be one of \"Wan2.1-T2V-1.3B\", \"tiny-fast\", got \"Wan2.2\"",
+        "{refused:?}"
+    );
+    let bad = BTreeMap::from([("infer_steps.tiny-fast".to_string(), "four".to_string())]);
+    let e = host
+        .replace(Slot::Validate, &wasm, bad)
+        .expect_err("a range that does not read was installed");
+    assert!(e.to_string().contains("infer_steps.tiny-fast"), "{e}");
+}
+
 #[test]
 fn validate_seed_reports_every_bad_field_and_draws_a_seed() {
     let host = host_with(Slot::Validate, "validate-seed");

@@ -193,3 +193,74 @@ fn model_flags_that_contradict_are_refused() {
         );
     }
 }
+
+/// A few-step distilled model beside the base one: `GET /models` says how it samples, the
+/// validate plugin's per-model range lets its 3 steps through (and the seed's 20–100 stay the
+/// base model's), and a 3-step job on it succeeds.
+#[test]
+fn a_distilled_model_serves_a_three_step_job_beside_the_base_one() {
+    let temp = tempfile::tempdir().expect("temp");
+    let fast = temp.path().join("fastwan");
+    let made = std::process::Command::new("python3")
+        .arg(common::repo_root().join("models/few_step.py"))
+        .arg(common::tiny_model())
+        .arg("--out")
+        .arg(&fast)
+        .args(["--preset", "fastwan"])
+        .output()
+        .expect("python3 runs");
+    assert!(made.status.success(), "{}", common::stderr(&made));
+    let tiny = common::tiny_model();
+    let server = Server::start(Options {
+        extra_args: vec![
+            "--model".into(),
+            format!("{BASE}={}", tiny.display()),
+            "--model".into(),
+            format!("tiny-fastwan={}", fast.display()),
+        ],
+        toml: "[plugins.validate.config]\n\"infer_steps.tiny-fastwan\" = \"3\"\n".into(),
+        ..Options::default()
+    });
+    let listed: Value = server
+        .client()
+        .get(format!("{}/models", server.url))
+        .bearer_auth(ALICE)
+        .send()
+        .expect("GET /models")
+        .json()
+        .expect("JSON");
+    let few = &listed["models"][1];
+    assert_eq!(few["name"], "tiny-fastwan", "{listed}");
+    assert_eq!(
+        (&few["sampler"], &few["steps"], &few["guidance"]),
+        (&"dmd".into(), &3.into(), &false.into()),
+        "{listed}"
+    );
+    assert_eq!(few["cacheModes"], serde_json::json!(["off"]), "{listed}");
+    assert_eq!(listed["models"][0]["sampler"], "unipc");
+
+    let job = |model: &str, steps: u32| {
+        let mut body = small_job();
+        body["model"] = model.into();
+        body["infer_steps"] = steps.into();
+        body
+    };
+    for (model, steps) in [("tiny-fastwan", 20), (BASE, 3)] {
+        let refused = server.post("/video/submit", Some(ALICE), &job(model, steps));
+        assert_eq!(refused.status(), 422, "{model} with {steps} steps");
+        let refused: Value = refused.json().expect("JSON");
+        assert_eq!(
+            refused["error"]["fields"][0]["field"], "infer_steps",
+            "{refused}"
+        );
+    }
+    let id = server.submit(ALICE, &job("tiny-fastwan", 3));
+    let done = server.wait_final(ALICE, &id);
+    assert_eq!(done["status"], "Succeed", "{done}");
+    assert!(
+        server
+            .log_line(|l| l.contains("generated") && l.contains("steps=3"))
+            .is_some(),
+        "the job ran 3 steps"
+    );
+}

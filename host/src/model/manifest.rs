@@ -16,6 +16,9 @@ pub struct Manifest {
     /// caching (they run every step in full and refuse `cache` other than `off`).
     #[serde(default)]
     pub step_cache: Option<StepCacheSpec>,
+    /// A few-step distilled checkpoint's sampler; absent: UniPC with `scheduler`, guided.
+    #[serde(default)]
+    pub sampler: Option<FewStepSpec>,
     pub fps: u32,
     /// File name → SHA-256 (hex) of every file in the directory.
     pub files: BTreeMap<String, String>,
@@ -49,6 +52,22 @@ pub struct TransformerSpec {
     pub out_channels: usize,
     pub patch_size: [usize; 3],
     pub text_dim: usize,
+}
+
+/// A few-step distilled checkpoint's sampler (DMD: FastVideo's FastWan2.1, LightX2V's
+/// step-distilled Wan2.1): its fixed timesteps, each step's x0 estimate noised again to the next
+/// with fresh seeded noise, no classifier-free guidance (`pipeline::few_step`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FewStepSpec {
+    /// `dmd`, the only kind.
+    pub kind: String,
+    /// The timesteps the DiT is run at, in order (FastWan2.1: 1000, 757, 522).
+    pub timesteps: Vec<i64>,
+    /// The flow shift of the sigma table the timesteps are looked up in (FastWan2.1: 8).
+    pub shift: f64,
+    /// Where the checkpoint and its settings come from.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +256,30 @@ impl Manifest {
                         "step_cache: ratios.{branch} must be a non-empty list of positive numbers"
                     ));
                 }
+            }
+        }
+        if let Some(sampler) = &self.sampler {
+            if sampler.kind != "dmd" {
+                return Err(format!(
+                    "sampler: kind {:?} is not supported (dmd)",
+                    sampler.kind
+                ));
+            }
+            let train = self.scheduler.num_train_timesteps as i64;
+            let descending = sampler.timesteps.windows(2).all(|w| w[0] > w[1]);
+            if sampler.timesteps.is_empty()
+                || !descending
+                || sampler.timesteps.iter().any(|t| *t < 1 || *t > train)
+            {
+                return Err(format!(
+                    "sampler: timesteps must be a non-empty, strictly decreasing list within 1..={train}"
+                ));
+            }
+            if !(sampler.shift.is_finite() && sampler.shift > 0.0) {
+                return Err("sampler: shift must be a positive number".into());
+            }
+            if self.step_cache.is_some() {
+                return Err("sampler: a few-step model has no step cache".into());
             }
         }
         self.scheduler.validate()

@@ -5,7 +5,8 @@ mod manifest;
 mod stamp;
 
 pub use manifest::{
-    MagRatios, Manifest, TextEncoderSpec, TokenizerSpec, TransformerSpec, UniPcConfig, VaeSpec,
+    FewStepSpec, MagRatios, Manifest, TextEncoderSpec, TokenizerSpec, TransformerSpec, UniPcConfig,
+    VaeSpec,
 };
 pub use stamp::Verify;
 

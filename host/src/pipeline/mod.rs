@@ -6,6 +6,7 @@
 //! *up* to the next one and the extra frames are dropped, where diffusers rounds down.
 
 mod error;
+pub mod few_step;
 mod job;
 pub mod noise;
 mod planning;
@@ -16,7 +17,7 @@ pub mod unipc;
 
 pub use error::{PipelineError, SinkError};
 pub use job::{CancelToken, FrameChunk, GenerateRequest, Generated, Plan, Progress, Stage};
-pub use planning::{plan, size_multiple, skip_plan, skip_plan_or_none};
+pub use planning::{guided, plan, size_multiple, skip_plan, skip_plan_or_none};
 use step_turns::StepTurns;
 
 use crate::backend::{Backend, BackendError, RunControl};
@@ -26,6 +27,54 @@ use ndarray::{Array3, Array5, ArrayView5, Axis, s};
 use prompt::PromptTokenizer;
 
 use step_cache::CacheMode;
+
+/// How a job's latents go from one step to the next.
+enum Sampler<T> {
+    /// The base model: UniPC over the manifest's scheduler config.
+    UniPc(unipc::UniPcScheduler<T>),
+    /// A few-step distilled model: x0 estimates noised again to fixed timesteps.
+    FewStep(few_step::FewStepSampler),
+}
+
+impl<T> Sampler<T> {
+    fn timesteps(&self) -> &[i64] {
+        match self {
+            Sampler::UniPc(scheduler) => scheduler.timesteps(),
+            Sampler::FewStep(sampler) => sampler.timesteps(),
+        }
+    }
+}
+
+/// The first latents from `generator`: `torch.randn(latent_shape, generator=g)`.
+fn initial_noise(
+    generator: &mut noise::TorchRandn,
+    plan: &Plan,
+) -> Result<Array5<f32>, PipelineError> {
+    let count = plan.latent_shape.iter().product();
+    Ok(Array5::from_shape_vec(
+        plan.latent_shape,
+        generator.draw(count)?,
+    )?)
+}
+
+/// A job's seeded noise, drawn in the order its model's reference draws it: diffusers' (batch,
+/// channels, frames, …) for the base model, FastVideo's (batch, frames, channels, …) for a
+/// few-step one.
+fn draw_noise(
+    generator: &mut noise::TorchRandn,
+    plan: &Plan,
+    few_step: bool,
+) -> Result<Array5<f32>, PipelineError> {
+    if few_step {
+        let count = plan.latent_shape.iter().product();
+        Ok(few_step::noise_in_frame_major_order(
+            generator.draw(count)?,
+            plan.latent_shape,
+        )?)
+    } else {
+        initial_noise(generator, plan)
+    }
+}
 
 /// The text contexts of one job, as its denoising loop uses them.
 enum Contexts<C> {
@@ -89,7 +138,12 @@ impl<B: Backend> Pipeline<B> {
             width: side,
             height: side,
             num_frames: 1,
-            infer_steps: 1,
+            // A few-step model runs its own count (each step is the same graph).
+            infer_steps: self
+                .manifest
+                .sampler
+                .as_ref()
+                .map_or(1, |sampler| sampler.timesteps.len()),
             guidance_scale: 2.0,
             seed: 0,
             cache: CacheMode::Off,
@@ -107,11 +161,14 @@ impl<B: Backend> Pipeline<B> {
         plan(&self.manifest, req)
     }
 
-    /// The initial latents: `torch.randn(latent_shape, generator=Generator().manual_seed(seed))`.
+    /// The initial latents: `torch.randn(latent_shape, generator=Generator().manual_seed(seed))`
+    /// (drawn frame-major for a few-step model, as FastVideo draws them).
     pub fn initial_noise(&self, plan: &Plan, seed: u64) -> Result<Array5<f32>, PipelineError> {
-        let count = plan.latent_shape.iter().product();
-        let values = noise::torch_randn(seed, count)?;
-        Ok(Array5::from_shape_vec(plan.latent_shape, values)?)
+        draw_noise(
+            &mut noise::TorchRandn::new(seed),
+            plan,
+            self.manifest.sampler.is_some(),
+        )
     }
 
     /// The cleaned prompt's token ids and mask, as the text encoder receives them.
@@ -205,8 +262,14 @@ impl<B: Backend> Pipeline<B> {
         mut calibration: Option<&mut Calibration>,
     ) -> Result<Generated, PipelineError> {
         let plan = self.plan(req)?;
-        let guided = req.guidance_scale > 1.0;
-        let mut scheduler = unipc::UniPcScheduler::new(&self.manifest.scheduler, req.infer_steps)?;
+        let guided = guided(&self.manifest, req);
+        let mut sampler = match &self.manifest.sampler {
+            Some(spec) => Sampler::FewStep(few_step::FewStepSampler::new(spec)),
+            None => Sampler::UniPc(unipc::UniPcScheduler::new(
+                &self.manifest.scheduler,
+                req.infer_steps,
+            )?),
+        };
         let started = std::time::Instant::now();
         on_progress(Progress {
             stage: Stage::EncodingText,
@@ -240,11 +303,14 @@ impl<B: Backend> Pipeline<B> {
 
         let text_done = std::time::Instant::now();
         // From here to the last step the latents stay with the backend (on the GPU with CUDA).
-        let mut latents = self
-            .backend
-            .upload_latents(&self.initial_noise(&plan, req.seed)?)?;
+        // A few-step sampler draws its fresh noise from the same generator, after these.
+        let mut generator = noise::TorchRandn::new(req.seed);
+        let few_step = matches!(sampler, Sampler::FewStep(_));
+        let mut latents =
+            self.backend
+                .upload_latents(&draw_noise(&mut generator, &plan, few_step)?)?;
         let arithmetic = self.backend.arithmetic();
-        let timesteps = scheduler.timesteps().to_vec();
+        let timesteps = sampler.timesteps().to_vec();
         on_progress(Progress {
             stage: Stage::Denoising,
             step: 0,
@@ -301,7 +367,24 @@ impl<B: Backend> Pipeline<B> {
                     self.backend.predict_guided(&latents, t, pair, g, run)?
                 }
             };
-            latents = scheduler.step_with(arithmetic, prediction, latents)?;
+            latents = match &mut sampler {
+                Sampler::UniPc(scheduler) => {
+                    scheduler.step_with(arithmetic, prediction, latents)?
+                }
+                Sampler::FewStep(sampler) => {
+                    // x0 = x_t − σ(t)·v, then noised again to the next timestep.
+                    let x0 = arithmetic
+                        .weighted_sum(&[(1.0, &latents), (-sampler.sigma(i), &prediction)])?;
+                    match sampler.next_sigma(i) {
+                        None => x0,
+                        Some(next) => {
+                            let fresh = draw_noise(&mut generator, &plan, true)?;
+                            let fresh = self.backend.upload_latents(&fresh)?;
+                            arithmetic.weighted_sum(&[(1.0 - next, &x0), (next, &fresh)])?
+                        }
+                    }
+                }
+            };
             drop(turn);
             on_progress(Progress {
                 stage: Stage::Denoising,

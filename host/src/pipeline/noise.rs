@@ -148,27 +148,47 @@ fn cephes_sincos(x: f32) -> (f32, f32) {
     (sin, cos)
 }
 
-/// `count` standard normal values as torch draws them for a fresh generator seeded with `seed`.
-///
-/// torch takes a different (scalar, one-at-a-time) path below 16 values; latents are always far
-/// larger, so that path is not reproduced and smaller counts are refused.
-pub fn torch_randn(seed: u64, count: usize) -> Result<Vec<f32>, NoiseError> {
-    if count < 16 {
-        return Err(NoiseError::TooFew(count));
-    }
-    let mut rng = Mt19937::new(seed);
-    let mut values: Vec<f32> = (0..count).map(|_| rng.next_uniform_f32()).collect();
-    for block in values.chunks_exact_mut(16) {
-        box_muller_16(block);
-    }
-    if !count.is_multiple_of(16) {
-        let tail = &mut values[count - 16..];
-        for v in tail.iter_mut() {
-            *v = rng.next_uniform_f32();
+/// A seeded generator drawing as `torch.randn(…, generator=g)` does, call after call: the
+/// first draw is what a fresh `torch.Generator().manual_seed(seed)` gives, each later one what
+/// the same generator gives next (a few-step sampler's fresh noise after the initial latents).
+pub struct TorchRandn {
+    rng: Mt19937,
+}
+
+impl TorchRandn {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: Mt19937::new(seed),
         }
-        box_muller_16(tail);
     }
-    Ok(values)
+
+    /// The next `count` standard normal values.
+    ///
+    /// torch takes a different (scalar, one-at-a-time) path below 16 values; latents are always
+    /// far larger, so that path is not reproduced and smaller counts are refused.
+    pub fn draw(&mut self, count: usize) -> Result<Vec<f32>, NoiseError> {
+        if count < 16 {
+            return Err(NoiseError::TooFew(count));
+        }
+        let rng = &mut self.rng;
+        let mut values: Vec<f32> = (0..count).map(|_| rng.next_uniform_f32()).collect();
+        for block in values.chunks_exact_mut(16) {
+            box_muller_16(block);
+        }
+        if !count.is_multiple_of(16) {
+            let tail = &mut values[count - 16..];
+            for v in tail.iter_mut() {
+                *v = rng.next_uniform_f32();
+            }
+            box_muller_16(tail);
+        }
+        Ok(values)
+    }
+}
+
+/// `count` standard normal values as torch draws them for a fresh generator seeded with `seed`.
+pub fn torch_randn(seed: u64, count: usize) -> Result<Vec<f32>, NoiseError> {
+    TorchRandn::new(seed).draw(count)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +210,17 @@ mod tests {
             last = rng.next_u32();
         }
         assert_eq!(last, 4_123_659_995);
+    }
+
+    #[test]
+    fn later_draws_continue_the_generator() {
+        // Whole blocks of 16: two draws of 16 are one draw of 32 (the same uniforms, the same
+        // Box–Muller blocks), as torch's generator gives them call after call.
+        let mut generator = TorchRandn::new(3);
+        let mut both = generator.draw(16).expect("first");
+        both.extend(generator.draw(16).expect("second"));
+        assert_eq!(both, torch_randn(3, 32).expect("at once"));
+        assert_ne!(both[..16], both[16..]);
     }
 
     #[test]

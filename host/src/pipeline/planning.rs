@@ -12,6 +12,12 @@ pub fn size_multiple(manifest: &Manifest) -> usize {
     manifest.vae.scale_factor_spatial * p[1].max(p[2])
 }
 
+/// Whether `req` runs with classifier-free guidance on `manifest`'s model: a guidance scale
+/// above 1, on a model that guides (a few-step distilled one does not).
+pub fn guided(manifest: &Manifest, req: &GenerateRequest) -> bool {
+    req.guidance_scale > 1.0 && manifest.sampler.is_none()
+}
+
 /// The shapes `req` needs on `manifest`'s model, or why the model cannot run it (what the
 /// server checks at submit time, before any session is loaded).
 pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, PipelineError> {
@@ -34,6 +40,18 @@ pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, Pipeline
     }
     if !req.guidance_scale.is_finite() {
         return invalid("guidance_scale", "must be a finite number".into());
+    }
+    if let Some(sampler) = &manifest.sampler
+        && req.infer_steps != sampler.timesteps.len()
+    {
+        return invalid(
+            "infer_steps",
+            format!(
+                "this model is distilled to sample in exactly {} steps, got {}",
+                sampler.timesteps.len(),
+                req.infer_steps
+            ),
+        );
     }
     skip_plan(manifest, req)?;
     let vae = &manifest.vae;
@@ -65,11 +83,11 @@ pub fn plan(manifest: &Manifest, req: &GenerateRequest) -> Result<Plan, Pipeline
 /// report or an ETA still needs a plan).
 pub fn skip_plan_or_none(manifest: &Manifest, req: &GenerateRequest) -> SkipPlan {
     skip_plan(manifest, req)
-        .unwrap_or_else(|_| SkipPlan::none(req.infer_steps, req.guidance_scale > 1.0))
+        .unwrap_or_else(|_| SkipPlan::none(req.infer_steps, guided(manifest, req)))
 }
 
 pub fn skip_plan(manifest: &Manifest, req: &GenerateRequest) -> Result<SkipPlan, PipelineError> {
-    let guided = req.guidance_scale > 1.0;
+    let guided = guided(manifest, req);
     let Some(settings) = req.cache.settings() else {
         return Ok(SkipPlan::none(req.infer_steps, guided));
     };

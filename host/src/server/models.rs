@@ -28,9 +28,14 @@ pub struct ModelView {
     /// The model generates 1 + a multiple of this many frames; `num_frames` rounds up to it.
     pub frame_step: u32,
     pub fps: u32,
-    /// How it samples: `unipc` (flow-matching UniPC, as diffusers' Wan pipeline).
+    /// How it samples: `unipc` (flow-matching UniPC, as diffusers' Wan pipeline) or `dmd` (a
+    /// few-step distilled checkpoint).
     pub sampler: String,
-    /// Classifier-free guidance applies (`guidance_scale` above 1 costs a second pass per step).
+    /// A distilled model's exact step count (`infer_steps` must be it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance applies (`guidance_scale` above 1 costs a second pass per step;
+    /// a distilled model ignores it).
     pub guidance: bool,
     /// The `cache` values it accepts.
     pub cache_modes: Vec<String>,
@@ -69,8 +74,12 @@ fn view(state: &AppState, index: usize, model: &ServedModel) -> ModelView {
         size_multiple: crate::pipeline::size_multiple(manifest) as u32,
         frame_step: manifest.vae.scale_factor_temporal as u32,
         fps: manifest.fps,
-        sampler: "unipc".into(),
-        guidance: true,
+        sampler: manifest
+            .sampler
+            .as_ref()
+            .map_or_else(|| "unipc".to_string(), |s| s.kind.clone()),
+        steps: manifest.sampler.as_ref().map(|s| s.timesteps.len() as u32),
+        guidance: manifest.sampler.is_none(),
         cache_modes,
         max_steps: state.limits.max_steps,
         max_pixel_frames: state.limits.max_pixel_frames,

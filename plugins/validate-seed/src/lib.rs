@@ -153,6 +153,8 @@ impl Guest for Component {
         {
             return Err("a caller with nothing going must be admitted".into());
         }
+        // Each served model's own ranges must read.
+        wanserve_policy::seed::check_config()?;
         // The server's default model: the seed's rules apply to each it serves.
         let model = host::models().into_iter().next().unwrap_or_default();
         let good = vec![

@@ -3,7 +3,8 @@
 //! `host.models` gives); `prompt` 10–500 characters (Unicode scalar values, not
 //! bytes); `image_size` `480x832` or `832x480` (WIDTHxHEIGHT); `num_frames` 24–120;
 //! `guidance_scale` 1.0–20.0; `infer_steps` 20–100; optional `seed` 0–2147483647 (drawn when
-//! absent); optional `negative_prompt` up to 500 characters. Integers must be whole numbers.
+//! absent); optional `negative_prompt` up to 500 characters. A model may have its own
+//! `num_frames` and `infer_steps` ranges, from the plugin's config ([`range_for`]). Integers must be whole numbers.
 //! Unknown and repeated fields are errors too (a typo like `num_frame` should not silently fall
 //! back to nothing). Every bad field is reported, not just the first.
 
@@ -110,8 +111,51 @@ fn chars_in(
     Some(s.to_string())
 }
 
+/// The fields whose range a model may have of its own: the seed's range, and what
+/// [`range_for`] reads from the plugin's config for a model.
+const PER_MODEL: [(&str, i64, i64); 2] = [("num_frames", 24, 120), ("infer_steps", 20, 100)];
+
+/// The range of `field` (`num_frames` or `infer_steps`) for `model`: the plugin's config
+/// `<field>.<model>` as `MIN-MAX` or one number (a few-step distilled model takes
+/// `infer_steps.<name> = "3-4"`), else the seed's.
+pub fn range_for(field: &str, model: &str) -> Result<(i64, i64), String> {
+    let (_, min, max) = PER_MODEL
+        .iter()
+        .find(|(name, _, _)| *name == field)
+        .ok_or_else(|| format!("{field} has no per-model range"))?;
+    let key = format!("{field}.{model}");
+    let Some(value) = host::config_get(&key) else {
+        return Ok((*min, *max));
+    };
+    let bad = || format!("{key}: expected MIN-MAX or one whole number, got {value:?}");
+    let number = |s: &str| s.trim().parse::<i64>().map_err(|_| bad());
+    let (low, high) = match value.split_once('-') {
+        Some((low, high)) => (number(low)?, number(high)?),
+        None => {
+            let n = number(&value)?;
+            (n, n)
+        }
+    };
+    if low < 1 || low > high {
+        return Err(bad());
+    }
+    Ok((low, high))
+}
+
+/// Every served model's ranges read (what a self-test should check: a bad one would refuse
+/// that model's every request).
+pub fn check_config() -> Result<(), String> {
+    for model in host::models() {
+        for (field, _, _) in PER_MODEL {
+            range_for(field, &model)?;
+        }
+    }
+    Ok(())
+}
+
 /// The seed's rules for a submit body: every bad field at once, else the request. A missing
-/// `seed` is drawn with `host::random-u64`.
+/// `seed` is drawn with `host::random-u64`. `num_frames` and `infer_steps` take the model's
+/// own range where the plugin's config gives one ([`range_for`]).
 pub fn validate(body: &[(String, JsonValue)]) -> Result<GenerationRequest, Vec<FieldError>> {
     let mut errors = Errors(Vec::new());
     for (i, (name, _)) in body.iter().enumerate() {
@@ -169,8 +213,27 @@ pub fn validate(body: &[(String, JsonValue)]) -> Result<GenerationRequest, Vec<F
                 None
             }
         });
+    // A model's own ranges, once `model` names one the server serves.
+    let range = |field: &str| {
+        let seed = PER_MODEL
+            .iter()
+            .find(|(name, _, _)| *name == field)
+            .map_or((0, 0), |(_, min, max)| (*min, *max));
+        match model.as_deref() {
+            None => seed,
+            Some(model) => range_for(field, model).unwrap_or_else(|problem| {
+                host::log(
+                    host::LogLevel::Error,
+                    "bad per-model range; the seed's applies",
+                    &[("problem".into(), problem)],
+                );
+                seed
+            }),
+        }
+    };
+    let (frames_min, frames_max) = range("num_frames");
     let num_frames = required(&mut errors, "num_frames")
-        .and_then(|v| integer_in(&mut errors, "num_frames", v, 24, 120));
+        .and_then(|v| integer_in(&mut errors, "num_frames", v, frames_min, frames_max));
     let guidance_scale = required(&mut errors, "guidance_scale").and_then(|v| {
         let g = match v {
             JsonValue::Integer(i) => *i as f64,
@@ -192,8 +255,9 @@ pub fn validate(body: &[(String, JsonValue)]) -> Result<GenerationRequest, Vec<F
         }
         Some(g as f32)
     });
+    let (steps_min, steps_max) = range("infer_steps");
     let infer_steps = required(&mut errors, "infer_steps")
-        .and_then(|v| integer_in(&mut errors, "infer_steps", v, 20, 100));
+        .and_then(|v| integer_in(&mut errors, "infer_steps", v, steps_min, steps_max));
     let seed = match field("seed") {
         None => Some((host::random_u64() % (SEED_MAX as u64 + 1)) as i64),
         Some(v) => integer_in(&mut errors, "seed", v, 0, SEED_MAX),
