@@ -150,6 +150,15 @@ fn the_playground_submits_follows_and_plays_a_job() {
                    "num_frames": "24", "infer_steps": "20", "seed": "7"}),
         )
         .await;
+        // The model picker lists what GET /models says this server serves.
+        let listed = wait_until(
+            &browser,
+            "return document.getElementById('model').dataset.listed || null;",
+            Duration::from_secs(20),
+            "the model list",
+        )
+        .await;
+        assert_eq!(listed, "Wan2.1-T2V-1.3B");
         browser
             .execute("document.getElementById('submit').click()", vec![])
             .await

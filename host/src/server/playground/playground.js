@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const MODEL = "Wan2.1-T2V-1.3B";
+// The seed's model, until GET /models (with the key) lists what this server serves.
+const DEFAULT_MODEL = "Wan2.1-T2V-1.3B";
 const RECENT_KEY = "wanserve.recent";
 const STAGES = { encoding_text: "Encoding the prompt", denoising: "Denoising", decoding: "Decoding" };
 let following = null; // { id, source }
@@ -64,7 +65,7 @@ function cacheNote(s) {
 
 function requestBody() {
   const body = {
-    model: MODEL,
+    model: $("model").value || DEFAULT_MODEL,
     prompt: $("prompt").value.trim(),
     image_size: $("image_size").value,
     num_frames: Number($("num_frames").value),
@@ -254,12 +255,58 @@ function countPrompt() {
   $("prompt-count").textContent = `${[...$("prompt").value.trim()].length} / 500`;
 }
 
+// The models this server serves (GET /models needs the key): one option each; a few-step
+// distilled model fixes the step count and has no step cache.
+let models = [];
+async function loadModels() {
+  if (!apiKey()) return;
+  let response;
+  try {
+    response = await fetch("/models", { headers: { Authorization: "Bearer " + apiKey() } });
+  } catch (_) { return; }
+  if (!response.ok) return;
+  const listed = (await response.json()).models || [];
+  if (listed.length === 0) return;
+  models = listed;
+  const select = $("model");
+  const chosen = select.value;
+  select.replaceChildren(...listed.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.name;
+    option.textContent = m.steps ? `${m.name} (${m.steps} steps, distilled)` : m.name;
+    return option;
+  }));
+  if (listed.some((m) => m.name === chosen)) select.value = chosen;
+  select.dataset.listed = listed.map((m) => m.name).join(",");
+  modelChosen();
+}
+
+function modelChosen() {
+  const model = models.find((m) => m.name === $("model").value);
+  const steps = $("infer_steps");
+  if (model && model.steps) {
+    steps.min = steps.max = steps.value = String(model.steps);
+  } else {
+    steps.min = "20";
+    steps.max = "100";
+    if (Number(steps.value) < 20) steps.value = "50";
+  }
+  const cache = $("cache");
+  for (const option of cache.options) {
+    option.disabled = option.value !== "" && option.value !== "off" && model !== undefined &&
+      !(model.cacheModes || []).includes(option.value);
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("api-key").value = sessionStorage.getItem("wanserve.key") || "";
   $("api-key").addEventListener("change", () => {
     sessionStorage.setItem("wanserve.key", apiKey());
     showRecent();
+    loadModels();
   });
+  $("model").addEventListener("change", modelChosen);
+  loadModels();
   $("prompt").addEventListener("input", countPrompt);
   $("job-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
