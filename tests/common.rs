@@ -177,3 +177,17 @@ pub mod jwt {
         )
     }
 }
+
+/// The bundled model made few-step by `models/few_step.py` with `preset` (`fastwan`,
+/// `lightx2v`), written to `dir`.
+pub fn few_step_model_dir(dir: &Path, preset: &str) {
+    let made = Command::new("python3")
+        .arg(repo_root().join("models/few_step.py"))
+        .arg(tiny_model())
+        .arg("--out")
+        .arg(dir)
+        .args(["--preset", preset])
+        .output()
+        .expect("python3 runs");
+    assert!(made.status.success(), "{}", stderr(&made));
+}

@@ -347,20 +347,6 @@ fn step_cache_calibration_measures_the_ratios_diffusers_measured() {
     }
 }
 
-/// The bundled model made few-step by `models/few_step.py` with `preset`, in `dir`.
-fn few_step_model(dir: &std::path::Path, preset: &str) -> ModelDir {
-    let made = std::process::Command::new("python3")
-        .arg(common::repo_root().join("models/few_step.py"))
-        .arg(common::tiny_model())
-        .arg("--out")
-        .arg(dir)
-        .args(["--preset", preset])
-        .output()
-        .expect("python3 runs");
-    assert!(made.status.success(), "{}", common::stderr(&made));
-    ModelDir::open(dir).expect("the few-step model opens")
-}
-
 #[derive(Deserialize)]
 struct FewStepCase {
     prompt: String,
@@ -381,7 +367,8 @@ fn few_step_sampler_matches_fastvideos_dmd_loop() {
     let case: FewStepCase =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let temp = tempfile::tempdir().expect("temp dir");
-    let model = few_step_model(temp.path(), "fastwan");
+    common::few_step_model_dir(temp.path(), "fastwan");
+    let model = ModelDir::open(temp.path()).expect("the few-step model opens");
     let backend = OrtBackend::load(&model, Device::Cpu, 2).expect("ONNX Runtime loads it");
     let pipeline = Pipeline::new(backend, &model).expect("pipeline");
     let request = GenerateRequest {

@@ -201,15 +201,7 @@ fn model_flags_that_contradict_are_refused() {
 fn a_distilled_model_serves_a_three_step_job_beside_the_base_one() {
     let temp = tempfile::tempdir().expect("temp");
     let fast = temp.path().join("fastwan");
-    let made = std::process::Command::new("python3")
-        .arg(common::repo_root().join("models/few_step.py"))
-        .arg(common::tiny_model())
-        .arg("--out")
-        .arg(&fast)
-        .args(["--preset", "fastwan"])
-        .output()
-        .expect("python3 runs");
-    assert!(made.status.success(), "{}", common::stderr(&made));
+    common::few_step_model_dir(&fast, "fastwan");
     let tiny = common::tiny_model();
     let server = Server::start(Options {
         extra_args: vec![
