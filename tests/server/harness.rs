@@ -443,3 +443,20 @@ pub fn serve_until_it_exits(
         .expect("stderr");
     (status, stderr)
 }
+
+/// [`serve_until_it_exits`] for a start that must be refused: it exits unsuccessfully, and its
+/// `error:` line comes back with the whole stderr.
+pub fn start_refused(
+    data_dir: &Path,
+    customise: impl FnOnce(&mut Command),
+    what: &str,
+) -> (String, String) {
+    let (status, stderr) = serve_until_it_exits(data_dir, customise, what);
+    assert!(!status.success(), "{what}: {stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"))
+        .to_string();
+    (error, stderr)
+}
