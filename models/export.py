@@ -45,6 +45,7 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from transformers import UMT5EncoderModel
 
 import few_step
+import previews
 
 OPSET = 23
 TWO_GB = 2 * 1024**3
@@ -530,7 +531,7 @@ def main() -> None:
     if args.skip and previous.exists():
         kept = json.loads(previous.read_text())
         for part, keys in {"text_encoder": ["text_encoder", "tokenizer"], "transformer": ["transformer", "step_cache"],
-                           "vae": ["vae"]}.items():
+                           "vae": ["vae", "preview"]}.items():
             if part in args.skip:
                 manifest.update({k: kept[k] for k in keys if k in kept})
     files = {}
@@ -566,6 +567,9 @@ def main() -> None:
                            "cache_slots": [{"channels": s["channels"], "scale": s["scale"]} for s in slots]}
         if args.check:
             check_vae(vae, args.out, va.z_dim)
+        preview = previews.preview_section(va.z_dim)
+        if preview is not None:
+            manifest["preview"] = preview
     manifest["scheduler"] = json.loads((args.src / "scheduler" / "scheduler_config.json").read_text())
     manifest["fps"] = 16
     if args.sampler or args.sampler_timesteps:

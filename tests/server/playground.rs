@@ -176,6 +176,27 @@ fn the_playground_submits_follows_and_plays_a_job() {
         .await;
         assert!(step.as_u64() > Some(0));
 
+        // A live preview shows while the job runs (every 5th step by default): a PNG of the
+        // latents' size, 104x60 for 832x480, put away once the video is there.
+        let preview = wait_until(
+            &browser,
+            "const i = document.getElementById('preview');
+             return i.dataset.step && i.complete && i.naturalWidth > 0
+                 ? {step: Number(i.dataset.step), width: i.naturalWidth, height: i.naturalHeight,
+                    png: i.src.startsWith('data:image/png;base64,')}
+                 : null;",
+            Duration::from_secs(120),
+            "a live preview",
+        )
+        .await;
+        assert_eq!(preview["width"], 104, "{preview}");
+        assert_eq!(preview["height"], 60, "{preview}");
+        assert_eq!(preview["png"], true, "{preview}");
+        assert!(
+            [5, 10, 15, 20].contains(&preview["step"].as_u64().unwrap_or(0)),
+            "{preview}"
+        );
+
         // The video plays: metadata loaded, 24 frames at 16 fps, 832x480, time moving.
         let video = wait_until(
             &browser,
@@ -193,6 +214,11 @@ fn the_playground_submits_follows_and_plays_a_job() {
         let duration = video["duration"].as_f64().expect("duration");
         assert!((duration - 24.0 / 16.0).abs() < 0.1, "{video}");
         assert_eq!(video["state"], "Done");
+        let preview_hidden = browser
+            .execute("return document.getElementById('preview').hidden", vec![])
+            .await
+            .expect("script");
+        assert_eq!(preview_hidden, true, "the video takes the preview's place");
         // The job is in the recent list.
         let recent = browser
             .execute(

@@ -175,6 +175,19 @@ pub struct StoredProgress {
     pub eta_seconds: Option<f64>,
 }
 
+/// A running job's latest live preview, as last recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPreview {
+    /// The attempt that made it.
+    pub attempt: i64,
+    pub step: u32,
+    pub total: u32,
+    pub width: u32,
+    pub height: u32,
+    /// 8-bit RGB PNG.
+    pub png: Vec<u8>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Job {
     /// FIFO order of the queue.
@@ -372,6 +385,17 @@ pub trait JobStore: Send + Sync {
         attempt: i64,
         progress: &StoredProgress,
     ) -> Result<(), StoreError>;
+    /// Keeps `preview` as the running attempt's latest (ignored once it no longer runs).
+    async fn set_preview(
+        &self,
+        id: &str,
+        attempt: i64,
+        preview: &StoredPreview,
+    ) -> Result<(), StoreError>;
+    /// Forgets the attempt's preview (its run ended).
+    async fn clear_preview(&self, id: &str, attempt: i64) -> Result<(), StoreError>;
+    /// The latest preview of `id` while it runs.
+    async fn preview(&self, id: &str) -> Result<Option<StoredPreview>, StoreError>;
     /// Records the key about to be published; false if the attempt no longer runs.
     async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError>;
     /// `running → succeeded`; false if the attempt no longer runs (cancelled meanwhile).

@@ -21,7 +21,7 @@ use super::sql::{self, JOB_COLUMNS, SharedSql, WEBHOOK_COLUMNS, job_from_row};
 use super::swap_history::{PgSwapHistory, SWAPS_CHANNEL};
 use super::{
     CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobState, JobStore, NewJob,
-    StoreError, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
+    StoreError, StoredPreview, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
 };
 use crate::ids::now_ms;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -340,6 +340,23 @@ impl JobStore for PgJobStore {
         progress: &StoredProgress,
     ) -> Result<(), StoreError> {
         self.shared().set_progress(id, attempt, progress).await
+    }
+
+    async fn set_preview(
+        &self,
+        id: &str,
+        attempt: i64,
+        preview: &StoredPreview,
+    ) -> Result<(), StoreError> {
+        self.shared().set_preview(id, attempt, preview).await
+    }
+
+    async fn clear_preview(&self, id: &str, attempt: i64) -> Result<(), StoreError> {
+        self.shared().clear_preview(id, attempt).await
+    }
+
+    async fn preview(&self, id: &str) -> Result<Option<StoredPreview>, StoreError> {
+        self.shared().preview(id).await
     }
 
     async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError> {

@@ -6,7 +6,7 @@
 
 use super::{
     Counts, IDEMPOTENCY_WINDOW_MS, Job, JobPrincipal, JobRequest, JobState, NewJob, StoreError,
-    StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
+    StoredPreview, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
 };
 use sqlx::{FromRow, Row};
 
@@ -41,6 +41,10 @@ pub(super) const COUNTS: &str =
     "SELECT status, count(*) AS n FROM jobs WHERE status IN ('queued', 'running') GROUP BY status";
 pub(super) const COUNTS_OF: &str = "SELECT status, count(*) AS n FROM jobs WHERE principal_id = $1 AND status IN ('queued', 'running') GROUP BY status";
 pub(super) const SET_PROGRESS: &str = "UPDATE jobs SET progress_stage = $1, progress_step = $2, progress_total = $3, progress_eta = $4 WHERE id = $5 AND attempt = $6";
+/// Only while the attempt runs: a preview that lands after the run ended is not kept.
+pub(super) const SET_PREVIEW: &str = "UPDATE jobs SET preview_step = $1, preview_total = $2, preview_width = $3, preview_height = $4, preview_png = $5 WHERE id = $6 AND attempt = $7 AND status = 'running'";
+pub(super) const CLEAR_PREVIEW: &str = "UPDATE jobs SET preview_step = NULL, preview_total = NULL, preview_width = NULL, preview_height = NULL, preview_png = NULL WHERE id = $1 AND attempt = $2";
+pub(super) const GET_PREVIEW: &str = "SELECT attempt, preview_step, preview_total, preview_width, preview_height, preview_png FROM jobs WHERE id = $1 AND status = 'running' AND preview_png IS NOT NULL";
 pub(super) const SET_PENDING_KEY: &str =
     "UPDATE jobs SET pending_key = $1 WHERE id = $2 AND attempt = $3 AND status = 'running'";
 pub(super) const EXPIRED_VIDEOS: &str = concat!(
@@ -161,6 +165,9 @@ where
     for<'q> Option<f64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + sqlx::Type<DB>,
+    for<'r> i64: sqlx::Type<DB>,
     for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
     for<'c> &'c mut <DB as sqlx::Database>::Connection: sqlx::Executor<'c, Database = DB>,
     for<'r> JobRow: sqlx::FromRow<'r, <DB as sqlx::Database>::Row>,
@@ -266,6 +273,59 @@ where
             .execute(self.0)
             .await?;
         Ok(())
+    }
+
+    pub async fn set_preview(
+        &self,
+        id: &str,
+        attempt: i64,
+        preview: &StoredPreview,
+    ) -> Result<(), StoreError> {
+        sqlx::query(SET_PREVIEW)
+            .bind(i64::from(preview.step))
+            .bind(i64::from(preview.total))
+            .bind(i64::from(preview.width))
+            .bind(i64::from(preview.height))
+            .bind(preview.png.as_slice())
+            .bind(id)
+            .bind(attempt)
+            .execute(self.0)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn clear_preview(&self, id: &str, attempt: i64) -> Result<(), StoreError> {
+        sqlx::query(CLEAR_PREVIEW)
+            .bind(id)
+            .bind(attempt)
+            .execute(self.0)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn preview(&self, id: &str) -> Result<Option<StoredPreview>, StoreError> {
+        let Some(row) = sqlx::query(GET_PREVIEW)
+            .bind(id)
+            .fetch_optional(self.0)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let number = |column: &str| -> Result<u32, StoreError> {
+            let v: i64 = row.try_get(column)?;
+            u32::try_from(v).map_err(|_| StoreError::Corrupt {
+                id: id.to_string(),
+                reason: format!("{column} {v}"),
+            })
+        };
+        Ok(Some(StoredPreview {
+            attempt: row.try_get("attempt")?,
+            step: number("preview_step")?,
+            total: number("preview_total")?,
+            width: number("preview_width")?,
+            height: number("preview_height")?,
+            png: row.try_get("preview_png")?,
+        }))
     }
 
     /// Succeeded jobs whose videos are past `expires_at` and not checked since `kept_before_ms`.

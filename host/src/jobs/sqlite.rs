@@ -5,7 +5,7 @@
 use super::sql::{self, JOB_COLUMNS, SharedSql, WEBHOOK_COLUMNS, job_from_row};
 use super::{
     CancelOutcome, Completion, Counts, IDEMPOTENCY_WINDOW_MS, Job, JobState, JobStore, NewJob,
-    StoreError, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
+    StoreError, StoredPreview, StoredProgress, Submitted, WebhookAttempt, WebhookDelivery,
 };
 use crate::ids::now_ms;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -299,6 +299,23 @@ impl JobStore for SqliteJobStore {
             .await?;
         self.cache.invalidate(id);
         Ok(())
+    }
+
+    async fn set_preview(
+        &self,
+        id: &str,
+        attempt: i64,
+        preview: &StoredPreview,
+    ) -> Result<(), StoreError> {
+        self.shared_writer().set_preview(id, attempt, preview).await
+    }
+
+    async fn clear_preview(&self, id: &str, attempt: i64) -> Result<(), StoreError> {
+        self.shared_writer().clear_preview(id, attempt).await
+    }
+
+    async fn preview(&self, id: &str) -> Result<Option<StoredPreview>, StoreError> {
+        self.shared_reader().preview(id).await
     }
 
     async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError> {

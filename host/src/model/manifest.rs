@@ -19,6 +19,9 @@ pub struct Manifest {
     /// A few-step distilled checkpoint's sampler; absent: UniPC with `scheduler`, guided.
     #[serde(default)]
     pub sampler: Option<FewStepSpec>,
+    /// The latent previewer's linear map (latent channels → RGB); absent: no live previews.
+    #[serde(default)]
+    pub preview: Option<PreviewSpec>,
     pub fps: u32,
     /// File name → SHA-256 (hex) of every file in the directory.
     pub files: BTreeMap<String, String>,
@@ -66,6 +69,18 @@ pub struct FewStepSpec {
     /// The flow shift of the sigma table the timesteps are looked up in (FastWan2.1: 8).
     pub shift: f64,
     /// Where the checkpoint and its settings come from.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+/// A live preview's colours from the latents, as latent previewers make them: RGB in [-1, 1] =
+/// `bias + Σ_c latent[c] · rgb_factors[c]`, on the normalised latents (what the DiT denoises).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PreviewSpec {
+    /// One `[r, g, b]` row per latent channel (`vae.z_dim` rows).
+    pub rgb_factors: Vec<[f32; 3]>,
+    pub rgb_bias: [f32; 3],
+    /// Where the factors come from.
     #[serde(default)]
     pub source: Option<String>,
 }
@@ -280,6 +295,21 @@ impl Manifest {
             }
             if self.step_cache.is_some() {
                 return Err("sampler: a few-step model has no step cache".into());
+            }
+        }
+        if let Some(preview) = &self.preview {
+            let finite = preview
+                .rgb_factors
+                .iter()
+                .chain(std::iter::once(&preview.rgb_bias))
+                .flatten()
+                .all(|v| v.is_finite());
+            if preview.rgb_factors.len() != vae.z_dim || !finite {
+                return Err(format!(
+                    "preview: rgb_factors must be {} rows of 3 finite numbers (one per latent \
+                     channel) and rgb_bias 3",
+                    vae.z_dim
+                ));
             }
         }
         self.scheduler.validate()

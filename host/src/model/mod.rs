@@ -5,8 +5,8 @@ mod manifest;
 mod stamp;
 
 pub use manifest::{
-    FewStepSpec, MagRatios, Manifest, TextEncoderSpec, TokenizerSpec, TransformerSpec, UniPcConfig,
-    VaeSpec,
+    FewStepSpec, MagRatios, Manifest, PreviewSpec, TextEncoderSpec, TokenizerSpec, TransformerSpec,
+    UniPcConfig, VaeSpec,
 };
 pub use stamp::Verify;
 

@@ -1,6 +1,7 @@
 //! What a caller hands the pipeline and gets back: the request, its stages and progress,
 //! decoded frames, the cancel token, the plan and the result.
 
+use super::preview::Preview;
 use super::step_cache;
 use ndarray::Array5;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,12 +40,26 @@ impl Stage {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
     pub stage: Stage,
     /// Steps (or decoded chunks) finished so far.
     pub step: usize,
     pub total: usize,
+    /// What the video looks like after this denoising step, when the pipeline makes previews
+    /// and this step is due one.
+    pub preview: Option<Arc<Preview>>,
+}
+
+impl Progress {
+    pub fn at(stage: Stage, step: usize, total: usize) -> Self {
+        Self {
+            stage,
+            step,
+            total,
+            preview: None,
+        }
+    }
 }
 
 /// Decoded frames, packed RGB24, `count` frames of `width × height`.

@@ -10,6 +10,7 @@ pub mod few_step;
 mod job;
 pub mod noise;
 mod planning;
+pub mod preview;
 pub mod prompt;
 pub mod step_cache;
 mod step_turns;
@@ -93,6 +94,8 @@ pub struct Pipeline<B> {
     tokenizer: PromptTokenizer,
     manifest: Manifest,
     denoise_turns: StepTurns,
+    /// Live previews of the x0 estimate (none unless asked for and the manifest has factors).
+    previewer: Option<preview::LatentPreviewer>,
 }
 
 impl<B: Backend> Pipeline<B> {
@@ -109,7 +112,25 @@ impl<B: Backend> Pipeline<B> {
             manifest: m.clone(),
             denoise_turns: StepTurns::default(),
             batched_guidance: false,
+            previewer: None,
         })
+    }
+
+    /// Makes a preview after every `every`-th denoising step and after the last (`None`: no
+    /// previews). A model without the manifest's `preview` factors makes none.
+    pub fn with_previews(mut self, every: Option<std::num::NonZeroUsize>) -> Self {
+        self.previewer = every.and_then(|every| {
+            self.manifest
+                .preview
+                .as_ref()
+                .map(|spec| preview::LatentPreviewer::new(spec, every))
+        });
+        self
+    }
+
+    /// Whether this pipeline's jobs come with previews.
+    pub fn makes_previews(&self) -> bool {
+        self.previewer.is_some()
     }
 
     /// Runs guidance as one batch-2 DiT call per step (conditional and unconditional contexts
@@ -271,11 +292,11 @@ impl<B: Backend> Pipeline<B> {
             )?),
         };
         let started = std::time::Instant::now();
-        on_progress(Progress {
-            stage: Stage::EncodingText,
-            step: 0,
-            total: 1 + usize::from(guided),
-        });
+        on_progress(Progress::at(
+            Stage::EncodingText,
+            0,
+            1 + usize::from(guided),
+        ));
         let cond = self.encode_prompt_with(&req.prompt, run)?;
         let skips = skip_plan(&self.manifest, req)?;
         let caching = skips.skipped_passes() > 0;
@@ -311,11 +332,9 @@ impl<B: Backend> Pipeline<B> {
                 .upload_latents(&draw_noise(&mut generator, &plan, few_step)?)?;
         let arithmetic = self.backend.arithmetic();
         let timesteps = sampler.timesteps().to_vec();
-        on_progress(Progress {
-            stage: Stage::Denoising,
-            step: 0,
-            total: timesteps.len(),
-        });
+        on_progress(Progress::at(Stage::Denoising, 0, timesteps.len()));
+        // Calibration decodes nothing and shows nothing.
+        let previewer = self.previewer.as_ref().filter(|_| calibration.is_none());
         let member = self.denoise_turns.join();
         // Each branch's residual from its last computed step, for the steps it skips.
         let mut residuals: [Option<B::Residual>; 2] = [None, None];
@@ -367,14 +386,31 @@ impl<B: Backend> Pipeline<B> {
                     self.backend.predict_guided(&latents, t, pair, g, run)?
                 }
             };
+            let done = i + 1;
+            let mut preview = None;
+            let mut show = |x0: &B::Latents| -> Result<(), PipelineError> {
+                if let Some(previewer) = previewer.filter(|p| p.due(done, timesteps.len())) {
+                    let host = self.backend.download_latents(x0)?;
+                    preview = previewer
+                        .preview(host.view(), done, timesteps.len())
+                        .map(std::sync::Arc::new);
+                }
+                Ok(())
+            };
             latents = match &mut sampler {
                 Sampler::UniPc(scheduler) => {
+                    if previewer.is_some_and(|p| p.due(done, timesteps.len())) {
+                        // The x0 UniPC converts the prediction to (flow prediction).
+                        let sigma = scheduler.sigmas()[i];
+                        show(&arithmetic.weighted_sum(&[(1.0, &latents), (-sigma, &prediction)])?)?;
+                    }
                     scheduler.step_with(arithmetic, prediction, latents)?
                 }
                 Sampler::FewStep(sampler) => {
                     // x0 = x_t − σ(t)·v, then noised again to the next timestep.
                     let x0 = arithmetic
                         .weighted_sum(&[(1.0, &latents), (-sampler.sigma(i), &prediction)])?;
+                    show(&x0)?;
                     match sampler.next_sigma(i) {
                         None => x0,
                         Some(next) => {
@@ -387,9 +423,8 @@ impl<B: Backend> Pipeline<B> {
             };
             drop(turn);
             on_progress(Progress {
-                stage: Stage::Denoising,
-                step: i + 1,
-                total: timesteps.len(),
+                preview,
+                ..Progress::at(Stage::Denoising, done, timesteps.len())
             });
         }
         drop(member);
@@ -435,11 +470,7 @@ impl<B: Backend> Pipeline<B> {
         let mut cache = None;
         let mut emitted = 0usize;
         let mut rgb = Vec::new();
-        on_progress(Progress {
-            stage: Stage::Decoding,
-            step: 0,
-            total: chunks,
-        });
+        on_progress(Progress::at(Stage::Decoding, 0, chunks));
         for i in 0..chunks {
             check(cancel)?;
             let latent: ArrayView5<f32> = scaled.slice(s![.., .., i..i + 1, .., ..]);
@@ -463,11 +494,7 @@ impl<B: Backend> Pipeline<B> {
             })
             .map_err(PipelineError::Sink)?;
             emitted += wanted;
-            on_progress(Progress {
-                stage: Stage::Decoding,
-                step: i + 1,
-                total: chunks,
-            });
+            on_progress(Progress::at(Stage::Decoding, i + 1, chunks));
         }
         Ok(emitted)
     }

@@ -14,6 +14,8 @@ use std::time::Duration;
 pub const DEFAULT_MAX_PIXEL_FRAMES: u64 = 832 * 480 * 120;
 /// The seed's largest step count.
 pub const DEFAULT_MAX_STEPS: u32 = 100;
+/// Steps between live previews unless told otherwise: ten previews of a 50-step job.
+pub const DEFAULT_PREVIEW_EVERY: usize = 5;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -74,6 +76,11 @@ pub struct ServeArgs {
     /// [default: off]. A mode other than off needs a model exported with step-cache ratios.
     #[arg(long, env = "WANSERVE_CACHE_DEFAULT", value_enum)]
     pub cache_default: Option<CacheMode>,
+    /// A live preview of a running job (its `preview` events on /video/events) after every Nth
+    /// denoising step and after the last; 0: none [default: 5]. Only for models whose manifest
+    /// has preview factors (`models/previews.py`).
+    #[arg(long, env = "WANSERVE_PREVIEW_EVERY")]
+    pub preview_every: Option<usize>,
     /// Largest request body in bytes (submit, status, cancel) [default: 65536].
     #[arg(long, env = "WANSERVE_BODY_LIMIT")]
     pub body_limit: Option<usize>,
@@ -178,6 +185,7 @@ struct ServerTable {
     max_pixel_frames: Option<u64>,
     max_steps: Option<u32>,
     cache_default: Option<String>,
+    preview_every: Option<usize>,
     body_limit: Option<usize>,
     header_timeout_ms: Option<u64>,
     body_timeout_ms: Option<u64>,
@@ -277,6 +285,8 @@ pub struct ServeConfig {
     pub max_pixel_frames: u64,
     pub max_steps: u32,
     pub cache_default: CacheMode,
+    /// Steps between live previews (`None`: no previews).
+    pub preview_every: Option<std::num::NonZeroUsize>,
     pub body_limit: usize,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -468,6 +478,11 @@ impl ServeConfig {
                 .unwrap_or(DEFAULT_MAX_PIXEL_FRAMES),
             max_steps: args.max_steps.or(t.max_steps).unwrap_or(DEFAULT_MAX_STEPS),
             cache_default,
+            preview_every: std::num::NonZeroUsize::new(
+                args.preview_every
+                    .or(t.preview_every)
+                    .unwrap_or(DEFAULT_PREVIEW_EVERY),
+            ),
             body_limit,
             header_timeout,
             body_timeout: Duration::from_millis(body_timeout_ms),

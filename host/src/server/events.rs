@@ -1,6 +1,7 @@
 //! Live progress of one job as Server-Sent Events: `GET /video/events/{requestId}` sends the
 //! job's status now, again on each change (state, stage, step, ETA), the final status last, and
-//! then ends. Each event is the job as it is when the stream re-reads it, so changes that land
+//! then ends; while the job runs, its latest live preview (`event: preview`) each time there is
+//! a new one. Each event is the job as it is when the stream re-reads it, so changes that land
 //! close together (the last step and the start of decoding, on a busy host) arrive as one.
 //!
 //! A browser's `EventSource` cannot send an `Authorization` header, and an API key in a URL ends
@@ -11,9 +12,10 @@
 use super::api::{owned_job, request_id_of, status_view};
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, JobRefErrors};
-use super::job_feeds::{FeedValue, Published, ReadStatus};
+use super::job_feeds::{FeedValue, Published, PublishedPreview, ReadStatus};
 use super::state::AppState;
 use super::{admission, admission_locks};
+use crate::jobs::{Job, JobState, StoredPreview};
 use crate::plugins::{AdmissionAction, Principal};
 use axum::Json;
 use axum::body::Bytes;
@@ -128,6 +130,78 @@ pub struct StatusEvent {
     data: String,
 }
 
+/// The data of an `event: preview`: what the video looks like so far, a small picture made
+/// from the denoiser's current estimate (see `GET /models`' `previewEvery`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewData {
+    pub request_id: String,
+    /// The denoising step it follows, of `total`.
+    pub step: u32,
+    pub total: u32,
+    /// Its size in pixels: the latents' (the video's divided by the VAE's spatial factor, 8).
+    pub width: u32,
+    pub height: u32,
+    /// `data:image/png;base64,…`, for an `<img>` as it is.
+    #[schema(example = "data:image/png;base64,iVBORw0KGgo=")]
+    pub image: String,
+}
+
+/// An `event: preview` of the stream (sent after each preview step of a running job; never after
+/// the final status).
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation of the wire format: events are built by `Follow`
+pub struct PreviewEvent {
+    /// Always `preview`.
+    #[schema(pattern = "^preview$")]
+    event: String,
+    /// 1, 2, 3, … in the order sent (one sequence with the status events).
+    #[schema(pattern = "^[1-9][0-9]*$")]
+    id: String,
+    /// A `PreviewData`, JSON-encoded.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+fn preview_of(id: &str, preview: StoredPreview) -> Option<PublishedPreview> {
+    let data = PreviewData {
+        request_id: id.to_string(),
+        step: preview.step,
+        total: preview.total,
+        width: preview.width,
+        height: preview.height,
+        image: format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(&preview.png)
+        ),
+    };
+    Some(PublishedPreview {
+        attempt: preview.attempt,
+        step: preview.step,
+        json: serde_json::to_string(&data).ok()?,
+    })
+}
+
+/// What a stream of `job` sends now: its status, and its latest preview while it runs.
+async fn published(state: &AppState, job: Arc<Job>) -> Result<FeedValue, ApiError> {
+    let running = job.state == JobState::Running;
+    let id = job.id.clone();
+    let status = status_view(state, job).await?;
+    let preview = match running {
+        // A preview that cannot be read is left out: the status still goes.
+        true => match state.store.preview(&id).await {
+            Ok(Some(preview)) => preview_of(&id, preview),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a job's preview");
+                None
+            }
+        },
+        false => None,
+    };
+    Ok(Published::of(&status, preview))
+}
+
 #[derive(Deserialize)]
 struct TokenQuery {
     token: Option<String>,
@@ -166,8 +240,11 @@ impl FromRequestParts<Arc<AppState>> for Follower {
 
 /// Live progress of a job (Server-Sent Events, each `event: status` with the body
 /// `/video/status` would give). The first event is the status now; the stream ends after the
-/// final one (`Succeed`, `Failed`, `Cancelled`). Authenticate with `Authorization`, or with
-/// `?token=` from `POST /video/events-token` (for `EventSource`).
+/// final one (`Succeed`, `Failed`, `Cancelled`). While the job denoises, a model that makes
+/// previews (`GET /models`: `previewEvery`) also sends `event: preview` (`PreviewEvent`, its data a
+/// `PreviewData`: a small PNG of the video so far), in step order, never after the final
+/// status. Authenticate with `Authorization`, or with `?token=` from `POST /video/events-token`
+/// (for `EventSource`).
 #[utoipa::path(get, path = "/video/events/{requestId}", tag = "video",
     params(("requestId" = String, Path, description = "The job"),
            ("token" = Option<String>, Query, description = "From POST /video/events-token")),
@@ -205,14 +282,14 @@ pub async fn events(
     )
     .await?;
     let counted = admitted.open_stream(&state, &job.principal.id);
-    let first = status_view(&state, job).await?;
+    let first = published(&state, job).await?;
     let read: ReadStatus = {
         let state = state.clone();
         Arc::new(move |id: String| {
             let state = state.clone();
             Box::pin(async move {
                 match state.store.get(&id).await {
-                    Ok(Some(job)) => status_view(&state, job).await.ok(),
+                    Ok(Some(job)) => published(&state, job).await.ok().flatten(),
                     _ => None,
                 }
             })
@@ -224,8 +301,10 @@ pub async fn events(
     let follow = Follow {
         shutting_down: state.shutting_down.clone(),
         feed,
-        next: Published::of(&first),
+        next: first,
         last: None,
+        last_preview: None,
+        queued: None,
         done: false,
         sent: 0,
         _counted: counted,
@@ -244,6 +323,10 @@ struct Follow {
     next: FeedValue,
     /// The last status sent, as sent.
     last: Option<Arc<Published>>,
+    /// The attempt and step of the last preview sent.
+    last_preview: Option<(i64, u32)>,
+    /// An event due after the one just returned (a preview follows its step's status).
+    queued: Option<Event>,
     done: bool,
     sent: u64,
     /// Counts this stream against its caller's streams until it ends.
@@ -251,9 +334,13 @@ struct Follow {
 }
 
 impl Follow {
-    /// The next status that differs from the last one sent; `None` once the final one was sent,
-    /// the server is shutting down, or the job cannot be read any more.
+    /// The next status that differs from the last one sent, or a preview not sent yet; `None`
+    /// once the final status was sent, the server is shutting down, or the job cannot be read
+    /// any more.
     async fn next_event(&mut self) -> Option<Event> {
+        if let Some(event) = self.queued.take() {
+            return Some(event);
+        }
         if self.done {
             return None;
         }
@@ -269,22 +356,42 @@ impl Follow {
                     self.feed.borrow_and_update().clone()?
                 }
             };
-            if self
+            let new_status = self
                 .last
                 .as_ref()
-                .is_some_and(|last| last.json == status.json)
-            {
-                continue;
+                .is_none_or(|last| last.json != status.json);
+            // A preview is of a run in progress: none goes after the final status.
+            let preview = status
+                .preview
+                .as_ref()
+                .filter(|p| !status.is_final && Some((p.attempt, p.step)) != self.last_preview);
+            if let Some(p) = preview {
+                self.last_preview = Some((p.attempt, p.step));
             }
-            self.done = status.is_final;
-            self.sent += 1;
-            let event = Event::default()
-                .event("status")
-                .id(self.sent.to_string())
-                .data(&status.json);
-            self.last = Some(status);
-            return Some(event);
+            // Ids in the order sent: the status (if new), then the preview of its step.
+            let first = new_status.then(|| self.event("status", &status.json));
+            let preview = preview.map(|p| self.event("preview", &p.json));
+            if new_status {
+                self.done = status.is_final;
+                self.last = Some(status.clone());
+            }
+            match (first, preview) {
+                (Some(first), preview) => {
+                    self.queued = preview;
+                    return Some(first);
+                }
+                (None, Some(preview)) => return Some(preview),
+                (None, None) => continue,
+            }
         }
+    }
+
+    fn event(&mut self, kind: &str, data: &str) -> Event {
+        self.sent += 1;
+        Event::default()
+            .event(kind)
+            .id(self.sent.to_string())
+            .data(data)
     }
 }
 

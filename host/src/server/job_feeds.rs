@@ -26,21 +26,41 @@ pub type FeedValue = Option<Arc<Published>>;
 pub struct Published {
     pub json: String,
     pub is_final: bool,
+    /// The running job's latest live preview, if it has one.
+    pub preview: Option<PublishedPreview>,
+}
+
+/// A live preview as a stream sends it (`event: preview`).
+#[derive(Debug)]
+pub struct PublishedPreview {
+    /// Which attempt and step made it (a stream sends each once).
+    pub attempt: i64,
+    pub step: u32,
+    pub json: String,
 }
 
 impl Published {
-    pub fn of(status: &StatusResponse) -> Option<Arc<Self>> {
+    pub fn of(status: &StatusResponse, preview: Option<PublishedPreview>) -> Option<Arc<Self>> {
         Some(Arc::new(Self {
             json: serde_json::to_string(status).ok()?,
             is_final: status.status.is_final(),
+            preview,
         }))
+    }
+
+    /// The preview's attempt and step.
+    pub fn preview_key(&self) -> Option<(i64, u32)> {
+        self.preview.as_ref().map(|p| (p.attempt, p.step))
+    }
+
+    fn same_as(&self, other: &Self) -> bool {
+        self.json == other.json && self.preview_key() == other.preview_key()
     }
 }
 
-/// How a feed reads its job's status now (`None`: the job cannot be read). The caller supplies
-/// it, so feeds know nothing of the server's state.
-pub type ReadStatus =
-    Arc<dyn Fn(String) -> BoxFuture<'static, Option<StatusResponse>> + Send + Sync>;
+/// How a feed reads its job's status (and latest preview) now (`None`: the job cannot be read).
+/// The caller supplies it, so feeds know nothing of the server's state.
+pub type ReadStatus = Arc<dyn Fn(String) -> BoxFuture<'static, FeedValue> + Send + Sync>;
 
 /// The feeds running now, by job id. Each entry keeps one receiver, so new subscribers clone it.
 #[derive(Default)]
@@ -57,7 +77,7 @@ impl JobFeeds {
         &self,
         id: &str,
         changes: broadcast::Receiver<Arc<str>>,
-        first: &StatusResponse,
+        first: &FeedValue,
         read: ReadStatus,
         shutting_down: watch::Receiver<bool>,
     ) -> watch::Receiver<FeedValue> {
@@ -65,7 +85,7 @@ impl JobFeeds {
         if let Some(existing) = map.get(id) {
             return existing.clone();
         }
-        let published = Published::of(first);
+        let published = first.clone();
         let ended = published.as_ref().is_none_or(|p| p.is_final);
         let (sender, receiver) = watch::channel(published);
         if !ended {
@@ -116,12 +136,11 @@ impl Feed {
             }
             // What the fan-out saves is visible: one read per feed, however many follow it.
             metrics::counter!("wanserve_event_feed_reads_total").increment(1);
-            let status = (self.read)(id.clone()).await;
-            let published = status.as_ref().and_then(Published::of);
+            let published = (self.read)(id.clone()).await;
             let ended = published.as_ref().is_none_or(|p| p.is_final);
             sender.send_if_modified(|current| {
                 let same = match (current.as_ref(), published.as_ref()) {
-                    (Some(a), Some(b)) => a.json == b.json,
+                    (Some(a), Some(b)) => a.same_as(b),
                     (None, None) => true,
                     _ => false,
                 };

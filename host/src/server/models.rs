@@ -49,6 +49,11 @@ pub struct ModelView {
     /// device's, which this does not count.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resident_mib: Option<u64>,
+    /// Steps between a running job's live previews (`preview` events on
+    /// `/video/events/{requestId}`, and after the last step); absent: this model makes none (no
+    /// preview factors in its manifest, or `--preview-every 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview_every: Option<u32>,
     /// The bundled tiny random-weight stand-in: its videos are textured noise.
     pub bundled: bool,
 }
@@ -84,6 +89,11 @@ fn view(state: &AppState, index: usize, model: &ServedModel) -> ModelView {
         max_steps: state.limits.max_steps,
         max_pixel_frames: state.limits.max_pixel_frames,
         resident_mib: (resident > 0).then_some(resident >> 20),
+        preview_every: state
+            .limits
+            .preview_every
+            .filter(|_| manifest.preview.is_some())
+            .map(|every| u32::try_from(every.get()).unwrap_or(u32::MAX)),
         bundled: model.dir.is_none(),
     }
 }

@@ -108,7 +108,9 @@ fn load_models(
     let mut renderers = Renderers::default();
     for (name, _, model) in models {
         let before = crate::peak_memory::resident_bytes().unwrap_or(0);
-        let pipeline = load_warm_pipeline(model, &config.model).map_err(|e| (name.clone(), e))?;
+        let pipeline = load_warm_pipeline(model, &config.model)
+            .map_err(|e| (name.clone(), e))?
+            .with_previews(config.preview_every);
         let grew = crate::peak_memory::resident_bytes()
             .unwrap_or(0)
             .saturating_sub(before);
@@ -384,6 +386,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), StartupError> {
             max_pixel_frames: config.max_pixel_frames,
             max_steps: config.max_steps,
             cache_default: config.cache_default,
+            preview_every: config.preview_every,
             body_limit: config.body_limit,
             models: ServedModels(
                 models

@@ -19,6 +19,8 @@ pub struct HostLimits {
     pub cache_default: crate::pipeline::step_cache::CacheMode,
     pub body_limit: usize,
     pub models: ServedModels,
+    /// Steps between a job's live previews (`--preview-every`; `None`: no previews).
+    pub preview_every: Option<std::num::NonZeroUsize>,
 }
 
 /// One model the server serves.

@@ -6,7 +6,7 @@
 use super::Shared;
 use crate::engine::{RenderError, Renderer};
 use crate::ids::new_error_id;
-use crate::jobs::{Job, JobState};
+use crate::jobs::{Job, JobState, StoredPreview};
 use crate::pipeline::unipc::UniPcError;
 use crate::pipeline::{CancelToken, GenerateRequest, PipelineError, Progress};
 use std::time::Instant;
@@ -93,6 +93,10 @@ impl Shared {
             })
         };
         self.jobs.finish(&job.id);
+        // A preview is only for watching the run; the video is what stays.
+        if let Err(e) = self.block_on(self.store.clear_preview(&job.id, job.attempt)) {
+            tracing::warn!(error = %e, "cannot clear the job's preview");
+        }
         self.changed(&job.id);
         let seconds = started.elapsed().as_secs_f64();
         let label = outcome.label();
@@ -195,6 +199,30 @@ impl Shared {
         // only makes progress stale.
         if let Err(e) = self.block_on(self.store.set_progress(&job.id, job.attempt, &stored)) {
             tracing::warn!(error = %e, "cannot record progress");
+        }
+        if let Some(preview) = &p.preview {
+            let fits = |v: usize| u32::try_from(v).ok();
+            if let (Some(step), Some(total), Some(width), Some(height)) = (
+                fits(preview.step),
+                fits(preview.total),
+                fits(preview.width),
+                fits(preview.height),
+            ) {
+                let stored = StoredPreview {
+                    attempt: job.attempt,
+                    step,
+                    total,
+                    width,
+                    height,
+                    png: preview.png.clone(),
+                };
+                // Stored with the row (after its step, which it never runs ahead of), so a
+                // stream on any host of a fleet sees it.
+                if let Err(e) = self.block_on(self.store.set_preview(&job.id, job.attempt, &stored))
+                {
+                    tracing::warn!(error = %e, "cannot record a preview");
+                }
+            }
         }
         self.changed(&job.id);
     }

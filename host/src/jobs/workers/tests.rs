@@ -168,6 +168,21 @@ impl JobStore for ScriptedStore {
         self.check("set_progress")?;
         self.inner.set_progress(id, attempt, progress).await
     }
+    async fn set_preview(
+        &self,
+        id: &str,
+        attempt: i64,
+        preview: &StoredPreview,
+    ) -> Result<(), StoreError> {
+        self.check("set_preview")?;
+        self.inner.set_preview(id, attempt, preview).await
+    }
+    async fn clear_preview(&self, id: &str, attempt: i64) -> Result<(), StoreError> {
+        self.inner.clear_preview(id, attempt).await
+    }
+    async fn preview(&self, id: &str) -> Result<Option<StoredPreview>, StoreError> {
+        self.inner.preview(id).await
+    }
     async fn set_pending_key(&self, id: &str, attempt: i64, key: &str) -> Result<bool, StoreError> {
         self.check("set_pending_key")?;
         self.inner.set_pending_key(id, attempt, key).await

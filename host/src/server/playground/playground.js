@@ -123,6 +123,10 @@ async function follow(id) {
   const video = $("video");
   video.hidden = true;
   video.removeAttribute("src");
+  const preview = $("preview");
+  preview.hidden = true;
+  preview.removeAttribute("src");
+  delete preview.dataset.step;
   // The token opens this job's stream for a few minutes; a dropped stream gets a new one.
   const open = async () => {
     if (following !== mine) return;
@@ -135,6 +139,7 @@ async function follow(id) {
     const source = new EventSource(`/video/events/${encodeURIComponent(id)}?token=${encodeURIComponent(data.token)}`);
     mine.source = source;
     source.addEventListener("status", (e) => render(JSON.parse(e.data), source));
+    source.addEventListener("preview", (e) => showPreview(JSON.parse(e.data)));
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED || source.finalSeen) return;
       source.close();
@@ -142,6 +147,16 @@ async function follow(id) {
     };
   };
   await open();
+}
+
+// A running job's latest preview: a small picture of the denoiser's estimate so far.
+function showPreview(p) {
+  if (!following || p.requestId !== following.id) return;
+  const preview = $("preview");
+  preview.src = p.image;
+  preview.dataset.step = String(p.step);
+  preview.title = `after step ${p.step} of ${p.total}`;
+  preview.hidden = false;
 }
 
 function render(s, source) {
@@ -173,6 +188,7 @@ function render(s, source) {
     detail.textContent = `seed ${s.seed}` + (seconds != null ? ` · generated in ${seconds.toFixed(1)} s` : "") + cacheNote(s);
     const url = s.results && s.results.videos && s.results.videos[0] && s.results.videos[0].url;
     if (url) {
+      $("preview").hidden = true;
       const video = $("video");
       video.src = url;
       video.hidden = false;
