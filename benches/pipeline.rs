@@ -8,6 +8,7 @@
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use ndarray::{Array5, s};
 use std::hint::black_box;
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 use wanserve::backend::arithmetic::{DeviceTensor, OrtTensors};
@@ -346,8 +347,62 @@ fn few_step_against_base(c: &mut Criterion) {
     group.finish();
 }
 
+/// What live previews cost: one preview at real size (the host's part: the map and the PNG of
+/// a [1, 16, 21, 60, 104] x0), and a whole 20-step job at 832x480 (1 frame) with a preview
+/// after every step against none (their difference over 20 is the cost per preview step,
+/// download of the latents included).
+fn previews(c: &mut Criterion) {
+    let model = ModelDir::open(&bundled_model_dir()).unwrap();
+    let spec = model
+        .manifest
+        .preview
+        .clone()
+        .expect("the tiny model has preview factors");
+    let previewer = wanserve::pipeline::preview::LatentPreviewer::new(&spec, NonZeroUsize::MIN);
+    let x0 = Array5::from_shape_vec(
+        (1, 16, 21, 60, 104),
+        noise::torch_randn(3, 16 * 21 * 60 * 104).unwrap(),
+    )
+    .unwrap();
+    let mut group = c.benchmark_group("previews");
+    group.bench_function("preview_png_480p_81f", |b| {
+        b.iter(|| black_box(previewer.preview(x0.view(), 1, 50).unwrap().png.len()))
+    });
+    let job = GenerateRequest {
+        width: 832,
+        height: 480,
+        num_frames: 1,
+        infer_steps: 20,
+        ..request(1)
+    };
+    let quiet = tiny_pipeline();
+    let shown = tiny_pipeline().with_previews(Some(NonZeroUsize::MIN));
+    let run = |pipeline: &Pipeline<OrtBackend>| {
+        let mut previews = 0;
+        pipeline
+            .generate(
+                &job,
+                &CancelToken::default(),
+                &mut |p| previews += usize::from(p.preview.is_some()),
+                &mut |_| Ok(()),
+            )
+            .unwrap();
+        previews
+    };
+    assert_eq!(run(&shown), 20);
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    group.bench_function("job_20_steps_no_previews", |b| b.iter(|| run(&quiet)));
+    group.bench_function("job_20_steps_preview_every_step", |b| {
+        b.iter(|| run(&shown))
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    previews,
     few_step_against_base,
     step_cache_50_steps,
     two_jobs,
