@@ -211,14 +211,7 @@ fn previews_stream_in_order_while_a_job_runs_and_stop_at_its_end() {
         extra_args: vec!["--preview-every".into(), "1".into()],
         ..Options::default()
     });
-    let models: Value = server
-        .client()
-        .get(format!("{}/models", server.url))
-        .bearer_auth(ALICE)
-        .send()
-        .expect("sent")
-        .json()
-        .expect("JSON");
+    let models = server.models(ALICE);
     assert_eq!(models["models"][0]["previewEvery"], 1, "{models}");
     let mut job = small_job();
     job["infer_steps"] = json!(50);
@@ -318,14 +311,7 @@ fn previews_stream_in_order_while_a_job_runs_and_stop_at_its_end() {
         extra_args: vec!["--preview-every".into(), "0".into()],
         ..Options::default()
     });
-    let models: Value = quiet
-        .client()
-        .get(format!("{}/models", quiet.url))
-        .bearer_auth(ALICE)
-        .send()
-        .expect("sent")
-        .json()
-        .expect("JSON");
+    let models = quiet.models(ALICE);
     assert!(
         models["models"][0].get("previewEvery").is_none(),
         "{models}"

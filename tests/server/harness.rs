@@ -237,6 +237,18 @@ impl Server {
         answer["requestId"].as_str().expect("requestId").to_string()
     }
 
+    /// `GET /models` with `key`, as JSON (200 asserted).
+    pub fn models(&self, key: &str) -> Value {
+        let response = self
+            .client()
+            .get(format!("{}/models", self.url))
+            .bearer_auth(key)
+            .send()
+            .expect("GET /models");
+        assert_eq!(response.status(), 200);
+        response.json().expect("JSON")
+    }
+
     pub fn status(&self, key: &str, id: &str) -> Value {
         let response = self.post("/video/status", Some(key), &json!({ "requestId": id }));
         let code = response.status();

@@ -82,14 +82,7 @@ fn two_models_in_one_server_each_job_on_its_own() {
     let tiny = common::tiny_model();
     let both = serving(&[(BASE, &tiny), (SHIFTED, &shifted)]);
 
-    let listed: Value = both
-        .client()
-        .get(format!("{}/models", both.url))
-        .bearer_auth(ALICE)
-        .send()
-        .expect("GET /models")
-        .json()
-        .expect("JSON");
+    let listed = both.models(ALICE);
     let models = listed["models"].as_array().expect("models");
     let names: Vec<&str> = models.iter().filter_map(|m| m["name"].as_str()).collect();
     assert_eq!(names, [BASE, SHIFTED], "{listed}");
@@ -208,14 +201,7 @@ fn a_distilled_model_serves_a_three_step_job_beside_the_base_one() {
         toml: "[plugins.validate.config]\n\"infer_steps.tiny-fastwan\" = \"3\"\n".into(),
         ..Options::default()
     });
-    let listed: Value = server
-        .client()
-        .get(format!("{}/models", server.url))
-        .bearer_auth(ALICE)
-        .send()
-        .expect("GET /models")
-        .json()
-        .expect("JSON");
+    let listed = server.models(ALICE);
     let few = &listed["models"][1];
     assert_eq!(few["name"], "tiny-fastwan", "{listed}");
     assert_eq!(
