@@ -388,8 +388,10 @@ impl<B: Backend> Pipeline<B> {
             };
             let done = i + 1;
             let mut preview = None;
+            // Whether this step is due a preview, decided once for both samplers.
+            let previewing = previewer.filter(|p| p.due(done, timesteps.len()));
             let mut show = |x0: &B::Latents| -> Result<(), PipelineError> {
-                if let Some(previewer) = previewer.filter(|p| p.due(done, timesteps.len())) {
+                if let Some(previewer) = previewing {
                     let host = self.backend.download_latents(x0)?;
                     preview = previewer
                         .preview(host.view(), done, timesteps.len())
@@ -399,7 +401,7 @@ impl<B: Backend> Pipeline<B> {
             };
             latents = match &mut sampler {
                 Sampler::UniPc(scheduler) => {
-                    if previewer.is_some_and(|p| p.due(done, timesteps.len())) {
+                    if previewing.is_some() {
                         // The x0 UniPC converts the prediction to (flow prediction).
                         let sigma = scheduler.sigmas()[i];
                         show(&arithmetic.weighted_sum(&[(1.0, &latents), (-sigma, &prediction)])?)?;
