@@ -119,13 +119,10 @@ const PER_MODEL: [(&str, i64, i64); 2] = [("num_frames", 24, 120), ("infer_steps
 /// `<field>.<model>` as `MIN-MAX` or one number (a few-step distilled model takes
 /// `infer_steps.<name> = "3-4"`), else the seed's.
 pub fn range_for(field: &str, model: &str) -> Result<(i64, i64), String> {
-    let (_, min, max) = PER_MODEL
-        .iter()
-        .find(|(name, _, _)| *name == field)
-        .ok_or_else(|| format!("{field} has no per-model range"))?;
+    let seed = seed_range(field).ok_or_else(|| format!("{field} has no per-model range"))?;
     let key = format!("{field}.{model}");
     let Some(value) = host::config_get(&key) else {
-        return Ok((*min, *max));
+        return Ok(seed);
     };
     let bad = || format!("{key}: expected MIN-MAX or one whole number, got {value:?}");
     let number = |s: &str| s.trim().parse::<i64>().map_err(|_| bad());
@@ -140,6 +137,14 @@ pub fn range_for(field: &str, model: &str) -> Result<(i64, i64), String> {
         return Err(bad());
     }
     Ok((low, high))
+}
+
+/// The seed's range of a field that may have per-model ranges.
+fn seed_range(field: &str) -> Option<(i64, i64)> {
+    PER_MODEL
+        .iter()
+        .find(|(name, _, _)| *name == field)
+        .map(|(_, min, max)| (*min, *max))
 }
 
 /// Every served model's ranges read (what a self-test should check: a bad one would refuse
@@ -215,10 +220,7 @@ pub fn validate(body: &[(String, JsonValue)]) -> Result<GenerationRequest, Vec<F
         });
     // A model's own ranges, once `model` names one the server serves.
     let range = |field: &str| {
-        let seed = PER_MODEL
-            .iter()
-            .find(|(name, _, _)| *name == field)
-            .map_or((0, 0), |(_, min, max)| (*min, *max));
+        let seed = seed_range(field).unwrap_or((0, 0));
         match model.as_deref() {
             None => seed,
             Some(model) => range_for(field, model).unwrap_or_else(|problem| {
