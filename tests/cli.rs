@@ -88,12 +88,10 @@ fn same_seed_same_bytes_other_seed_other_video() {
 /// The README's promise holds on a busy machine too: two busy loops beside it (one per core
 /// here), the same seed twice at the size where a busy machine once gave different bytes
 /// (832x480, 21 frames, so x264 has B-frames and both of its threads work), byte for byte.
-///
-/// Ignored until the cause is fixed: beside two busy loops *and* a cargo build, 2 of 8 runs gave
-/// a different frame 3 (one packet of 21); with busy loops alone, 32 of 32 were identical. Run
-/// it with `cargo test -p wanserve --test cli -- --ignored same_seed_same_bytes_on_a_busy`.
+/// Before x264 ran sliced threads, 2 of 8 such runs beside busy loops and a cargo build gave a
+/// different frame 3 (a B-frame whose QP depended on which frame thread finished first);
+/// `video::encoder`'s unit test pins the setting that removed the race.
 #[test]
-#[ignore = "issue 23: the same seed can still differ in one frame under heavy load"]
 fn same_seed_same_bytes_on_a_busy_machine() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
