@@ -509,6 +509,38 @@ fn a_plugin_swap_reaches_every_host_and_a_host_that_was_down() {
     );
     let accepted = second.post("/video/submit", Some(ALICE), &no_prompt);
     assert_eq!(accepted.status(), 202, "the second host serves the upload");
+    let job: Value = accepted.json().expect("JSON");
+    let job = job["requestId"].as_str().expect("requestId").to_string();
+    // An events token minted on one API host opens the job's stream on the other (the fleet's
+    // secret, from the database), and is checked again after that host restarts (below).
+    let minted: Value = first
+        .post(
+            "/video/events-token",
+            Some(ALICE),
+            &json!({"requestId": job}),
+        )
+        .json()
+        .expect("JSON");
+    let token = minted["token"].as_str().expect("token").to_string();
+    let final_state_by_token = |server: &Server| {
+        let response = server
+            .client()
+            .get(format!("{}/video/events/{job}?token={token}", server.url))
+            .send()
+            .expect("events");
+        let events = crate::events::read_events(response);
+        events.last().map(|(_, e)| state(e).to_string())
+    };
+    assert_eq!(final_state_by_token(&second).as_deref(), Some("Succeed"));
+    let mut altered = token.clone();
+    let flipped = if altered.ends_with('A') { "B" } else { "A" };
+    altered.replace_range(altered.len() - 1.., flipped);
+    let refused = second
+        .client()
+        .get(format!("{}/video/events/{job}?token={altered}", second.url))
+        .send()
+        .expect("events");
+    assert_eq!(refused.status(), 401, "an altered token opens nothing");
     let deadline = Instant::now() + Duration::from_secs(15);
     while worker
         .log_line(|l| l.contains("fleet swap") && l.contains(&sha256(&permissive)))
@@ -554,6 +586,11 @@ fn a_plugin_swap_reaches_every_host_and_a_host_that_was_down() {
     assert_eq!(status, 200, "{body}");
     second.launch();
     assert_eq!(serving(&second, "validate"), sha256(&permissive));
+    assert_eq!(
+        final_state_by_token(&second).as_deref(),
+        Some("Succeed"),
+        "a token minted before the restart, on another host, still opens the stream"
+    );
     assert!(
         second
             .log_line(|l| l.contains("stored swap") && l.contains(&sha256(&permissive)))
