@@ -130,14 +130,7 @@ fn a_job_streams_in_order_to_its_end_and_only_to_its_owner() {
 
     // A late subscriber with a token (what a browser's EventSource uses): the final state, then
     // the end. A token altered by one character opens nothing.
-    let minted: Value = server
-        .post(
-            "/video/events-token",
-            Some(ALICE),
-            &json!({"requestId": id}),
-        )
-        .json()
-        .expect("JSON");
+    let minted = server.mint_events_token(ALICE, &id);
     let token = minted["token"].as_str().expect("token");
     assert_eq!(minted["expiresIn"], 300);
     let late = read_events(
@@ -148,9 +141,7 @@ fn a_job_streams_in_order_to_its_end_and_only_to_its_owner() {
     );
     assert_eq!(late.len(), 1, "{late:?}");
     assert_eq!(late[0].1["status"], "Succeed");
-    let mut altered = token.to_string();
-    let flipped = if altered.ends_with('A') { "B" } else { "A" };
-    altered.replace_range(altered.len() - 1.., flipped);
+    let altered = crate::harness::with_last_char_altered(token);
     let refused = client
         .get(format!("{url}?token={altered}"))
         .send()

@@ -513,14 +513,7 @@ fn a_plugin_swap_reaches_every_host_and_a_host_that_was_down() {
     let job = job["requestId"].as_str().expect("requestId").to_string();
     // An events token minted on one API host opens the job's stream on the other (the fleet's
     // secret, from the database), and is checked again after that host restarts (below).
-    let minted: Value = first
-        .post(
-            "/video/events-token",
-            Some(ALICE),
-            &json!({"requestId": job}),
-        )
-        .json()
-        .expect("JSON");
+    let minted = first.mint_events_token(ALICE, &job);
     let token = minted["token"].as_str().expect("token").to_string();
     let final_state_by_token = |server: &Server| {
         let response = server
@@ -532,9 +525,7 @@ fn a_plugin_swap_reaches_every_host_and_a_host_that_was_down() {
         events.last().map(|(_, e)| state(e).to_string())
     };
     assert_eq!(final_state_by_token(&second).as_deref(), Some("Succeed"));
-    let mut altered = token.clone();
-    let flipped = if altered.ends_with('A') { "B" } else { "A" };
-    altered.replace_range(altered.len() - 1.., flipped);
+    let altered = crate::harness::with_last_char_altered(&token);
     let refused = second
         .client()
         .get(format!("{}/video/events/{job}?token={altered}", second.url))

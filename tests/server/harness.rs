@@ -249,6 +249,13 @@ impl Server {
         response.json().expect("JSON")
     }
 
+    /// `POST /video/events-token` for job `id` with `key`: the answer (`token`, `expiresIn`).
+    pub fn mint_events_token(&self, key: &str, id: &str) -> Value {
+        self.post("/video/events-token", Some(key), &json!({"requestId": id}))
+            .json()
+            .expect("JSON")
+    }
+
     pub fn status(&self, key: &str, id: &str) -> Value {
         let response = self.post("/video/status", Some(key), &json!({ "requestId": id }));
         let code = response.status();
@@ -349,6 +356,14 @@ impl Drop for Server {
 }
 
 /// The smallest job the seed allows (24 frames, 20 steps): a few seconds on the tiny model.
+/// `token` with its last character changed: a signature that no longer verifies.
+pub fn with_last_char_altered(token: &str) -> String {
+    let flipped = if token.ends_with('A') { "B" } else { "A" };
+    let mut altered = token.to_string();
+    altered.replace_range(altered.len() - 1.., flipped);
+    altered
+}
+
 pub fn small_job() -> Value {
     json!({
         "model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",

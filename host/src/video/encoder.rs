@@ -116,13 +116,11 @@ impl Mp4Writer {
         let mut options = Dictionary::new();
         options.set("preset", settings.preset);
         options.set("crf", &settings.crf.to_string());
-        // Same frames, same bytes, however busy the machine is. x264's frame threads are not
-        // enough for that: a B-frame's QP is derived from its references' average QP, which
-        // x264 sets to the planned QP when a frame starts and to the measured average (float
-        // sums, slightly different) when it ends, so a B-frame started while its reference is
-        // still encoding on the other thread can get a different QP (issue 23: one frame of 21
-        // differed under load). Sliced threads encode one frame at a time, split into a fixed
-        // number of slices: the same parallelism, no timing in the output (~0.4% larger).
+        // Same frames, same bytes: x264's frame threads let a B-frame's QP depend on timing (it
+        // reads its references' average QP, which is the planned value while a reference is
+        // still encoding on the other thread and the measured one once it ended). Sliced threads
+        // encode one frame at a time in a fixed number of slices. One frame can still differ
+        // now and then for a cause not yet found (issue 23, docs/RELIABILITY.md).
         options.set("threads", "2");
         options.set("x264-params", "sliced-threads=1");
         let encoder = video
