@@ -56,6 +56,42 @@ impl Default for EncoderSettings {
 
 static INIT: Once = Once::new();
 
+/// The `x264-params` the encoder opens with. Where the CPU has AVX-512, x264 is held to its AVX2
+/// code: its AVX-512 code (with macroblock-tree rate control and B-frames, as every preset from
+/// `veryfast` up uses) makes the stream depend on what uninitialised memory held. The same
+/// frames encoded again in one process gave a different stream each time, and glibc's
+/// `MALLOC_PERTURB_` alone changed the ffmpeg CLI's output; with `asm=AVX2` neither does, at
+/// the same speed (issue 23, docs/RELIABILITY.md). Elsewhere x264 picks its own code.
+fn x264_params(avx512: bool) -> String {
+    let mut params = String::from("sliced-threads=1");
+    if avx512 {
+        params.push_str(":asm=AVX2");
+    }
+    params
+}
+
+/// Whether x264 would run its AVX-512 code here: the five extensions it requires. A CPU that
+/// has them has everything x264's `AVX2` level names (AVX2, FMA3, BMI1/2, LZCNT); that is
+/// checked too, so that x264 is never told of an instruction the CPU lacks.
+fn cpu_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let avx512 = has!("avx512f")
+            && has!("avx512cd")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl");
+        let avx2_level =
+            has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2") && has!("lzcnt");
+        avx512 && avx2_level
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Streams RGB frames into an mp4. Writes to `<output>.partial` and renames only in
 /// [`Mp4Writer::finish`]; dropping an unfinished writer deletes the partial file, so a failed or
 /// cancelled job never leaves a truncated video under the final name.
@@ -119,10 +155,9 @@ impl Mp4Writer {
         // Same frames, same bytes: x264's frame threads let a B-frame's QP depend on timing (it
         // reads its references' average QP, which is the planned value while a reference is
         // still encoding on the other thread and the measured one once it ended). Sliced threads
-        // encode one frame at a time in a fixed number of slices. One frame can still differ
-        // now and then for a cause not yet found (issue 23, docs/RELIABILITY.md).
+        // encode one frame at a time in a fixed number of slices. And see `x264_params`.
         options.set("threads", "2");
-        options.set("x264-params", "sliced-threads=1");
+        options.set("x264-params", &x264_params(cpu_has_avx512()));
         let encoder = video
             .open_as_with(codec, options)
             .map_err(ff("open H.264 encoder"))?;
