@@ -1,6 +1,6 @@
 //! The client commands against a running server: `wanserve submit --wait` (progress, download,
-//! probe), the server's refusals as messages and exit codes, `status`, and `cancel` of a job
-//! another `submit --wait` is following.
+//! probe), across a server restart, the server's refusals as messages and exit codes, `status`,
+//! and `cancel` of a job another `submit --wait` is following.
 
 use crate::common::{self, probe};
 use crate::harness::{ALICE, Options, Server};
@@ -83,6 +83,82 @@ fn submit_wait_shows_progress_and_writes_the_video() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(status["status"], "Succeed");
     assert_eq!(status["seed"], 7);
+}
+
+/// `submit --wait` outlives a server restart: SIGTERM puts the running job back in the queue,
+/// the server comes back on the same address, and the follower reopens its stream, sees the
+/// job run again and writes the video.
+#[test]
+fn submit_wait_follows_its_job_across_a_server_restart() {
+    let mut server = Server::start(Options::default());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = dir.path().join("sunset.mp4");
+    let mut follower = client(&server, ALICE)
+        .args([
+            "submit",
+            "--prompt",
+            "A beautiful sunset over the mountains",
+        ])
+        .args(["--num-frames", "24", "--infer-steps", "40", "--seed", "7"])
+        .arg("--output")
+        .arg(&output)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wanserve runs");
+    let mut stdout = String::new();
+    BufReader::new(follower.stdout.take().expect("stdout"))
+        .read_line(&mut stdout)
+        .expect("the requestId line");
+    let id = stdout.trim().to_string();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let stderr = follower.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // Wait until the job is a few steps in.
+    let started = Instant::now();
+    let mut before = Vec::new();
+    loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("progress lines");
+        before.push(line);
+        if denoising_steps(&before.join("\n")).last() >= Some(&3) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no progress: {before:?}"
+        );
+    }
+    assert!(server.terminate().success());
+    server.relaunch_on_the_same_port();
+    let code = follower.wait().expect("the follower ends");
+    reader.join().expect("stderr read");
+    let after: Vec<String> = lines_rx.try_iter().collect();
+    let stderr = [before.clone(), after.clone()].concat().join("\n");
+    assert!(code.success(), "{stderr}");
+    // Its progress started over: the job ran again on the restarted server.
+    let steps = denoising_steps(&stderr);
+    assert!(
+        steps.windows(2).any(|w| w[1] < w[0]),
+        "no step went back, so the job did not run again: {steps:?}\n{stderr}"
+    );
+    let log = server.log();
+    let runs = log
+        .lines()
+        .filter(|l| l.contains("job started") && l.contains(&id))
+        .count();
+    assert_eq!(runs, 2, "once before the restart, once after:\n{log}");
+    assert!(stderr.lines().any(|l| l == "Succeed"), "{stderr}");
+    let (codec, width, height, _, frames, _) = probe(&output);
+    assert_eq!(
+        (codec.as_str(), width, height, frames),
+        ("h264", 832, 480, 24)
+    );
 }
 
 #[test]

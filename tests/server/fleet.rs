@@ -600,3 +600,103 @@ fn a_plugin_swap_reaches_every_host_and_a_host_that_was_down() {
         "the upload, the file start-up recorded, the upload again (the rollback records nothing): {history}"
     );
 }
+
+/// A worker that stops (SIGSTOP) past its lease while running a job loses it to another worker;
+/// when it resumes it records nothing: the job keeps the other worker's result and the bucket
+/// the one object that worker put there, untouched.
+#[test]
+fn a_worker_paused_past_its_lease_records_nothing_when_it_resumes() {
+    let postgres = Postgres::start();
+    let s3 = start_s3("videos");
+    let api = host("api", &postgres, &s3);
+    let paused = host("worker", &postgres, &s3);
+    let mut body = small_job();
+    body["infer_steps"] = json!(40);
+    let job = api.submit(ALICE, &body);
+    api.wait_for(ALICE, &job, Duration::from_secs(60), |s| {
+        s["progress"]["stage"] == "denoising"
+    });
+    paused.signal("STOP");
+    let stopped_at_ms = wanserve::ids::now_ms();
+    // Started after the pause, so the only worker that can take the job over.
+    let other = host("worker", &postgres, &s3);
+    let done = api.wait_final(ALICE, &job);
+    assert_eq!(state(&done), "Succeed", "{done}\n{}", other.log());
+    assert!(
+        other
+            .log_line(|l| l.contains("claimed a job again") && l.contains(&job))
+            .is_some(),
+        "{}",
+        other.log()
+    );
+    let restarted = done["startedAt"].as_i64().expect("startedAt") - stopped_at_ms;
+    assert!(
+        restarted >= 1000,
+        "taken over {restarted} ms after the pause, inside the 1.5 s lease"
+    );
+    let key = format!("videos/fleet/{job}.mp4");
+    assert_eq!(s3.objects("videos"), vec![key.clone()]);
+    let object = s3.root.path().join(&key);
+    let published = std::fs::read(&object).expect("the object");
+    let published_at = std::fs::metadata(&object)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+
+    paused.signal("CONT");
+    // On resuming, its next lease renewal tells it the job is another attempt's (or, had it
+    // reached publishing first, the fenced write refuses it).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        if let Some(line) = paused.log_line(|l| {
+            l.contains(&job)
+                && (l.contains("no longer this process's job")
+                    || l.contains("lost the job to a later attempt"))
+        }) {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed worker never gave the job up:\n{}",
+            paused.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("the resumed worker: {refused}");
+    assert!(
+        paused
+            .log_line(|l| l.contains("job ended") && l.contains(&job))
+            .is_some(),
+        "{}",
+        paused.log()
+    );
+    // The job's record as the resumed worker could have changed it (the URL is signed afresh
+    // on each read: its path is the object).
+    let record = |s: &Value| {
+        let url = s["results"]["videos"][0]["url"]
+            .as_str()
+            .unwrap_or_default();
+        let path = url.split('?').next().unwrap_or_default().to_string();
+        json!([
+            s["status"],
+            s["startedAt"],
+            s["finishedAt"],
+            s["expiresAt"],
+            s["progress"],
+            path
+        ])
+    };
+    assert_eq!(
+        record(&api.status(ALICE, &job)),
+        record(&done),
+        "the job's record changed"
+    );
+    assert_eq!(s3.objects("videos"), vec![key.clone()]);
+    assert_eq!(std::fs::read(&object).expect("the object"), published);
+    assert_eq!(
+        std::fs::metadata(&object)
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+        published_at,
+        "the object was written again"
+    );
+}

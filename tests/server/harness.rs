@@ -33,6 +33,8 @@ pub struct Server {
     pub url: String,
     pub data_dir: PathBuf,
     options: Options,
+    /// The port to listen on; the OS picks one when unset.
+    port: Option<u16>,
     client: Client,
     _temp: Option<tempfile::TempDir>,
     /// See [`Server::stop_when_tests_exit`].
@@ -56,6 +58,7 @@ impl Server {
             url: String::new(),
             data_dir,
             options,
+            port: None,
             client: Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -76,7 +79,8 @@ impl Server {
         let mut command = common::wanserve();
         command
             .arg("serve")
-            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(["--host", "127.0.0.1", "--port"])
+            .arg(self.port.unwrap_or(0).to_string())
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--config")
@@ -191,6 +195,30 @@ impl Server {
             .expect("sh starts");
         self._exit_watch = Some(watch);
         self
+    }
+
+    /// Sends `signal` (a name `kill -s` takes: `STOP`, `CONT`) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sent = Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -s {signal} {pid}");
+    }
+
+    /// Starts again on the same data directory and the address it last listened on, for
+    /// clients that hold the URL (SIGTERM or `kill9` first).
+    pub fn relaunch_on_the_same_port(&mut self) {
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+            .unwrap_or_else(|| panic!("no port in {}", self.url));
+        self.port = Some(port);
+        self.launch();
+        assert!(self.url.ends_with(&format!(":{port}")), "{}", self.url);
     }
 
     /// `kill -9`: no shutdown, no cleanup.
@@ -355,7 +383,6 @@ impl Drop for Server {
     }
 }
 
-/// The smallest job the seed allows (24 frames, 20 steps): a few seconds on the tiny model.
 /// `token` with its last character changed: a signature that no longer verifies.
 pub fn with_last_char_altered(token: &str) -> String {
     let flipped = if token.ends_with('A') { "B" } else { "A" };
@@ -364,6 +391,7 @@ pub fn with_last_char_altered(token: &str) -> String {
     altered
 }
 
+/// The smallest job the seed allows (24 frames, 20 steps): a few seconds on the tiny model.
 pub fn small_job() -> Value {
     json!({
         "model": "Wan2.1-T2V-1.3B", "prompt": "A beautiful sunset over the mountains",
