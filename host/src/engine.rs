@@ -303,6 +303,11 @@ impl Renderers {
     pub fn get(&self, name: &str) -> Option<&std::sync::Arc<dyn Renderer>> {
         self.0.get(name)
     }
+
+    /// The models' names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
 }
 
 /// A pipeline over any [`Backend`] with the encoder its videos are written by.

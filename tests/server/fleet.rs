@@ -135,18 +135,43 @@ fn host_with_env(
     s3: &S3Server,
     env: Vec<(String, String)>,
 ) -> Server {
+    fleet_host(role, postgres, s3, env, &[])
+}
+
+/// A host serving `models` (name, export directory) instead of the bundled one.
+fn host_serving(
+    role: &str,
+    postgres: &Postgres,
+    s3: &S3Server,
+    models: &[(&str, &Path)],
+) -> Server {
+    fleet_host(role, postgres, s3, vec![], models)
+}
+
+fn fleet_host(
+    role: &str,
+    postgres: &Postgres,
+    s3: &S3Server,
+    env: Vec<(String, String)>,
+    models: &[(&str, &Path)],
+) -> Server {
+    let mut extra_args: Vec<String> = vec![
+        "--role".into(),
+        role.into(),
+        "--queue".into(),
+        postgres.url(),
+        "--store".into(),
+        "s3://videos/fleet".into(),
+        "--lease-ms".into(),
+        "1500".into(),
+    ];
+    for (name, dir) in models {
+        extra_args.push("--model".into());
+        extra_args.push(format!("{name}={}", dir.display()));
+    }
     Server::start(Options {
         slots: Some(2),
-        extra_args: vec![
-            "--role".into(),
-            role.into(),
-            "--queue".into(),
-            postgres.url(),
-            "--store".into(),
-            "s3://videos/fleet".into(),
-            "--lease-ms".into(),
-            "1500".into(),
-        ],
+        extra_args,
         env: s3.env().into_iter().chain(env).collect(),
         ..Options::default()
     })
@@ -699,4 +724,57 @@ fn a_worker_paused_past_its_lease_records_nothing_when_it_resumes() {
         published_at,
         "the object was written again"
     );
+}
+
+/// Workers that serve different models each take only their models' jobs: none is failed by a
+/// host that lacks its model, and a job of a model no running worker serves waits in the queue
+/// until a worker that serves it starts.
+#[test]
+fn each_worker_claims_only_the_jobs_of_the_models_it_serves() {
+    let postgres = Postgres::start();
+    let s3 = start_s3("videos");
+    let base = crate::common::tiny_model();
+    let other = crate::common::tiny_model_copy();
+    let both = [("Wan2.1-T2V-1.3B", base.as_path()), ("other", other.path())];
+    let api = host_serving("api", &postgres, &s3, &both);
+    let base_worker = host_serving("worker", &postgres, &s3, &both[..1]);
+    let job_of = |model: &str| {
+        let mut body = small_job();
+        body["model"] = json!(model);
+        api.submit(ALICE, &body)
+    };
+    // The other model's job first: the oldest queued job is not one this worker may take.
+    let waiting = job_of("other");
+    let served = job_of("Wan2.1-T2V-1.3B");
+    let done = api.wait_final(ALICE, &served);
+    assert_eq!(state(&done), "Succeed", "{done}\n{}", base_worker.log());
+    // Several idle polls (0.5 s each) later, still queued and never touched by that worker.
+    std::thread::sleep(Duration::from_secs(2));
+    let status = api.status(ALICE, &waiting);
+    assert_eq!(state(&status), "InQueue", "{status}\n{}", base_worker.log());
+    assert!(
+        !base_worker.log().contains(&waiting),
+        "the worker touched a job of a model it does not serve:\n{}",
+        base_worker.log()
+    );
+    let other_worker = host_serving("worker", &postgres, &s3, &both[1..]);
+    let done = api.wait_final(ALICE, &waiting);
+    assert_eq!(state(&done), "Succeed", "{done}\n{}", other_worker.log());
+    assert!(
+        other_worker
+            .log_line(|l| l.contains("job started") && l.contains(&waiting))
+            .is_some(),
+        "{}",
+        other_worker.log()
+    );
+    assert!(!other_worker.log().contains(&served));
+    assert!(!base_worker.log().contains(&waiting));
+    let mut objects = s3.objects("videos");
+    objects.sort();
+    let mut expected = vec![
+        format!("videos/fleet/{served}.mp4"),
+        format!("videos/fleet/{waiting}.mp4"),
+    ];
+    expected.sort();
+    assert_eq!(objects, expected);
 }

@@ -352,7 +352,12 @@ pub trait JobStore: Send + Sync {
     /// out), now `running` with its attempt incremented and leased to this process. Its
     /// `pending_key` is the key an earlier attempt was publishing, if any, for the caller to
     /// delete before it runs the job again.
-    async fn claim_next(&self) -> Result<Option<Job>, StoreError>;
+    ///
+    /// `models` are the ones this process serves. A shared store hands out only their jobs:
+    /// the fleet's hosts may serve different models, and a job of a model no host serves
+    /// waits for one that does. A store only this process uses hands out any job, so that one
+    /// of a model this host no longer serves fails with that reason instead of waiting for ever.
+    async fn claim_next(&self, models: &[String]) -> Result<Option<Job>, StoreError>;
     /// Extends this process's leases on the jobs it runs (id, attempt) and returns those it
     /// no longer holds (cancelled elsewhere, or taken over after its lease ran out): their
     /// workers stop. A store only this process uses has no leases and returns none.

@@ -252,12 +252,13 @@ impl JobStore for PgJobStore {
         Ok(outcome)
     }
 
-    async fn claim_next(&self) -> Result<Option<Job>, StoreError> {
+    async fn claim_next(&self, models: &[String]) -> Result<Option<Job>, StoreError> {
         let now = now_ms();
         let row = sqlx::query(&format!(
             "WITH next AS (
                  SELECT seq AS next_seq, pending_key AS stale_key FROM jobs
-                 WHERE status = 'queued' OR (status = 'running' AND lease_until < {DB_NOW_MS})
+                 WHERE (status = 'queued' OR (status = 'running' AND lease_until < {DB_NOW_MS}))
+                   AND model = ANY($4)
                  ORDER BY seq LIMIT 1
                  FOR UPDATE SKIP LOCKED)
              UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = $1,
@@ -270,6 +271,7 @@ impl JobStore for PgJobStore {
         .bind(now)
         .bind(&self.owner)
         .bind(self.lease_ms())
+        .bind(models)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {

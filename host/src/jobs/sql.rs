@@ -33,7 +33,7 @@ pub(crate) const WEBHOOK_COLUMNS: &str = webhook_columns!();
 
 pub(super) const EARLIER_SUBMIT: &str = "SELECT job_id, request_hash FROM idempotency_keys WHERE principal_id = $1 AND key = $2 AND created_at > $3";
 pub(super) const COUNT_QUEUED: &str = "SELECT count(*) FROM jobs WHERE status = 'queued'";
-pub(super) const INSERT_JOB: &str = "INSERT INTO jobs (id, principal_id, principal, request, status, created_at, webhook_url) VALUES ($1, $2, $3, $4, 'queued', $5, $6)";
+pub(super) const INSERT_JOB: &str = "INSERT INTO jobs (id, principal_id, principal, request, status, created_at, webhook_url, model) VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7)";
 pub(super) const GET_JOB: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1");
 pub(super) const COUNT_AHEAD: &str =
     "SELECT count(*) FROM jobs WHERE status = 'queued' AND seq < $1";
@@ -229,6 +229,7 @@ where
             .bind(request.as_str())
             .bind(now)
             .bind(job.webhook_url.as_deref())
+            .bind(job.request.model.as_str())
             .execute(&mut *conn)
             .await?;
         Ok(None)

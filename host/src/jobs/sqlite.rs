@@ -269,7 +269,8 @@ impl JobStore for SqliteJobStore {
         Ok(outcome)
     }
 
-    async fn claim_next(&self) -> Result<Option<Job>, StoreError> {
+    /// Any model's job (see the trait): this host is the only one that can run it.
+    async fn claim_next(&self, _models: &[String]) -> Result<Option<Job>, StoreError> {
         let job = sqlx::query(&format!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = ?,
                  progress_stage = NULL, progress_step = NULL, progress_total = NULL, progress_eta = NULL

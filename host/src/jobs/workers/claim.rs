@@ -14,7 +14,7 @@ impl Shared {
             let seen = *lock(&self.wake);
             let claimed = match self.renderers.get() {
                 None => None,
-                Some(renderers) => match self.block_on(self.store.claim_next()) {
+                Some(renderers) => match self.block_on(self.store.claim_next(&renderers.names())) {
                     Ok(job) => job.map(|job| (renderers, job)),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot claim a job");

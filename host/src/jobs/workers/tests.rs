@@ -140,9 +140,9 @@ impl JobStore for ScriptedStore {
     async fn cancel(&self, id: &str, principal: &str) -> Result<CancelOutcome, StoreError> {
         self.inner.cancel(id, principal).await
     }
-    async fn claim_next(&self) -> Result<Option<Job>, StoreError> {
+    async fn claim_next(&self, models: &[String]) -> Result<Option<Job>, StoreError> {
         self.check("claim_next")?;
-        self.inner.claim_next().await
+        self.inner.claim_next(models).await
     }
     async fn renew_leases(&self, held: &[(String, i64)]) -> Result<Vec<String>, StoreError> {
         if !self.leases.load(Ordering::SeqCst) {
@@ -597,7 +597,7 @@ fn a_lost_lease_stops_the_job_and_leaves_it_to_the_attempt_that_took_it() {
     // Another host's view: the lease ran out, the job went back and was claimed again.
     let taken = h.runtime.block_on(async {
         h.store.inner.requeue(&id, 1).await.expect("requeue");
-        h.store.inner.claim_next().await.expect("claim")
+        h.store.inner.claim_next(&[]).await.expect("claim")
     });
     assert_eq!(taken.as_ref().map(|j| j.attempt), Some(2));
     wait_until("the worker lets the job go", || h.workers.running() == 0);
