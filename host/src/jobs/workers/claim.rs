@@ -1,5 +1,6 @@
 //! The loop each worker thread runs: wait for a wake-up (or the idle poll), claim the oldest
-//! queued job once the models are loaded, run it on its model, repeat until shutdown.
+//! queued job of the models this host serves once they are loaded, run it on its model, repeat
+//! until shutdown.
 
 use super::Shared;
 use crate::sync::lock;
