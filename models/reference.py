@@ -161,22 +161,25 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="case names to (re)generate")
     parser.add_argument("--model", type=pathlib.Path, default=pathlib.Path(__file__).parent / "tiny",
                         help="the wanserve export of SRC_DIR, whose manifest's step-cache ratios the cached cases use")
+    parser.add_argument("--prefix", default="",
+                        help="prepended to each case's directory name (another model's cases beside the tiny one's)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     pipe = WanPipeline.from_pretrained(args.src, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    for case in CASES:
-        if args.only is None or case[0] in args.only:
+    for name, *case in CASES:
+        if args.only is None or name in args.only:
             with torch.no_grad():
-                run_case(pipe, args.out, *case)
+                run_case(pipe, args.out, args.prefix + name, *case)
     manifest = json.loads((args.model / "wanserve-model.json").read_text())
     ratios = manifest["step_cache"]["ratios"]["cond"]
-    for case in CACHE_CASES:
-        if args.only is None or case[0] in args.only:
+    for name, *case in CACHE_CASES:
+        if args.only is None or name in args.only:
             with torch.no_grad():
-                run_case(pipe, args.out, *case, ratios=ratios)
-    (args.out / "scheduler.json").write_text(json.dumps(scheduler_references()) + "\n")
+                run_case(pipe, args.out, args.prefix + name, *case, ratios=ratios)
+    if not args.prefix:
+        (args.out / "scheduler.json").write_text(json.dumps(scheduler_references()) + "\n")
 
 
 if __name__ == "__main__":

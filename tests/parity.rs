@@ -44,7 +44,11 @@ struct Skipped {
 }
 
 fn load_pipeline() -> Pipeline<OrtBackend> {
-    let model = ModelDir::open(&common::tiny_model()).expect("bundled model opens");
+    load_pipeline_of(&common::tiny_model())
+}
+
+fn load_pipeline_of(dir: &std::path::Path) -> Pipeline<OrtBackend> {
+    let model = ModelDir::open(dir).expect("bundled model opens");
     let backend =
         OrtBackend::load(&model, Device::Cpu, 2).expect("ONNX Runtime loads the bundled model");
     Pipeline::new(backend, &model).expect("pipeline")
@@ -194,6 +198,14 @@ fn check_case_with(pipeline: &Pipeline<OrtBackend>, name: &str) {
 #[test]
 fn negative_prompt_with_batched_guidance() {
     check_case_with(batched_guidance_pipeline(), "negative_prompt");
+}
+
+/// The second bundled model (other widths in every graph, its own tokenizer) against diffusers
+/// on the same request: the export and the host follow the model's dimensions.
+#[test]
+fn wide_model_english_prompt_landscape() {
+    let wide = load_pipeline_of(&common::repo_root().join("models").join("tiny-wide"));
+    check_case_with(&wide, "wide_en_landscape");
 }
 
 #[test]
