@@ -557,15 +557,19 @@ fn hostile_validate_plugins_fail_closed_and_admin_swaps_them() {
         let (status, body) = error_of(server.post("/video/submit", Some(ALICE), &job));
         assert_eq!(status, 503, "{hostile} {prompt:?}: {body}");
         assert_eq!(body["error"]["code"], "plugin_unavailable");
-        // The next request is served, at once.
-        let started = std::time::Instant::now();
+        // Stopped at its deadline or trap: nothing of the call is left running (the server's
+        // own count, not a timing), and the next request is served.
+        assert_eq!(
+            crate::harness::plugin_calls_running(&server, "validate"),
+            0.0,
+            "{hostile} {prompt:?}"
+        );
         let (status, _) = error_of(server.post(
             "/video/status",
             Some(ALICE),
             &json!({"requestId": "b".repeat(32)}),
         ));
         assert_eq!(status, 404);
-        assert!(started.elapsed() < Duration::from_secs(1));
         let response = admin(
             reqwest::Method::POST,
             "/admin/plugins/validate/rollback",

@@ -383,6 +383,16 @@ impl Drop for Server {
     }
 }
 
+/// Plugin calls of `slot` running in `server` now (`wanserve_plugin_calls_running`).
+pub fn plugin_calls_running(server: &Server, slot: &str) -> f64 {
+    let prefix = format!("wanserve_plugin_calls_running{{slot=\"{slot}\"}} ");
+    server
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}series in /metrics"))
+}
+
 /// `token` with its last character changed: a signature that no longer verifies.
 pub fn with_last_char_altered(token: &str) -> String {
     let flipped = if token.ends_with('A') { "B" } else { "A" };

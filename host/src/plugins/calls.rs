@@ -16,6 +16,24 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use wasmtime::{Store, Trap};
 
+/// Counts a call in `wanserve_plugin_calls_running{slot}` while it runs (a panic included):
+/// after a call that hit its deadline the gauge shows nothing of it left running.
+struct RunningCall(Slot);
+
+impl RunningCall {
+    fn start(slot: Slot) -> Self {
+        metrics::gauge!("wanserve_plugin_calls_running", "slot" => slot.to_string()).increment(1.0);
+        Self(slot)
+    }
+}
+
+impl Drop for RunningCall {
+    fn drop(&mut self) {
+        metrics::gauge!("wanserve_plugin_calls_running", "slot" => self.0.to_string())
+            .decrement(1.0);
+    }
+}
+
 impl PluginHost {
     /// Runs `body` against a fresh store for `loaded`, with the memory cap and deadline set.
     pub(super) fn with_store<R>(
@@ -36,8 +54,10 @@ impl PluginHost {
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
         let ticking = self.ticker.call_started();
+        let running = RunningCall::start(slot);
         let started = std::time::Instant::now();
         let result = body(&mut store, &loaded.pre);
+        drop(running);
         drop(ticking);
         // What an operator sets deadlines from: the tail of this under real load.
         metrics::histogram!("wanserve_plugin_call_seconds", "slot" => slot.to_string())
