@@ -34,6 +34,21 @@ fn denoising_steps(stderr: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Starts `command` (a `submit` that follows its job) with piped output and reads the
+/// `requestId` it prints first.
+fn spawn_follower(command: &mut Command) -> (std::process::Child, String) {
+    let mut follower = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wanserve runs");
+    let mut stdout = String::new();
+    BufReader::new(follower.stdout.take().expect("stdout"))
+        .read_line(&mut stdout)
+        .expect("the requestId line");
+    (follower, stdout.trim().to_string())
+}
+
 #[test]
 fn submit_wait_shows_progress_and_writes_the_video() {
     let server = Server::start(Options::default());
@@ -93,24 +108,17 @@ fn submit_wait_follows_its_job_across_a_server_restart() {
     let mut server = Server::start(Options::default());
     let dir = tempfile::tempdir().expect("temp dir");
     let output = dir.path().join("sunset.mp4");
-    let mut follower = client(&server, ALICE)
-        .args([
-            "submit",
-            "--prompt",
-            "A beautiful sunset over the mountains",
-        ])
-        .args(["--num-frames", "24", "--infer-steps", "40", "--seed", "7"])
-        .arg("--output")
-        .arg(&output)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("wanserve runs");
-    let mut stdout = String::new();
-    BufReader::new(follower.stdout.take().expect("stdout"))
-        .read_line(&mut stdout)
-        .expect("the requestId line");
-    let id = stdout.trim().to_string();
+    let (mut follower, id) = spawn_follower(
+        client(&server, ALICE)
+            .args([
+                "submit",
+                "--prompt",
+                "A beautiful sunset over the mountains",
+            ])
+            .args(["--num-frames", "24", "--infer-steps", "40", "--seed", "7"])
+            .arg("--output")
+            .arg(&output),
+    );
     let (lines_tx, lines_rx) = std::sync::mpsc::channel();
     let stderr = follower.stderr.take().expect("stderr");
     let reader = std::thread::spawn(move || {
@@ -206,23 +214,16 @@ fn refusals_exit_non_zero_with_the_servers_message() {
 fn cancel_stops_a_job_that_submit_wait_follows() {
     let server = Server::start(Options::default());
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut follower = client(&server, ALICE)
-        .args([
-            "submit",
-            "--prompt",
-            "A very long video of a very slow sunset",
-        ])
-        .args(["--num-frames", "120", "--infer-steps", "100", "--wait"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("wanserve runs");
-    let mut stdout = String::new();
-    BufReader::new(follower.stdout.take().expect("stdout"))
-        .read_line(&mut stdout)
-        .expect("the requestId line");
-    let id = stdout.trim().to_string();
+    let (mut follower, id) = spawn_follower(
+        client(&server, ALICE)
+            .args([
+                "submit",
+                "--prompt",
+                "A very long video of a very slow sunset",
+            ])
+            .args(["--num-frames", "120", "--infer-steps", "100", "--wait"])
+            .current_dir(dir.path()),
+    );
     let mut lines = BufReader::new(follower.stderr.take().expect("stderr")).lines();
     let started = Instant::now();
     let mut seen = Vec::new();

@@ -670,22 +670,15 @@ fn a_worker_paused_past_its_lease_records_nothing_when_it_resumes() {
     paused.signal("CONT");
     // On resuming, its next lease renewal tells it the job is another attempt's (or, had it
     // reached publishing first, the fenced write refuses it).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let refused = loop {
-        if let Some(line) = paused.log_line(|l| {
+    let refused = paused.wait_for_log_line(
+        Duration::from_secs(60),
+        "the resumed worker never gave the job up",
+        |l| {
             l.contains(&job)
                 && (l.contains("no longer this process's job")
                     || l.contains("lost the job to a later attempt"))
-        }) {
-            break line;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the resumed worker never gave the job up:\n{}",
-            paused.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        },
+    );
     eprintln!("the resumed worker: {refused}");
     assert!(
         paused

@@ -145,6 +145,28 @@ impl Server {
 
     /// The first log line that `matches`, waiting up to 10 s for it: the log reaches the file
     /// through a copying thread, so a line logged just before a response may not be there yet.
+    /// The first log line that `matches`, waiting up to `timeout` for it to be written (where
+    /// [`Server::log_line`] gives up after 10 s and returns `None`).
+    pub fn wait_for_log_line(
+        &self,
+        timeout: Duration,
+        what: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log().lines().find(|l| matches(l)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} (no such log line in {timeout:?}):\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
