@@ -206,7 +206,7 @@ struct TurnLog<B> {
     first_chunk: Mutex<Duration>,
     chunk_runs: Mutex<Vec<ChunkRun>>,
     /// From the cancel to the end of the interrupted run.
-    cancel_latency: Arc<Mutex<Option<Duration>>>,
+    cancel_latency: Mutex<Option<Duration>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -223,7 +223,7 @@ impl<B> TurnLog<B> {
             cancel_mid_chunk: None,
             first_chunk: Mutex::default(),
             chunk_runs: Mutex::default(),
-            cancel_latency: Arc::default(),
+            cancel_latency: Mutex::default(),
         }
     }
 

@@ -749,10 +749,7 @@ fn keys_removed_from_the_key_file_or_config_are_refused_without_a_restart() {
 
 /// A metric's value as `/metrics` shows it (0 before its first use).
 fn metric_value(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    crate::harness::series_value(metrics, name).unwrap_or(0.0)
 }
 
 fn error_code(response: reqwest::blocking::Response) -> (u16, Option<u64>, Value) {

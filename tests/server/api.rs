@@ -355,11 +355,7 @@ fn a_model_that_cannot_load_is_reported_failed_by_ready() {
         ..Options::default()
     });
     let ready = |server: &Server| {
-        let response = server
-            .client()
-            .get(format!("{}/ready", server.url))
-            .send()
-            .expect("sent");
+        let response = server.get("/ready");
         (response.status(), response.json::<Value>().expect("JSON"))
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

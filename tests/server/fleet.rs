@@ -196,13 +196,7 @@ fn state(status: &Value) -> &str {
 
 /// The running-job count of the shared queue, as any host's /metrics reports it.
 fn running(server: &Server) -> u64 {
-    server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix("wanserve_jobs_running "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or(0)
+    crate::harness::series_value(&server.metrics(), "wanserve_jobs_running").map_or(0, |v| v as u64)
 }
 
 fn download_without_credentials(url: &str, dir: &Path, name: &str) {
@@ -541,33 +535,19 @@ fn a_plugin_swap_reaches_every_host_and_a_host_that_was_down() {
     let minted = first.mint_events_token(ALICE, &job);
     let token = minted["token"].as_str().expect("token").to_string();
     let final_state_by_token = |server: &Server| {
-        let response = server
-            .client()
-            .get(format!("{}/video/events/{job}?token={token}", server.url))
-            .send()
-            .expect("events");
+        let response = server.get(&format!("/video/events/{job}?token={token}"));
         let events = crate::events::read_events(response);
         events.last().map(|(_, e)| state(e).to_string())
     };
     assert_eq!(final_state_by_token(&second).as_deref(), Some("Succeed"));
     let altered = crate::harness::with_last_char_altered(&token);
-    let refused = second
-        .client()
-        .get(format!("{}/video/events/{job}?token={altered}", second.url))
-        .send()
-        .expect("events");
+    let refused = second.get(&format!("/video/events/{job}?token={altered}"));
     assert_eq!(refused.status(), 401, "an altered token opens nothing");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while worker
-        .log_line(|l| l.contains("fleet swap") && l.contains(&sha256(&permissive)))
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the swap did not reach the worker"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    worker.wait_for_log_line(
+        Duration::from_secs(15),
+        "the swap did not reach the worker",
+        |l| l.contains("fleet swap") && l.contains(&sha256(&permissive)),
+    );
 
     // One history for the fleet: the second host sees the upload and rolls it back by digest.
     let (_, history) = admin(

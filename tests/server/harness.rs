@@ -270,6 +270,14 @@ impl Server {
         &self.client
     }
 
+    /// `GET path` (with its query), without credentials.
+    pub fn get(&self, path: &str) -> Response {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .expect("request sent")
+    }
+
     pub fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Response {
         let mut request = self.client.post(format!("{}{path}", self.url)).json(body);
         if let Some(key) = key {
@@ -405,14 +413,23 @@ impl Drop for Server {
     }
 }
 
+/// The value of one series in a `/metrics` text: `series` is its name with its labels as the
+/// exporter prints them (`wanserve_jobs_running`, `wanserve_plugin_failures_total{slot="auth"}`).
+pub fn series_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Plugin calls of `slot` running in `server` now (`wanserve_plugin_calls_running`).
 pub fn plugin_calls_running(server: &Server, slot: &str) -> f64 {
-    let prefix = format!("wanserve_plugin_calls_running{{slot=\"{slot}\"}} ");
-    server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix}series in /metrics"))
+    let series = format!("wanserve_plugin_calls_running{{slot=\"{slot}\"}}");
+    series_value(&server.metrics(), &series)
+        .unwrap_or_else(|| panic!("no {series} series in /metrics"))
 }
 
 /// `token` with its last character changed: a signature that no longer verifies.

@@ -7,12 +7,8 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 fn failures(server: &Server, slot: &str) -> u64 {
-    let prefix = format!("wanserve_plugin_failures_total{{slot=\"{slot}\"}} ");
-    server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0)
+    let series = format!("wanserve_plugin_failures_total{{slot=\"{slot}\"}}");
+    crate::harness::series_value(&server.metrics(), &series).map_or(0, |v| v as u64)
 }
 
 fn hostile_server() -> Server {

@@ -101,11 +101,7 @@ fn the_playground_submits_follows_and_plays_a_job() {
         ("/playground/playground.js", "text/javascript"),
         ("/playground/playground.css", "text/css"),
     ] {
-        let response = server
-            .client()
-            .get(format!("{}{path}", server.url))
-            .send()
-            .expect("asset");
+        let response = server.get(path);
         assert_eq!(response.status(), 200, "{path}");
         let header = |name: &str| {
             response
